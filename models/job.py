@@ -1,0 +1,145 @@
+"""Jobs, their API attempts, their history events, and uploaded images."""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from datetime import datetime
+
+from sqlalchemy import (
+    Boolean,
+    CheckConstraint,
+    Enum,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+    Uuid,
+)
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from models.base import Base, UTCDateTime, utcnow
+
+
+class JobStatus(enum.StrEnum):
+    queued = "queued"
+    running = "running"
+    retrying = "retrying"
+    succeeded = "succeeded"
+    failed = "failed"
+
+
+TERMINAL_STATUSES = frozenset({JobStatus.succeeded, JobStatus.failed})
+
+
+class Image(Base):
+    """Uploaded image bytes, readable by any worker by reference (the job row's image id)."""
+
+    __tablename__ = "image"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    tenant: Mapped[str] = mapped_column(String(64))
+    sha256: Mapped[str] = mapped_column(String(64))
+    content_type: Mapped[str] = mapped_column(String(32))
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    __table_args__ = (Index("ix_image_tenant_sha256", "tenant", "sha256"),)
+
+
+class Job(Base):
+    """One card to read. Status moves queued -> running -> (retrying -> running)* -> terminal."""
+
+    __tablename__ = "job"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    tenant: Mapped[str] = mapped_column(String(64), default="default")
+    status: Mapped[JobStatus] = mapped_column(
+        Enum(JobStatus, name="job_status", native_enum=False, length=16),
+        default=JobStatus.queued,
+    )
+    front_url: Mapped[str | None] = mapped_column(Text)
+    front_image_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("image.id"))
+    back_url: Mapped[str | None] = mapped_column(Text)
+    back_image_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("image.id"))
+    portrait: Mapped[bool] = mapped_column(Boolean, default=False)
+    tag: Mapped[str | None] = mapped_column(String(200))
+    batch: Mapped[str | None] = mapped_column(String(200))
+    # API calls that spent the failure budget; throttles and account pauses do not count.
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Every API call made for this job, whatever its outcome.
+    api_calls: Mapped[int] = mapped_column(Integer, default=0)
+    last_error_code: Mapped[str | None] = mapped_column(String(100))
+    last_error_message: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # A running job whose lease has passed belongs to a dead worker: the sweeper takes it back.
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    worker_host: Mapped[str | None] = mapped_column(String(200))
+
+    attempt_rows: Mapped[list[Attempt]] = relationship(
+        back_populates="job", order_by="Attempt.number", cascade="all, delete-orphan"
+    )
+    events: Mapped[list[JobEvent]] = relationship(
+        back_populates="job", order_by="JobEvent.at", cascade="all, delete-orphan"
+    )
+
+    __table_args__ = (
+        CheckConstraint(
+            "front_url IS NOT NULL OR front_image_id IS NOT NULL "
+            "OR back_url IS NOT NULL OR back_image_id IS NOT NULL",
+            name="has_image",
+        ),
+        Index("ix_job_status_next_attempt_at", "status", "next_attempt_at"),
+        Index("ix_job_tenant_batch", "tenant", "batch"),
+        Index("ix_job_last_error_code", "last_error_code"),
+        Index("ix_job_created_at", "created_at"),
+    )
+
+
+class Attempt(Base):
+    """One row per API call."""
+
+    __tablename__ = "attempt"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("job.id", ondelete="CASCADE"))
+    number: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # "OK", a Tencent code, or one of ours (Transport.*, WorkerLost).
+    outcome_code: Mapped[str | None] = mapped_column(String(100))
+    message: Mapped[str | None] = mapped_column(Text)
+    request_id: Mapped[str | None] = mapped_column(String(100))
+    latency_ms: Mapped[int | None] = mapped_column(Integer)
+    worker_host: Mapped[str | None] = mapped_column(String(200))
+
+    job: Mapped[Job] = relationship(back_populates="attempt_rows")
+
+    __table_args__ = (UniqueConstraint("job_id", "number", name="uq_attempt_job_number"),)
+
+
+class JobEvent(Base):
+    """History beyond API calls: replays (who, why), recoveries, pauses."""
+
+    __tablename__ = "job_event"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("job.id", ondelete="CASCADE"))
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    kind: Mapped[str] = mapped_column(String(32))  # replay | recovered | republished | ...
+    actor: Mapped[str | None] = mapped_column(String(200))
+    reason: Mapped[str | None] = mapped_column(Text)
+    previous_status: Mapped[str | None] = mapped_column(String(16))
+    previous_error_code: Mapped[str | None] = mapped_column(String(100))
+
+    job: Mapped[Job] = relationship(back_populates="events")
+
+    __table_args__ = (Index("ix_job_event_job_id", "job_id"),)

@@ -1,0 +1,79 @@
+"""What a successful call bought: one result per job (enforced), its warnings, its portrait."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import date, datetime
+from decimal import Decimal
+
+from sqlalchemy import (
+    Boolean,
+    Date,
+    Float,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    Numeric,
+    SmallInteger,
+    String,
+    Text,
+    Uuid,
+)
+from sqlalchemy.orm import Mapped, mapped_column
+
+from models.base import Base, UTCDateTime, utcnow
+
+
+class Result(Base):
+    """A column for every response field. job_id is the primary key: two results cannot exist."""
+
+    __tablename__ = "result"
+
+    job_id: Mapped[uuid.UUID] = mapped_column(
+        Uuid, ForeignKey("job.id", ondelete="CASCADE"), primary_key=True
+    )
+    request_id: Mapped[str] = mapped_column(String(100))
+    cn_last_name: Mapped[str | None] = mapped_column(Text)
+    en_last_name: Mapped[str | None] = mapped_column(Text)
+    last_name_code: Mapped[str | None] = mapped_column(String(100))
+    cn_first_name: Mapped[str | None] = mapped_column(Text)
+    en_first_name: Mapped[str | None] = mapped_column(Text)
+    first_name_code: Mapped[str | None] = mapped_column(String(100))
+    id_number: Mapped[str | None] = mapped_column(String(32))
+    birthday: Mapped[date | None] = mapped_column(Date)
+    sex: Mapped[str | None] = mapped_column(String(8))
+    first_issue_date: Mapped[date | None] = mapped_column(Date)
+    current_issue_date: Mapped[date | None] = mapped_column(Date)
+    validity_period: Mapped[date | None] = mapped_column(Date)
+    # Kept verbatim; the only value when the card has no expiry date.
+    validity_period_text: Mapped[str | None] = mapped_column(String(64))
+    symbol: Mapped[str | None] = mapped_column(String(16))
+    height_m: Mapped[Decimal | None] = mapped_column(Numeric(4, 2))
+    angle: Mapped[float | None] = mapped_column(Float)
+    resident_type: Mapped[str | None] = mapped_column(String(100))
+    warning_service_disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Warning(Base):
+    """One card warning (WarnCardInfos) with its stable name."""
+
+    __tablename__ = "warning"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("result.job_id", ondelete="CASCADE"), index=True
+    )
+    code: Mapped[int] = mapped_column(SmallInteger)
+    name: Mapped[str] = mapped_column(String(32))
+
+
+class Portrait(Base):
+    """The RetImage portrait, apart from the result so listing results never loads it."""
+
+    __tablename__ = "portrait"
+
+    job_id: Mapped[uuid.UUID] = mapped_column(
+        Uuid, ForeignKey("result.job_id", ondelete="CASCADE"), primary_key=True
+    )
+    data: Mapped[bytes] = mapped_column(LargeBinary)

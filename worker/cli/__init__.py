@@ -1,0 +1,32 @@
+"""`macao-ocr`: the command line. Each command group lives in its own module and registers itself."""
+
+from __future__ import annotations
+
+import typer
+
+from worker.cli import (
+    db_cmd,
+    demo_cmd,
+    emulator_cmd,
+    jobs_cmd,
+    ops_cmd,
+    read_cmd,
+    replay_cmd,
+    worker_cmd,
+)
+
+app = typer.Typer(
+    name="macao-ocr",
+    help="Read Macao ID cards through Tencent OCR at the account's full quota.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+for _module in (
+    db_cmd, jobs_cmd, worker_cmd, replay_cmd, demo_cmd, emulator_cmd, read_cmd, ops_cmd
+):
+    _module.register(app)
+
+
+def main() -> None:
+    app()

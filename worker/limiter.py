@@ -1,0 +1,38 @@
+"""The shared-quota limiter interface. Backends: `worker.limiter_redis` (production, shared by
+every worker on every host) and `worker.limiter_memory` (unit tests, one process). Both pass
+one contract suite (tests/unit/test_limiter_contract.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """`granted`: a slot is ours; sleep `wait_s` then sign and send at once.
+    Not granted: no slot was taken; the earliest slot is `wait_s` away (defer the job)."""
+
+    granted: bool
+    wait_s: float
+
+
+class RateLimiter(Protocol):
+    async def reserve(self, key: str, *, max_wait_s: float) -> Reservation:
+        """Take the next call slot for `key` if it is at most `max_wait_s` away.
+
+        Raises StateUnavailable when the shared state cannot be reached (fail closed)."""
+        ...
+
+    async def throttled(self, key: str) -> float:
+        """The API said RequestLimitExceeded: step the shared rate down; returns the new rate."""
+        ...
+
+    async def effective_rate(self, key: str) -> float:
+        """Calls per second currently allowed for `key` (≤ the configured quota)."""
+        ...
+
+
+def limiter_key(secret_id: str, action: str, endpoint: str) -> str:
+    """Tencent counts per SecretId + action + region; the endpoint stands for the region."""
+    return f"macao-ocr:quota:{secret_id}:{action}:{endpoint}"
