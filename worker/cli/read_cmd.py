@@ -1,9 +1,138 @@
-"""Placeholder: its owner fills it in."""
+"""`macao-ocr read FRONT [--back BACK]`: read one card through the client, no queue, no DB."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import sys
+from datetime import date
+from pathlib import Path
+from typing import Annotated, Any
+
 import typer
+from rich.console import Console
+from rich.table import Table
+
+from worker.errors import ApiError, ConfigError, InputError, MacaoOcrError
+from worker.logs import configure_logging
+from worker.ocr_types import ImageInput, OcrRequest, OcrResult
+from worker.settings import Settings, load_settings
+from worker.tencent_client import ClientConfig, OcrClient, make_session
+
+EXIT_API_ERROR = 1
+EXIT_USAGE = 2
+
+
+def image_input(source: str, side: str) -> ImageInput:
+    """A URL (anything with a scheme, checked later by the validator) or a file's bytes."""
+    if "://" in source:
+        return ImageInput(url=source)
+    path = Path(source)
+    try:
+        return ImageInput(data=path.read_bytes())
+    except OSError as exc:
+        raise InputError(
+            "unreadable_file", f"{side} image file {source} cannot be read: {exc.strerror}"
+        ) from None
+
+
+def result_json(result: OcrResult) -> dict[str, Any]:
+    """Every field under the snake_case of its API name (the shape `status --json` uses)."""
+
+    def iso(value: date | None) -> str | None:
+        return None if value is None else value.isoformat()
+
+    return {
+        "cn_last_name": result.cn_last_name,
+        "en_last_name": result.en_last_name,
+        "last_name_code": result.last_name_code,
+        "cn_first_name": result.cn_first_name,
+        "en_first_name": result.en_first_name,
+        "first_name_code": result.first_name_code,
+        "id_number": result.id_number,
+        "birthday": iso(result.birthday),
+        "sex": result.sex,
+        "first_issue_date": iso(result.first_issue_date),
+        "current_issue_date": iso(result.current_issue_date),
+        # ISO date, or the card's own text when it has no expiry (holders aged 60+).
+        "validity_period": iso(result.validity_period) or result.validity_period_text,
+        "validity_period_text": result.validity_period_text,
+        "symbol": result.symbol,
+        # Metres as the API writes them, not a float.
+        "height": None if result.height_m is None else f"{result.height_m:.2f}",
+        "angle": result.angle,
+        "resident_type": result.resident_type,
+        "warnings": [{"code": w.code, "name": w.name} for w in result.warnings],
+        "warning_service_disabled": result.warning_service_disabled,
+        "request_id": result.request_id,
+    }
+
+
+async def read_card(settings: Settings, request: OcrRequest) -> OcrResult:
+    """One call with a session of its own, closed before returning."""
+    config = ClientConfig.from_settings(settings)
+    async with make_session(settings) as session:
+        return await OcrClient(session, config).recognize(request)
+
+
+def _fail(exc: MacaoOcrError) -> typer.Exit:
+    detail = str(exc)
+    request_id = getattr(exc, "request_id", None)
+    if request_id:
+        detail += f" (RequestId {request_id})"
+    typer.echo(f"error: {detail}", err=True)
+    return typer.Exit(EXIT_API_ERROR if isinstance(exc, ApiError) else EXIT_USAGE)
+
+
+def _print_table(data: dict[str, Any]) -> None:
+    table = Table(title="Macao ID card", show_header=True)
+    table.add_column("field")
+    table.add_column("value")
+    for key, value in data.items():
+        if key == "warnings":
+            shown = ", ".join(f"{w['name']} ({w['code']})" for w in value) or "none"
+        else:
+            shown = "" if value is None else str(value)
+        table.add_row(key, shown)
+    Console().print(table)
+
+
+def read(
+    front: Annotated[str, typer.Argument(help="Front image: a file path or an http(s) URL.")],
+    back: Annotated[
+        str | None, typer.Option("--back", help="Back image: a file path or an http(s) URL.")
+    ] = None,
+    portrait_out: Annotated[
+        Path | None,
+        typer.Option("--portrait-out", help="Ask for the portrait and write it to this file."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log the API call.")] = False,
+) -> None:
+    """Read one card directly through the API and print every field."""
+    try:
+        settings = load_settings()
+        configure_logging(settings, level=None if verbose else "WARNING")
+        request = OcrRequest(
+            front=image_input(front, "front"),
+            back=None if back is None else image_input(back, "back"),
+            portrait=portrait_out is not None,
+        )
+        result = asyncio.run(read_card(settings, request))
+    except (ConfigError, InputError, ApiError) as exc:
+        raise _fail(exc) from None
+    if portrait_out is not None:
+        if result.portrait:
+            portrait_out.write_bytes(result.portrait)
+        else:
+            typer.echo("warning: the API returned no portrait", err=True)
+    data = result_json(result)
+    if as_json:
+        sys.stdout.write(json.dumps(data, ensure_ascii=False) + "\n")
+    else:
+        _print_table(data)
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the CLI."""
+    app.command("read")(read)
