@@ -1,7 +1,7 @@
 """Typed SQLAlchemy 2 models: the database is the source of truth for every job."""
 
 from models.base import Base
-from models.job import Attempt, Image, Job, JobEvent, JobStatus, TERMINAL_STATUSES
+from models.job import TERMINAL_STATUSES, Attempt, Image, Job, JobEvent, JobStatus
 from models.result import Portrait, Result, Warning
 
 __all__ = [

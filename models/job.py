@@ -59,7 +59,16 @@ class Job(Base):
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
     tenant: Mapped[str] = mapped_column(String(64), default="default")
     status: Mapped[JobStatus] = mapped_column(
-        Enum(JobStatus, name="job_status", native_enum=False, length=16),
+        # VARCHAR + CHECK rather than a native type: the same on PostgreSQL and SQLite,
+        # and a new status is a one-line migration instead of an ALTER TYPE.
+        Enum(
+            JobStatus,
+            name="job_status",
+            native_enum=False,
+            length=16,
+            create_constraint=True,
+            values_callable=lambda e: [m.value for m in e],
+        ),
         default=JobStatus.queued,
     )
     front_url: Mapped[str | None] = mapped_column(Text)

@@ -1,0 +1,141 @@
+"""The migrations build exactly the models' schema, both ways, on a real PostgreSQL."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy.orm import Session
+
+import migrations
+import models
+from models import Job, JobStatus, Result
+
+TABLES = {"image", "job", "attempt", "job_event", "result", "warning", "portrait"}
+
+
+def _tables(url: str) -> set[str]:
+    engine = sa.create_engine(url)
+    try:
+        return set(sa.inspect(engine).get_table_names()) - {"alembic_version"}
+    finally:
+        engine.dispose()
+
+
+def _diff(url: str) -> list[object]:
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            context = MigrationContext.configure(conn, opts={"compare_type": True})
+            return list(compare_metadata(context, models.Base.metadata))
+    finally:
+        engine.dispose()
+
+
+def test_upgrade_downgrade_upgrade(fresh_migrated_database: Callable[[], str]) -> None:
+    url = fresh_migrated_database()
+    assert _tables(url) == TABLES
+    migrations.downgrade(url, "base")
+    assert _tables(url) == set()
+    migrations.upgrade(url)
+    assert _tables(url) == TABLES
+    assert _diff(url) == []
+
+
+def test_migrated_schema_matches_models(migrated_pg_url: str) -> None:
+    assert _diff(migrated_pg_url) == []
+
+
+def test_diff_would_notice_a_missing_column(migrated_pg_url: str) -> None:
+    # Guards the test above against comparing nothing.
+    engine = sa.create_engine(migrated_pg_url)
+    try:
+        with engine.connect() as conn:
+            trans = conn.begin()
+            conn.execute(sa.text("ALTER TABLE job DROP COLUMN tag"))
+            context = MigrationContext.configure(conn)
+            diff = compare_metadata(context, models.Base.metadata)
+            trans.rollback()
+    finally:
+        engine.dispose()
+    assert any(d[0] == "add_column" and d[3].name == "tag" for d in diff)  # type: ignore[index]
+
+
+def _job() -> Job:
+    return Job(id=uuid.uuid4(), front_url="https://example.invalid/a.jpg")
+
+
+def test_one_result_per_job_is_enforced(db_session: Session) -> None:
+    job = _job()
+    db_session.add(job)
+    db_session.flush()
+    db_session.add(Result(job_id=job.id, request_id="r1"))
+    db_session.flush()
+    db_session.expunge_all()
+    with pytest.raises(sa.exc.IntegrityError), db_session.begin_nested():
+        db_session.add(Result(job_id=job.id, request_id="r2"))
+        db_session.flush()
+
+
+def test_status_check_constraint(db_session: Session) -> None:
+    job = _job()
+    db_session.add(job)
+    db_session.flush()
+    assert job.status == JobStatus.queued
+    with pytest.raises(sa.exc.IntegrityError), db_session.begin_nested():
+        db_session.execute(sa.text("UPDATE job SET status = 'lost' WHERE id = :id"), {"id": job.id})
+
+
+def test_job_needs_an_image(db_session: Session) -> None:
+    with pytest.raises(sa.exc.IntegrityError), db_session.begin_nested():
+        db_session.add(Job(id=uuid.uuid4()))
+        db_session.flush()
+
+
+def test_sqlite_upgrade_downgrade(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    migrations.upgrade(url)
+    assert _tables(url) == TABLES
+    assert _diff(url) == []
+    migrations.downgrade(url, "base")
+    assert _tables(url) == set()
+
+
+def test_cli_db_commands(fresh_migrated_database: Callable[[], str]) -> None:
+    from typer.testing import CliRunner
+
+    from worker.cli import app
+
+    url = fresh_migrated_database()
+    env = {"MACAO_OCR_DATABASE_URL": url}
+    runner = CliRunner()
+    current = runner.invoke(app, ["db", "current"], env=env)
+    assert current.exit_code == 0 and "0001 (head)" in current.stdout
+    assert runner.invoke(app, ["db", "downgrade", "base"], env=env).exit_code == 0
+    assert _tables(url) == set()
+    assert runner.invoke(app, ["db", "current"], env=env).stdout.strip() == ""
+    assert runner.invoke(app, ["db", "upgrade"], env=env).exit_code == 0
+    assert _tables(url) == TABLES
+    bad = runner.invoke(app, ["db", "current"], env={"MACAO_OCR_DATABASE_URL": "mysql://x/y"})
+    assert bad.exit_code == 2 and "MACAO_OCR_DATABASE_URL" in bad.stderr
+
+
+def test_alembic_command_line_from_repo_root(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    env = {**os.environ, "MACAO_OCR_DATABASE_URL": url}
+    alembic = Path(sys.executable).parent / "alembic"
+    done = subprocess.run(
+        [str(alembic), "upgrade", "head"], cwd=root, env=env, capture_output=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    assert _tables(url) == TABLES

@@ -1,0 +1,59 @@
+"""Uploaded images live in the `image` table, so any worker on any host reads them by reference."""
+
+from __future__ import annotations
+
+import hashlib
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from models import Image, Job
+from worker.errors import InputError, NotFoundError
+from worker.ocr_types import ImageInput, OcrRequest
+from worker.validation import sniff_image_type
+
+CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg"}
+
+
+def store_image(session: Session, tenant: str, data: bytes) -> Image:
+    """Add the image (or return the tenant's identical one already stored); not committed."""
+    kind = sniff_image_type(data)
+    if kind is None:
+        raise InputError("not_png_or_jpeg", "image is neither PNG nor JPEG (rule not_png_or_jpeg)")
+    digest = hashlib.sha256(data).hexdigest()
+    existing = session.scalars(
+        select(Image)
+        .where(Image.tenant == tenant, Image.sha256 == digest, Image.size_bytes == len(data))
+        .limit(1)
+    ).first()
+    if existing is not None:
+        return existing
+    image = Image(
+        tenant=tenant,
+        sha256=digest,
+        content_type=CONTENT_TYPES[kind],
+        size_bytes=len(data),
+        data=data,
+    )
+    session.add(image)
+    return image
+
+
+def _side(session: Session, url: str | None, image_id: object) -> ImageInput | None:
+    if url is not None:
+        return ImageInput(url=url)
+    if image_id is None:
+        return None
+    image = session.get(Image, image_id)
+    if image is None:
+        raise NotFoundError("the job's stored image is missing", code="ImageMissing")
+    return ImageInput(data=image.data)
+
+
+def load_request(session: Session, job: Job) -> OcrRequest:
+    """Rebuild the job's OcrRequest from its URLs or stored image bytes."""
+    return OcrRequest(
+        front=_side(session, job.front_url, job.front_image_id),
+        back=_side(session, job.back_url, job.back_image_id),
+        portrait=job.portrait,
+    )

@@ -1,0 +1,307 @@
+"""Submitting jobs: validate everything, commit the rows, and only then publish their ids.
+
+A job that is committed but not published (broker down, producer killed) is not lost: its
+`enqueued_at` stays NULL and the sweeper publishes it. The reverse (a message for a row that
+does not exist yet) cannot happen, because publishing waits for the commit.
+"""
+
+from __future__ import annotations
+
+import csv
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+from sqlalchemy import update
+from sqlalchemy.orm import Session, sessionmaker
+
+from models import Job, JobStatus
+from models.base import utcnow
+from worker.errors import InputError
+from worker.images import store_image
+from worker.ocr_types import ImageInput, OcrRequest
+from worker.publish import Publisher
+from worker.settings import Settings
+from worker.validation import validate_request
+
+log = structlog.get_logger(__name__)
+
+# A http(s) URL string, a file path (Path, or a str without "://"), or the image bytes.
+Source = str | Path | bytes
+ProgressFn = Callable[[int, int], None]
+
+CHUNK_ROWS = 500
+MAX_LABEL_CHARS = 200  # job.tag and job.batch columns
+MANIFEST_COLUMNS = ("front", "back", "tag")
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One job to submit. `line` numbers a manifest row in error messages."""
+
+    front: Source | None
+    back: Source | None = None
+    portrait: bool = False
+    tag: str | None = None
+    line: int | None = None
+
+    def __repr__(self) -> str:
+        # Paths and URLs may carry names or signed tokens.
+        return f"JobSpec(line={self.line}, portrait={self.portrait})"
+
+
+@dataclass(frozen=True)
+class RowProblem:
+    line: int
+    rule: str
+    message: str
+
+
+class ManifestError(InputError):
+    """Some rows of a manifest break a rule: nothing of it was submitted."""
+
+    def __init__(self, problems: Sequence[RowProblem]) -> None:
+        self.problems = list(problems)
+        lines = "; ".join(f"line {p.line}: {p.message}" for p in self.problems)
+        super().__init__("manifest", f"{len(self.problems)} bad row(s), nothing submitted: {lines}")
+        # Keep the code of the first row's rule: callers branch on it as for a single job.
+        self.rule = self.problems[0].rule if self.problems else "manifest"
+
+
+def _is_url(text: str) -> bool:
+    return "://" in text
+
+
+def _resolve(source: Source | None, side: str) -> ImageInput | None:
+    """Turn a source into what the API gets: a URL, or the file's / the caller's bytes."""
+    if source is None:
+        return None
+    if isinstance(source, bytes):
+        return ImageInput(data=source)
+    if isinstance(source, str) and _is_url(source):
+        return ImageInput(url=source)
+    path = Path(source)
+    try:
+        return ImageInput(data=path.read_bytes())
+    except FileNotFoundError:
+        raise InputError(
+            "file_not_found", f"{side} image file not found: {path} (rule file_not_found)"
+        ) from None
+    except OSError as exc:
+        raise InputError(
+            "file_unreadable",
+            f"{side} image file cannot be read: {path}: {exc.strerror} (rule file_unreadable)",
+        ) from None
+
+
+def _check_label(value: str | None, what: str) -> None:
+    if value is not None and len(value) > MAX_LABEL_CHARS:
+        raise InputError(
+            f"{what}_too_long",
+            f"{what} is over {MAX_LABEL_CHARS} characters (rule {what}_too_long)",
+        )
+
+
+def prepare(spec: JobSpec) -> OcrRequest:
+    """Read and validate one job's inputs; raises InputError naming the rule."""
+    _check_label(spec.tag, "tag")
+    request = OcrRequest(
+        front=_resolve(spec.front, "front"),
+        back=_resolve(spec.back, "back"),
+        portrait=spec.portrait,
+    )
+    validate_request(request)
+    return request
+
+
+def _side_columns(
+    session: Session, tenant: str, image: ImageInput | None
+) -> tuple[str | None, uuid.UUID | None]:
+    if image is None:
+        return None, None
+    if image.url is not None:
+        return image.url, None
+    stored = store_image(session, tenant, image.data or b"")
+    session.flush()  # assigns the id, and lets the next identical image find this one
+    return None, stored.id
+
+
+def _add_job(
+    session: Session, settings: Settings, request: OcrRequest, spec: JobSpec, batch: str | None
+) -> uuid.UUID:
+    front_url, front_image_id = _side_columns(session, settings.tenant, request.front)
+    back_url, back_image_id = _side_columns(session, settings.tenant, request.back)
+    job = Job(
+        id=uuid.uuid4(),
+        tenant=settings.tenant,
+        status=JobStatus.queued,
+        front_url=front_url,
+        front_image_id=front_image_id,
+        back_url=back_url,
+        back_image_id=back_image_id,
+        portrait=request.portrait,
+        tag=spec.tag,
+        batch=batch,
+        attempts=0,
+        api_calls=0,
+    )
+    session.add(job)
+    return job.id
+
+
+def _publish(
+    session_factory: sessionmaker[Session], publisher: Publisher, job_ids: Sequence[uuid.UUID]
+) -> bool:
+    """Publish committed jobs, then record when. A broker failure is logged, not raised:
+    the rows are safe and the sweeper publishes jobs whose enqueued_at is NULL."""
+    try:
+        publisher.publish(job_ids)
+    except Exception as exc:
+        # Only the type: a broker error's text may hold the broker URL and its password.
+        log.warning(
+            "publish_failed",
+            jobs=len(job_ids),
+            error_type=type(exc).__name__,
+            first_job_id=str(job_ids[0]),
+        )
+        return False
+    with session_factory() as session:
+        session.execute(
+            update(Job)
+            .where(Job.id.in_(job_ids), Job.enqueued_at.is_(None))
+            .values(enqueued_at=utcnow())
+        )
+        session.commit()
+    return True
+
+
+def submit(
+    session_factory: sessionmaker[Session],
+    publisher: Publisher,
+    settings: Settings,
+    front: Source | None,
+    back: Source | None = None,
+    *,
+    portrait: bool = False,
+    tag: str | None = None,
+    batch: str | None = None,
+) -> uuid.UUID:
+    """Validate, commit and publish one job; returns its id (also if the broker is down)."""
+    _check_label(batch, "batch")
+    spec = JobSpec(front=front, back=back, portrait=portrait, tag=tag)
+    request = prepare(spec)
+    with session_factory() as session:
+        job_id = _add_job(session, settings, request, spec, batch)
+        session.commit()
+    published = _publish(session_factory, publisher, [job_id])
+    log.info("job_submitted", job_id=str(job_id), published=published)
+    return job_id
+
+
+def _validate_all(specs: Sequence[JobSpec]) -> None:
+    problems: list[RowProblem] = []
+    for index, spec in enumerate(specs, start=1):
+        try:
+            prepare(spec)
+        except InputError as exc:
+            problems.append(RowProblem(spec.line or index, exc.rule, exc.message))
+    if problems:
+        raise ManifestError(problems)
+
+
+def _chunks(specs: Sequence[JobSpec], size: int) -> Iterator[Sequence[JobSpec]]:
+    for start in range(0, len(specs), size):
+        yield specs[start : start + size]
+
+
+def submit_many(
+    session_factory: sessionmaker[Session],
+    publisher: Publisher,
+    settings: Settings,
+    items: Iterable[JobSpec],
+    *,
+    batch: str | None = None,
+    progress: ProgressFn | None = None,
+    chunk_rows: int = CHUNK_ROWS,
+) -> list[uuid.UUID]:
+    """All-or-nothing validation of every item (ManifestError lists each bad row), then
+    commit in chunks, publishing each chunk after its commit. Ids come back in input order.
+
+    Files are read twice (validate, then store) rather than all held in memory; a file that
+    changes in between fails its chunk, and earlier chunks stay submitted.
+    """
+    _check_label(batch, "batch")
+    specs = list(items)
+    _validate_all(specs)
+    ids: list[uuid.UUID] = []
+    unpublished = 0
+    for chunk in _chunks(specs, chunk_rows):
+        requests = [prepare(spec) for spec in chunk]
+        with session_factory() as session:
+            chunk_ids = [
+                _add_job(session, settings, request, spec, batch)
+                for request, spec in zip(requests, chunk, strict=True)
+            ]
+            session.commit()
+        if not _publish(session_factory, publisher, chunk_ids):
+            unpublished += len(chunk_ids)
+        ids.extend(chunk_ids)
+        if progress is not None:
+            progress(len(ids), len(specs))
+    log.info("jobs_submitted", jobs=len(ids), unpublished=unpublished)
+    return ids
+
+
+def read_manifest(path: Path, *, portrait: bool = False) -> list[JobSpec]:
+    """Rows of a CSV with columns front, back, tag (a header line). Relative file paths are
+    resolved against the CSV's folder; URLs are kept as they are."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise InputError(
+            "file_not_found", f"manifest file not found: {path} (rule file_not_found)"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(
+            "file_unreadable", f"manifest cannot be read: {path}: {exc} (rule file_unreadable)"
+        ) from None
+    reader = csv.DictReader(text.splitlines())
+    columns = [c.strip() for c in reader.fieldnames or []]
+    unknown = sorted(set(columns) - set(MANIFEST_COLUMNS))
+    if ("front" not in columns and "back" not in columns) or unknown:
+        raise InputError(
+            "manifest_columns",
+            f"manifest header must name columns among {', '.join(MANIFEST_COLUMNS)}"
+            + (f"; unknown: {', '.join(unknown)}" if unknown else "")
+            + " (rule manifest_columns)",
+        )
+    reader.fieldnames = columns
+    folder = path.parent
+    specs: list[JobSpec] = []
+    for row in reader:
+        specs.append(
+            JobSpec(
+                front=_manifest_source(_cell(row, "front"), folder),
+                back=_manifest_source(_cell(row, "back"), folder),
+                portrait=portrait,
+                tag=_cell(row, "tag"),
+                line=reader.line_num,
+            )
+        )
+    return specs
+
+
+def _cell(row: dict[str, str | None], name: str) -> str | None:
+    value = (row.get(name) or "").strip()
+    return value or None
+
+
+def _manifest_source(value: str | None, folder: Path) -> Source | None:
+    if value is None:
+        return None
+    if _is_url(value):
+        return value
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else folder / path

@@ -1,0 +1,137 @@
+"""The JSON shape of a job, as `status --json`, `jobs --json`, replay and the demo print it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from models import Attempt, Job, JobEvent, Result, Warning
+
+
+def _iso(value: date | datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+def _height(value: Decimal | None) -> str | None:
+    # Metres as the API writes them ("1.64"), not a float that might print 1.6399999.
+    return None if value is None else f"{value:.2f}"
+
+
+def warnings_view(warnings: Sequence[Warning]) -> list[dict[str, Any]]:
+    """[{code, name}] in the order given (the API's order, as stored)."""
+    return [{"code": w.code, "name": w.name} for w in warnings]
+
+
+def result_view(result: Result, warnings: Sequence[Warning]) -> dict[str, Any]:
+    """Every response field under the snake_case of its API name (`ID` is `id_number`)."""
+    validity: str | None = _iso(result.validity_period)
+    if validity is None:
+        # A card of a holder aged 60+ has no expiry date: show the card's own text.
+        validity = result.validity_period_text
+    return {
+        "cn_last_name": result.cn_last_name,
+        "en_last_name": result.en_last_name,
+        "last_name_code": result.last_name_code,
+        "cn_first_name": result.cn_first_name,
+        "en_first_name": result.en_first_name,
+        "first_name_code": result.first_name_code,
+        "id_number": result.id_number,
+        "birthday": _iso(result.birthday),
+        "sex": result.sex,
+        "first_issue_date": _iso(result.first_issue_date),
+        "current_issue_date": _iso(result.current_issue_date),
+        "validity_period": validity,
+        "validity_period_text": result.validity_period_text,
+        "symbol": result.symbol,
+        "height": _height(result.height_m),
+        "angle": result.angle,
+        "resident_type": result.resident_type,
+        "request_id": result.request_id,
+        "warning_service_disabled": result.warning_service_disabled,
+        "warnings": warnings_view(warnings),
+    }
+
+
+def _history(session: Session, job: Job) -> list[dict[str, Any]]:
+    attempts = session.scalars(
+        select(Attempt).where(Attempt.job_id == job.id).order_by(Attempt.number)
+    ).all()
+    events = session.scalars(
+        select(JobEvent).where(JobEvent.job_id == job.id).order_by(JobEvent.at, JobEvent.id)
+    ).all()
+    items: list[tuple[datetime, dict[str, Any]]] = [
+        (
+            a.started_at,
+            {
+                "type": "attempt",
+                "at": _iso(a.started_at),
+                "number": a.number,
+                "outcome_code": a.outcome_code,
+                "message": a.message,
+                "request_id": a.request_id,
+                "latency_ms": a.latency_ms,
+            },
+        )
+        for a in attempts
+    ]
+    items += [
+        (
+            e.at,
+            {
+                "type": "event",
+                "at": _iso(e.at),
+                "kind": e.kind,
+                "actor": e.actor,
+                "reason": e.reason,
+                "previous_status": e.previous_status,
+                "previous_error_code": e.previous_error_code,
+            },
+        )
+        for e in events
+    ]
+    return [item for _, item in sorted(items, key=lambda pair: pair[0])]
+
+
+def job_view(session: Session, job: Job, *, history: bool = False) -> dict[str, Any]:
+    """The status object of one job: status, API calls made, last error, result, warnings."""
+    api_calls = session.scalar(
+        select(func.count()).select_from(Attempt).where(Attempt.job_id == job.id)
+    )
+    result = session.get(Result, job.id)
+    warnings: Sequence[Warning] = ()
+    if result is not None:
+        warnings = session.scalars(
+            select(Warning).where(Warning.job_id == job.id).order_by(Warning.id)
+        ).all()
+    view: dict[str, Any] = {
+        "job_id": str(job.id),
+        "status": str(job.status),
+        # Every API call made for the job (one attempt row each), budget-spending or not.
+        "attempts": api_calls or 0,
+        "budget_attempts": job.attempts,
+        "error_code": job.last_error_code,
+        "error_message": job.last_error_message,
+        "result": None if result is None else result_view(result, warnings),
+        "warnings": warnings_view(warnings),
+        "tag": job.tag,
+        "batch": job.batch,
+        "portrait": job.portrait,
+        "created_at": _iso(job.created_at),
+        "enqueued_at": _iso(job.enqueued_at),
+        "started_at": _iso(job.started_at),
+        "finished_at": _iso(job.finished_at),
+        "next_attempt_at": _iso(job.next_attempt_at),
+    }
+    if history:
+        view["history"] = _history(session, job)
+    return view
+
+
+def not_found_view(job_id: str) -> dict[str, Any]:
+    """What `status` prints for an id that is unknown (or another tenant's)."""
+    return {"job_id": job_id, "status": "not_found"}
