@@ -1,0 +1,425 @@
+"""Prometheus metrics, correct across several worker processes.
+
+Worker processes record through six cheap functions (`job_finished`, `api_call`, `limiter_wait`,
+`retry`, `set_effective_rate`, `set_circuit`). With several processes, prometheus-client's
+multiprocess mode is used: the launcher calls `prepare_multiproc_dir()` and puts the directory
+in its children's PROMETHEUS_MULTIPROC_DIR *before* they import prometheus_client (the library
+picks its value class at import), then `serve_metrics()` serves the sum over every process.
+
+Label values are bounded: statuses and error codes only, never job ids or personal data.
+Queue depth and dead letters are not recorded by workers; a collector in the serving process
+reads them at scrape time (Redis LLEN, one COUNT in SQL).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import structlog
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    multiprocess,
+    start_http_server,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from worker.errors import POLICY
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
+
+    from prometheus_client.metrics_core import Metric
+    from redis import Redis
+    from sqlalchemy import Engine
+
+    from worker.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+NAMESPACE = "macao_ocr"
+
+# Tencent answers within ~0.2-3 s; the total timeout is 30 s.
+API_LATENCY_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
+# Waits range from nothing (idle quota) to max_quota_wait_s (60 s by default).
+LIMITER_WAIT_BUCKETS_S = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+
+JOB_STATUSES = frozenset({"queued", "running", "retrying", "succeeded", "failed"})
+# Codes we make ourselves besides Tencent's: "OK", `Transport.HTTP502`, `Input.<rule>`, ...
+_OWN_CODE = re.compile(r"^(OK|WorkerLost|Transport\.[A-Za-z0-9]{1,32}|Input\.[A-Za-z0-9_]{1,48})$")
+# The shape of a Tencent code. Unknown codes are kept (they are rare and worth seeing) up to a
+# cap, so a misbehaving endpoint cannot grow the label set without bound.
+_CODE_SHAPE = re.compile(r"^[A-Z][A-Za-z0-9]{0,47}(\.[A-Za-z0-9]{1,48}){0,2}$")
+MAX_UNKNOWN_CODES = 32
+OTHER = "Other"
+
+
+class CodeLabels:
+    """Maps an outcome code to a bounded label value."""
+
+    def __init__(self, max_unknown: int = MAX_UNKNOWN_CODES) -> None:
+        self._max_unknown = max_unknown
+        self._unknown: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, code: str) -> str:
+        if code in POLICY or _OWN_CODE.match(code):
+            return code
+        if not _CODE_SHAPE.match(code):
+            return OTHER
+        with self._lock:
+            if code in self._unknown:
+                return code
+            if len(self._unknown) < self._max_unknown:
+                self._unknown.add(code)
+                return code
+        return OTHER
+
+
+def status_label(status: str) -> str:
+    """A job status as a bounded label value."""
+    return status if status in JOB_STATUSES else OTHER
+
+
+class _Metrics:
+    """The worker-side metric objects, built once per process on first use."""
+
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        reg = registry if registry is not None else REGISTRY
+        self.jobs_finished = Counter(
+            "jobs_finished",
+            "Jobs that reached a final status, by status.",
+            ["status"],
+            namespace=NAMESPACE,
+            registry=reg,
+        )
+        self.api_calls = Counter(
+            "api_calls",
+            "RecognizeMacaoIDCardOCR calls, by outcome code (OK or the error code).",
+            ["outcome_code"],
+            namespace=NAMESPACE,
+            registry=reg,
+        )
+        self.api_latency = Histogram(
+            "api_latency_seconds",
+            "Latency of one API call, signing to answer.",
+            namespace=NAMESPACE,
+            buckets=API_LATENCY_BUCKETS_S,
+            registry=reg,
+        )
+        self.limiter_wait = Histogram(
+            "limiter_wait_seconds",
+            "Time a granted call waited for its quota slot.",
+            namespace=NAMESPACE,
+            buckets=LIMITER_WAIT_BUCKETS_S,
+            registry=reg,
+        )
+        self.retries = Counter(
+            "retries",
+            "Jobs scheduled for another attempt, by the code that caused it.",
+            ["code"],
+            namespace=NAMESPACE,
+            registry=reg,
+        )
+        # The rate and the circuit are fleet-wide state in Redis that every process reads:
+        # the latest reading is the truth, whichever process made it. `live` drops the
+        # reading of a process that has exited (the launcher calls mark_process_dead).
+        self.effective_rate = Gauge(
+            "effective_rate_per_second",
+            "Calls per second the shared limiter currently allows.",
+            namespace=NAMESPACE,
+            multiprocess_mode="livemostrecent",
+            registry=reg,
+        )
+        # Configuration: identical in every process, so the maximum is the value.
+        self.quota = Gauge(
+            "quota_per_second",
+            "Configured calls per second (MACAO_OCR_QPS).",
+            namespace=NAMESPACE,
+            multiprocess_mode="livemax",
+            registry=reg,
+        )
+        self.circuit_open = Gauge(
+            "circuit_open",
+            "1 while account-level errors pause every call, else 0.",
+            namespace=NAMESPACE,
+            multiprocess_mode="livemostrecent",
+            registry=reg,
+        )
+        self.code_label = CodeLabels()
+
+
+_lock = threading.Lock()
+_metrics: _Metrics | None = None
+
+
+def _get() -> _Metrics:
+    # Built lazily so importing this module creates nothing and reads no environment.
+    global _metrics
+    current = _metrics
+    if current is not None:
+        return current
+    with _lock:
+        if _metrics is None:
+            _metrics = _Metrics(None)
+        return _metrics
+
+
+def _safe(fn_name: str, exc: Exception) -> None:
+    # A metrics failure (a full disk under the multiprocess dir, say) must never fail a job.
+    log.warning("metrics_error", function=fn_name, error=type(exc).__name__)
+
+
+def job_finished(status: str) -> None:
+    """A job reached a final status (succeeded or failed)."""
+    try:
+        _get().jobs_finished.labels(status=status_label(status)).inc()
+    except Exception as exc:
+        _safe("job_finished", exc)
+
+
+def api_call(outcome_code: str, latency_s: float) -> None:
+    """One API call finished with `outcome_code` ("OK" or the error code) after `latency_s`."""
+    try:
+        m = _get()
+        m.api_calls.labels(outcome_code=m.code_label(outcome_code)).inc()
+        m.api_latency.observe(max(latency_s, 0.0))
+    except Exception as exc:
+        _safe("api_call", exc)
+
+
+def limiter_wait(wait_s: float) -> None:
+    """A granted reservation made the call wait `wait_s` for its slot."""
+    try:
+        _get().limiter_wait.observe(max(wait_s, 0.0))
+    except Exception as exc:
+        _safe("limiter_wait", exc)
+
+
+def retry(code: str) -> None:
+    """A job was scheduled for another attempt because of `code`."""
+    try:
+        m = _get()
+        m.retries.labels(code=m.code_label(code)).inc()
+    except Exception as exc:
+        _safe("retry", exc)
+
+
+def set_effective_rate(rate: float, quota: float) -> None:
+    """The shared limiter's current rate and the configured quota, in calls per second."""
+    try:
+        m = _get()
+        m.effective_rate.set(rate)
+        m.quota.set(quota)
+    except Exception as exc:
+        _safe("set_effective_rate", exc)
+
+
+def set_circuit(open_: bool) -> None:
+    """The account circuit is open (every call paused) or closed."""
+    try:
+        _get().circuit_open.set(1.0 if open_ else 0.0)
+    except Exception as exc:
+        _safe("set_circuit", exc)
+
+
+# -- multiprocess plumbing (the launcher's side)
+
+
+def multiproc_dir(settings: Settings) -> str | None:
+    """The multiprocess directory in use: settings first, then prometheus' own variable."""
+    return settings.prometheus_multiproc_dir or os.environ.get(MULTIPROC_ENV) or None
+
+
+def prepare_multiproc_dir(settings: Settings) -> str:
+    """Create (or empty) the directory worker processes write their metric files to.
+
+    The launcher calls this before starting children and passes the result as
+    PROMETHEUS_MULTIPROC_DIR in their environment. Files left by an earlier run are removed:
+    prometheus-client would otherwise add them to this run's counters.
+    """
+    path = multiproc_dir(settings)
+    if path is None:
+        path = tempfile.mkdtemp(prefix="macao-ocr-metrics-")
+    os.makedirs(path, exist_ok=True)
+    for entry in os.scandir(path):
+        if entry.is_file() and entry.name.endswith(".db"):
+            os.remove(entry.path)
+    return path
+
+
+def mark_process_dead(pid: int, path: str) -> None:
+    """A child exited: drop its live gauges (its counters stay in the totals)."""
+    multiprocess.mark_process_dead(pid, path)  # type: ignore[no-untyped-call]
+
+
+def remove_multiproc_dir(path: str) -> None:
+    """Remove a directory made by `prepare_multiproc_dir` (at launcher shutdown)."""
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# -- the serving side
+
+
+# kombu's Redis transport keeps one list per priority step (kombu.transport.redis
+# PRIORITY_STEPS and Channel.sep); step 0 is the bare queue name.
+KOMBU_PRIORITY_STEPS = (0, 3, 6, 9)
+KOMBU_PRIORITY_SEP = "\x06\x16"
+
+
+def queue_keys(queue: str) -> list[str]:
+    """The Redis lists that hold a kombu queue's waiting messages."""
+    return [queue] + [f"{queue}{KOMBU_PRIORITY_SEP}{p}" for p in KOMBU_PRIORITY_STEPS if p]
+
+
+class BacklogCollector(Collector):
+    """Queue depth and dead letters, read at scrape time (both are cheap reads)."""
+
+    def __init__(self, redis_client: Redis, engine: Engine, queue: str) -> None:
+        self._redis = redis_client
+        self._engine = engine
+        self._queue = queue
+
+    def close(self) -> None:
+        self._redis.close()
+        self._engine.dispose()
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily(
+            f"{NAMESPACE}_backlog_source_up",
+            "1 if the last scrape could read the source (redis, database), else 0.",
+            labels=["source"],
+        )
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            for key in queue_keys(self._queue):
+                pipe.llen(key)
+            depth = sum(int(n) for n in pipe.execute())
+        except Exception as exc:
+            log.warning("metrics_source_down", source="redis", error=type(exc).__name__)
+            up.add_metric(["redis"], 0.0)
+        else:
+            up.add_metric(["redis"], 1.0)
+            yield GaugeMetricFamily(
+                f"{NAMESPACE}_queue_depth",
+                "Messages waiting in the broker queue (not yet taken by a worker).",
+                value=depth,
+            )
+        try:
+            failed = count_failed_jobs(self._engine)
+        except Exception as exc:
+            log.warning("metrics_source_down", source="database", error=type(exc).__name__)
+            up.add_metric(["database"], 0.0)
+        else:
+            up.add_metric(["database"], 1.0)
+            yield GaugeMetricFamily(
+                f"{NAMESPACE}_dead_letters",
+                "Jobs in status failed (replayable with `macao-ocr replay`).",
+                value=failed,
+            )
+        yield up
+
+
+def count_failed_jobs(engine: Engine) -> int:
+    """Dead letters: jobs whose status is failed."""
+    import sqlalchemy as sa
+
+    from models import Job, JobStatus
+
+    with engine.connect() as conn:
+        stmt = sa.select(sa.func.count()).select_from(Job).where(Job.status == JobStatus.failed)
+        return int(conn.execute(stmt).scalar_one())
+
+
+class _Forward(Collector):
+    """Serves another registry's metrics from a fresh registry (no duplicate registration)."""
+
+    def __init__(self, source: CollectorRegistry) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._source.collect()
+
+
+def backlog_collector(settings: Settings) -> BacklogCollector:
+    """A BacklogCollector reading the broker's Redis and the jobs database."""
+    import redis
+
+    from worker.db import make_engine
+    from worker.publish import QUEUE
+
+    client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=2, socket_timeout=2)
+    # One connection is plenty for one COUNT per scrape (SQLite ignores pool sizes).
+    engine = make_engine(settings, pool_size=1, max_overflow=1)
+    return BacklogCollector(client, engine, QUEUE)
+
+
+def build_registry(settings: Settings, *extra: Collector) -> CollectorRegistry:
+    """A registry to serve: every process's metrics in multiprocess mode, else this one's."""
+    # auto_describe off: collectors are only asked for samples at scrape time.
+    registry = CollectorRegistry(auto_describe=False)
+    path = multiproc_dir(settings)
+    if path is not None:
+        multiprocess.MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]
+    else:
+        registry.register(_Forward(REGISTRY))
+    for collector in extra:
+        registry.register(collector)
+    return registry
+
+
+@dataclass
+class MetricsServer:
+    """A running /metrics HTTP server (a daemon thread); `close()` stops it."""
+
+    server: WSGIServer
+    thread: threading.Thread
+    address: str
+    port: int
+    backlog: BacklogCollector | None = None
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+        if self.backlog is not None:
+            self.backlog.close()
+
+
+def serve_metrics(
+    settings: Settings,
+    *,
+    address: str = "0.0.0.0",  # noqa: S104  (Prometheus scrapes from other hosts)
+    port: int | None = None,
+) -> MetricsServer | None:
+    """Serve /metrics on `port` (default settings.metrics_port; 0 there means off) in a thread.
+
+    With a multiprocess directory this serves the aggregate of every worker process; the
+    launcher calls it once. Without one, a process serves only its own metrics.
+    """
+    chosen = settings.metrics_port if port is None else port
+    if chosen == 0 and port is None:
+        return None
+    backlog = backlog_collector(settings)
+    registry = build_registry(settings, backlog)
+    server, thread = start_http_server(chosen, addr=address, registry=registry)
+    bound = int(server.server_address[1])
+    log.info(
+        "metrics_serving",
+        address=address,
+        port=bound,
+        multiprocess=multiproc_dir(settings) is not None,
+    )
+    return MetricsServer(server=server, thread=thread, address=address, port=bound, backlog=backlog)
