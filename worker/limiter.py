@@ -25,11 +25,14 @@ class RateLimiter(Protocol):
         ...
 
     async def throttled(self, key: str) -> float:
-        """The API said RequestLimitExceeded: step the shared rate down; returns the new rate."""
+        """The API said RequestLimitExceeded: step the shared rate down; returns the new rate.
+
+        Answers to calls already scheduled before a step count as the same event."""
         ...
 
     async def effective_rate(self, key: str) -> float:
-        """Calls per second currently allowed for `key` (≤ the configured quota)."""
+        """Calls per second currently allowed for `key` (≤ the configured quota; inf when
+        the quota is 0, i.e. unlimited)."""
         ...
 
 

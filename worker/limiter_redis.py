@@ -1,0 +1,152 @@
+"""The shared quota limiter: one schedule in Redis for every worker process on every host.
+
+Each call is ONE round trip: EVALSHA of `worker/ratelimit.lua` (redis-py's registered script
+falls back to SCRIPT LOAD on NOSCRIPT). The script reads Redis TIME, so hosts' clocks do not
+matter. Fails closed: if Redis cannot be reached, `StateUnavailable` is raised and no call
+may go out.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.resources
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+import redis
+import redis.asyncio
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from worker import aimd
+from worker.errors import StateUnavailable
+from worker.limiter import Reservation
+
+if TYPE_CHECKING:
+    from worker.settings import Settings
+
+# Short: a Redis that does not answer within this is treated as down (fail closed).
+STATE_SOCKET_TIMEOUT_S = 1.0
+
+
+@functools.cache
+def lua_source() -> str:
+    """The limiter script (shipped as package data)."""
+    return importlib.resources.files("worker").joinpath("ratelimit.lua").read_text("utf-8")
+
+
+def state_redis_kwargs() -> dict[str, Any]:
+    """Connection options for limiter/circuit state: short timeouts, one quick retry."""
+    return {
+        "socket_timeout": STATE_SOCKET_TIMEOUT_S,
+        "socket_connect_timeout": STATE_SOCKET_TIMEOUT_S,
+        "retry": Retry(NoBackoff(), 1),
+        "health_check_interval": 30,
+    }
+
+
+def state_redis(url: str) -> redis.asyncio.Redis:
+    """An asyncio client for the shared state at `url` (settings.state_redis_url)."""
+    return redis.asyncio.Redis.from_url(url, **state_redis_kwargs())
+
+
+def unavailable(exc: BaseException, what: str) -> StateUnavailable:
+    """The fail-closed error; names the failure's type only (a URL may hold a password)."""
+    return StateUnavailable(f"{what} in Redis is unreachable ({type(exc).__name__})")
+
+
+STATE_ERRORS = (redis.RedisError, OSError)
+
+# ARGV[2..] of ratelimit.lua, in order (its header documents the same list).
+ARGV_CONTROL_FIELDS = (
+    "qps",
+    "burst",
+    "min_rate_fraction",
+    "decrease_factor",
+    "increase_fraction_per_s",
+    "coalesce_s",
+    "probe_settle_s",
+    "probe_gap_min_s",
+    "probe_gap_max_s",
+)
+
+
+class RedisRateLimiter:
+    """`RateLimiter` shared through Redis. `qps == 0` means unlimited (no round trip)."""
+
+    def __init__(
+        self,
+        redis_client: redis.asyncio.Redis,
+        *,
+        qps: float,
+        burst: int = 1,
+        min_rate_fraction: float = 0.2,
+        tuning: Mapping[str, Any] | None = None,
+    ) -> None:
+        if qps < 0:
+            raise ValueError("qps must be >= 0")
+        self.qps = qps
+        self._redis = redis_client
+        self._script = redis_client.register_script(lua_source())
+        self._control: aimd.RateControl | None = None
+        if qps > 0:
+            control = aimd.RateControl(qps=qps, burst=burst, min_rate_fraction=min_rate_fraction)
+            self._control = replace(control, **dict(tuning or {}))
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, redis_client: redis.asyncio.Redis
+    ) -> RedisRateLimiter:
+        """The limiter configured by `qps`, `burst` and `rate_min_fraction`."""
+        return cls(
+            redis_client,
+            qps=settings.qps,
+            burst=settings.burst,
+            min_rate_fraction=settings.rate_min_fraction,
+        )
+
+    def _args(self, op: str, ctl: aimd.RateControl, *extra: float) -> list[str | float]:
+        return [op, *(getattr(ctl, name) for name in ARGV_CONTROL_FIELDS), *extra]
+
+    async def _run(self, key: str, args: Sequence[str | float]) -> Any:
+        try:
+            return await self._script(keys=[key], args=args)
+        except STATE_ERRORS as exc:
+            raise unavailable(exc, "the quota state") from None
+
+    async def reserve(self, key: str, *, max_wait_s: float) -> Reservation:
+        """Take the next slot for `key` if it is at most `max_wait_s` away (one round trip)."""
+        ctl = self._control
+        if ctl is None:
+            return Reservation(granted=True, wait_s=0.0)
+        granted, wait_s = await self._run(key, self._args("reserve", ctl, max_wait_s))
+        return Reservation(granted=bool(int(granted)), wait_s=float(wait_s))
+
+    async def throttled(self, key: str) -> float:
+        """Record a throttle answer for `key`; returns the rate now in force."""
+        ctl = self._control
+        if ctl is None:
+            return math.inf
+        return float(await self._run(key, self._args("throttled", ctl)))
+
+    async def effective_rate(self, key: str) -> float:
+        """Calls per second currently allowed for `key` (inf when unlimited)."""
+        ctl = self._control
+        if ctl is None:
+            return math.inf
+        rate = await self._run(key, ["rate"])
+        return ctl.qps if rate is None else float(rate)
+
+
+def effective_rate_sync(redis_url: str, key: str) -> float | None:
+    """For operators and metrics: the shared rate for `key`, None when it has no state."""
+    client = redis.Redis.from_url(redis_url, **state_redis_kwargs())
+    try:
+        rate = client.register_script(lua_source())(keys=[key], args=["rate"])
+    except STATE_ERRORS as exc:
+        raise unavailable(exc, "the quota state") from None
+    finally:
+        client.close()
+    return None if rate is None else float(rate)

@@ -1,0 +1,238 @@
+--[[
+macao-ocr shared quota limiter: one atomic script, one round trip per call.
+The same algorithm as worker/aimd.py (the in-memory twin runs that); read its docstring for
+the reasoning. One contract suite (tests/unit/test_limiter_contract.py) holds both to it.
+
+KEYS[1]  the state hash of one quota: worker.limiter.limiter_key(secret_id, action, endpoint)
+
+ARGV[1]  operation:
+           "reserve"    take the next slot if it is at most max_wait_s away
+                        -> { granted (1|0), wait_s (string) }; refused: nothing is written
+           "throttled"  record a RequestLimitExceeded answer -> effective rate (string)
+           "rate"       read only -> effective rate (string), or nil when the key has no state
+                        ("rate" needs no other ARGV: it uses qps and inc stored in the hash)
+ARGV[2]  qps                     configured calls per second (> 0; 0 = unlimited never gets here)
+ARGV[3]  burst                   >= 1; burst-1 slots the current window let pass may be taken now
+ARGV[4]  min_rate_fraction       the rate never steps below this × qps
+ARGV[5]  decrease_factor         multiplicative step on a throttle (e.g. 0.9)
+ARGV[6]  increase_fraction_per_s additive recovery, fraction of qps per second
+ARGV[7]  coalesce_s              throttles within this of a decrease are the same event
+ARGV[8]  probe_settle_s          a probe window's answers are in this long after it ends
+ARGV[9]  probe_gap_min_s         spacing of probes after a passed one
+ARGV[10] probe_gap_max_s         a failed probe doubles the spacing up to this
+ARGV[11] max_wait_s              ("reserve") refuse slots further away than this
+
+Clock: Redis TIME, so every host agrees on window edges whatever its own clock says.
+
+Schedule (why): Tencent counts calls per fixed 1-second window at arrival. Window k gets
+`cap` whole slots at k + (i + 0.5) / cap: at the quota Q that is exactly Q calls per window
+and every arrival has ±0.5/Q s of margin against both window edges, so jitter below that
+margin can never push a call into the neighbouring window (GCRA spacing, phase-aligned to
+the middle of each 1/rate interval). A fractional rate carries its fraction to later
+windows. burst > 1 only re-uses slots the current window already let pass, so no window
+ever holds more than its cap (tighter than Q + burst - 1), and never within half a slot of
+the window's end, which keeps the margin.
+
+Adaptive rate (why): the quota is a whole number per window, so an adapted rate is used as
+floor(rate) slots, and a window exceeds the cap known to pass (good_cap) only as a probe
+(one whole window at good_cap + 1, adopted once that window was full and its answers came
+back unthrottled); a failed probe costs one throttle and doubles the gap to the next. Other throttles step the rate down ×decrease_factor once per event (answers to calls
+scheduled before the step, or within coalesce_s, are the same event); the rate then climbs
+back by increase_fraction_per_s × qps per second, up to qps.
+
+State fields (seconds on the Redis clock): rate rate_ts hold_until win cap used carry
+last_slot good_cap probe_cap probe_win probe_sent probe_next probe_gap_s, plus qps, inc and
+settle (probe_settle_s) for "rate".
+Times absent from a fresh state are -1 (before any Redis TIME), standing for "never".
+]]
+
+local key = KEYS[1]
+local op = ARGV[1]
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+
+local function fmt(x)
+  return string.format('%.17g', x)
+end
+
+local function load()
+  local flat = redis.call('HGETALL', key)
+  if #flat == 0 then
+    return nil
+  end
+  local s = {}
+  for i = 1, #flat, 2 do
+    s[flat[i]] = tonumber(flat[i + 1])
+  end
+  return s
+end
+
+local function current_rate(s, qps, inc)
+  local rate = s.rate
+  if now > s.rate_ts then
+    rate = rate + inc * (now - s.rate_ts)
+  end
+  return math.min(qps, s.good_cap + 1, rate)
+end
+
+-- When the answers to the (latest) probe window's calls are in.
+local function answers_in(s, settle_s)
+  return s.probe_win + 1 + settle_s
+end
+
+local function probe_passed(s, settle_s)
+  return s.probe_cap > 0 and s.probe_sent >= s.probe_cap and now >= answers_in(s, settle_s)
+end
+
+local function effective_rate(s, qps, inc, settle_s)
+  local good_cap = s.good_cap
+  if probe_passed(s, settle_s) then
+    good_cap = s.probe_cap -- adopted when the next window opens
+  end
+  return math.min(current_rate(s, qps, inc), good_cap)
+end
+
+if op == 'rate' then
+  local s = load()
+  if s == nil then
+    return false
+  end
+  return fmt(effective_rate(s, s.qps, s.inc, s.settle))
+end
+
+local qps = tonumber(ARGV[2])
+local burst = tonumber(ARGV[3])
+local rate_min = tonumber(ARGV[4]) * qps
+local decrease_factor = tonumber(ARGV[5])
+local inc = tonumber(ARGV[6]) * qps
+local coalesce_s = tonumber(ARGV[7])
+local probe_settle_s = tonumber(ARGV[8])
+local probe_gap_min_s = tonumber(ARGV[9])
+local probe_gap_max_s = tonumber(ARGV[10])
+
+local s = load()
+if s == nil then
+  s = {
+    rate = qps, rate_ts = -1, hold_until = -1, win = -1, cap = 0, used = 0, carry = 0,
+    last_slot = -1, good_cap = math.ceil(qps), probe_cap = 0, probe_win = -1,
+    probe_sent = 0, probe_next = -1, probe_gap_s = probe_gap_min_s,
+  }
+end
+
+local function save()
+  s.qps = qps
+  s.inc = inc
+  s.settle = probe_settle_s
+  local args = {}
+  for field, value in pairs(s) do
+    args[#args + 1] = field
+    args[#args + 1] = fmt(value)
+  end
+  redis.call('HSET', key, unpack(args))
+  -- Outlive the committed schedule and a full recovery; an idle quota then starts afresh.
+  local ttl_s = math.max(0, s.last_slot - now) + math.max(0, (qps - s.rate) / inc) + 60
+  redis.call('PEXPIRE', key, math.ceil(ttl_s * 1000))
+end
+
+-- Open window `win`: size it from the rate, then apply the probe rule.
+local function open(rate, win)
+  local cap, carry
+  if rate >= 1 and rate < qps then
+    -- An adapted rate estimates a whole-number quota: never round it up.
+    cap, carry = math.floor(rate), s.carry
+  else
+    local total = rate + s.carry
+    cap = math.floor(total)
+    carry = total - cap
+  end
+  if s.probe_cap > 0 then
+    if probe_passed(s, probe_settle_s) then
+      -- Its window was full, its answers are in, and none was throttled.
+      s.good_cap, s.probe_cap, s.probe_gap_s = s.probe_cap, 0, probe_gap_min_s
+      s.probe_next = math.min(s.probe_next, s.probe_win + probe_gap_min_s)
+    elseif win > s.probe_win and s.probe_sent < s.probe_cap then
+      s.probe_cap = 0 -- the window was not filled: it proved nothing
+    end
+  end
+  if cap > s.good_cap then
+    -- A probe needs a whole window, none of it passed already.
+    if s.probe_cap == 0 and win >= now and win >= s.probe_next
+        and now >= answers_in(s, probe_settle_s) then
+      cap = s.good_cap + 1
+      s.probe_cap, s.probe_win, s.probe_sent = cap, win, 0
+      s.probe_next = win + s.probe_gap_s
+    else
+      cap = s.good_cap
+    end
+    carry = 0
+  end
+  s.win, s.cap, s.used, s.carry = win, cap, 0, carry
+end
+
+if op == 'reserve' then
+  local max_wait_s = tonumber(ARGV[11])
+  local rate = current_rate(s, qps, inc)
+  local k = math.floor(now)
+  if s.win < k then
+    open(rate, k)
+  end
+  local index
+  local guard = 0
+  while true do
+    index = s.used
+    if s.win == k and s.cap > 0 then
+      local tolerance = 0
+      if now - k <= 1 - 0.5 / s.cap then
+        tolerance = burst - 1
+      end
+      index = math.max(index, math.ceil((now - k) * s.cap - 0.5 - tolerance))
+    end
+    if index < s.cap then
+      break
+    end
+    guard = guard + 1
+    if guard > 1000000 then
+      return redis.error_reply('ratelimit: no slot within 1e6 windows')
+    end
+    open(rate, s.win + 1)
+  end
+  local send = math.max(s.win + (index + 0.5) / s.cap, now)
+  local wait_s = send - now
+  if wait_s > max_wait_s then
+    return { 0, fmt(wait_s) }
+  end
+  s.rate, s.rate_ts, s.used = rate, now, index + 1
+  if s.probe_cap > 0 and s.win == s.probe_win then
+    s.probe_sent = s.probe_sent + 1
+  end
+  s.last_slot = math.max(s.last_slot, send)
+  save()
+  return { 1, fmt(wait_s) }
+end
+
+if op == 'throttled' then
+  local rate = current_rate(s, qps, inc)
+  local hold_until = math.max(now, s.last_slot) + coalesce_s
+  if s.probe_cap > 0 then
+    -- Blame the probe (one window one call over): back to the good cap, probe later.
+    local gap_s = math.min(probe_gap_max_s, 2 * s.probe_gap_s)
+    s.rate, s.rate_ts = s.good_cap, now
+    s.hold_until = math.max(s.hold_until, hold_until)
+    s.cap = math.max(s.used, math.min(s.cap, s.good_cap))
+    s.probe_cap, s.probe_next, s.probe_gap_s = 0, now + gap_s, gap_s
+    save()
+    return fmt(effective_rate(s, qps, inc, probe_settle_s))
+  end
+  if now < s.hold_until then
+    return fmt(effective_rate(s, qps, inc, probe_settle_s))
+  end
+  local new_rate = math.max(rate_min, math.min(rate, s.good_cap) * decrease_factor)
+  local good_cap = math.max(1, math.min(s.good_cap, math.floor(new_rate)))
+  s.rate, s.rate_ts, s.hold_until = new_rate, hold_until, hold_until
+  s.cap = math.max(s.used, math.min(s.cap, good_cap))
+  s.good_cap = good_cap
+  save()
+  return fmt(effective_rate(s, qps, inc, probe_settle_s))
+end
+
+return redis.error_reply('ratelimit: unknown operation ' .. tostring(op))
