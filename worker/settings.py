@@ -55,9 +55,10 @@ class Settings(BaseSettings):
     # -- the shared quota
     qps: float = Field(default=5.0, ge=0)  # 0 switches the limiter off
     burst: PositiveInt = 1
-    # A job that would wait longer than this for a slot is deferred in the database
-    # instead of holding its broker message.
-    max_quota_wait_s: PositiveFloat = 60.0
+    # A job that would wait longer than this for a slot is deferred in the database instead
+    # of holding its broker message. Short, because a rate decrease after throttling only
+    # affects slots booked after it: slots booked far ahead would keep overshooting.
+    max_quota_wait_s: PositiveFloat = 10.0
     rate_min_fraction: float = Field(default=0.2, gt=0, le=1)
 
     # -- retries
@@ -87,7 +88,6 @@ class Settings(BaseSettings):
     flower_user: str = "admin"
     flower_password: SecretStr | None = None
     flower_port: int = Field(default=5555, ge=1, le=65535)
-    image_dir: str | None = None
 
     @field_validator("api_endpoint")
     @classmethod
