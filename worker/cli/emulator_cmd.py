@@ -1,4 +1,8 @@
-"""Placeholder: its owner fills it in."""
+"""`macao-ocr emulator` and `macao-ocr specimen`: the local Tencent stand-in (dev/test tooling).
+
+The commands live in the emulator package; this is the one place the CLI reaches into it
+(the worker's processing code never imports `emulator`).
+"""
 
 from __future__ import annotations
 
@@ -7,3 +11,6 @@ import typer
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the CLI."""
+    from emulator import cli as emulator_cli  # imports typer only; aiohttp/Pillow load on use
+
+    emulator_cli.register(app)
