@@ -159,6 +159,15 @@ ACCOUNT_CODES = frozenset(
         "IpNotInWhitelist",
         "ActionOffline",
         "LimitExceeded",
+        # Not in the reference's table: gateway answers to a malformed call (our client or
+        # our configuration is wrong), which every job would meet alike.
+        "AuthFailure.InvalidAuthorization",
+        "AuthFailure.MFAFailure",
+        "InvalidAction",
+        "NoSuchVersion",
+        "UnsupportedProtocol",
+        "UnsupportedRegion",
+        "InvalidRegion",
     }
 )
 PERMANENT_CODES = frozenset(
