@@ -35,7 +35,8 @@ class Signature:
 
 
 def canonical_request(content_type: str, host: str, payload_hash: str) -> str:
-    return f"POST\n/\n\ncontent-type:{content_type}\nhost:{host}\n\n{SIGNED_HEADERS}\n{payload_hash}"
+    headers = f"content-type:{content_type}\nhost:{host}\n"
+    return f"POST\n/\n\n{headers}\n{SIGNED_HEADERS}\n{payload_hash}"
 
 
 def sign(

@@ -1,4 +1,4 @@
-"""`macao-ocr`: the command line. Each command group lives in its own module and registers itself."""
+"""`macao-ocr`: the command line. Each command group lives in its own module and registers."""
 
 from __future__ import annotations
 
