@@ -1,0 +1,268 @@
+"""Replaying dead letters: failed jobs go round again, through the same queue and quota.
+
+A failed job keeps its whole history. A replay gives it a fresh failure budget (attempts=0)
+but deletes nothing of its past: Attempt rows stay (new calls continue the numbering) and a
+JobEvent(kind="replay") records who, why, and the status and error code it had. The reset
+is committed before the ids are published, like any submit.
+
+A succeeded job is refused unless `force` (we would pay for a result we already hold); with
+force its result, warnings and portrait are deleted in the same transaction. Jobs still in
+flight (queued, running, retrying) are refused.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import structlog
+from sqlalchemy import delete, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from models import Job, JobEvent, JobStatus, Portrait, Result, Warning
+from models.base import utcnow
+from worker.errors import InputError
+from worker.publish import Publisher
+from worker.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+CHUNK = 500
+FORCED_NOTE = "forced: previous result, warnings and portrait deleted"
+IN_FLIGHT = frozenset({JobStatus.queued, JobStatus.running, JobStatus.retrying})
+
+
+@dataclass
+class ReplayReport:
+    """Which jobs matched, which were replayed, which were refused and why."""
+
+    matched: list[uuid.UUID] = field(default_factory=list)
+    replayed: list[uuid.UUID] = field(default_factory=list)
+    refused: dict[uuid.UUID, str] = field(default_factory=dict)
+    # The last error code of every matched job (what a dry run lists).
+    error_codes: dict[uuid.UUID, str | None] = field(default_factory=dict)
+    dry_run: bool = False
+    # False when the broker could not take the ids: the jobs are queued anyway and the
+    # sweeper publishes them.
+    published: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        """The `replay --json` object."""
+        return {
+            "dry_run": self.dry_run,
+            "matched": len(self.matched),
+            "replayed": [str(i) for i in self.replayed],
+            "refused": [{"job_id": str(i), "reason": r} for i, r in self.refused.items()],
+            "jobs": [
+                {"job_id": str(i), "error_code": self.error_codes.get(i)} for i in self.matched
+            ],
+            "published": self.published,
+        }
+
+
+def refusal(job: Job, *, force: bool) -> str | None:
+    """Why this job may not be replayed, or None when it may."""
+    if job.status in IN_FLIGHT:
+        return f"already in flight (status {job.status.value})"
+    if job.status == JobStatus.succeeded and not force:
+        return "succeeded: replaying would pay for its result again (use --force)"
+    return None
+
+
+def _parse_status(status: str | JobStatus | None) -> JobStatus | None:
+    if status is None or isinstance(status, JobStatus):
+        return status
+    try:
+        return JobStatus(status)
+    except ValueError:
+        names = ", ".join(s.value for s in JobStatus)
+        raise InputError("replay_status", f"status must be one of {names}") from None
+
+
+def _select(
+    settings: Settings,
+    job_ids: Sequence[uuid.UUID] | None,
+    status: JobStatus | None,
+    error_code: str | None,
+    batch: str | None,
+    since: datetime | None,
+    until: datetime | None,
+) -> Any:
+    query = select(Job).where(Job.tenant == settings.tenant)
+    if job_ids is not None:
+        query = query.where(Job.id.in_(job_ids))
+    if status is not None:
+        query = query.where(Job.status == status)
+    if error_code is not None:
+        query = query.where(Job.last_error_code == error_code)
+    if batch is not None:
+        query = query.where(Job.batch == batch)
+    # The window is on when the job finished: "what failed during the outage".
+    if since is not None:
+        query = query.where(Job.finished_at >= since)
+    if until is not None:
+        query = query.where(Job.finished_at < until)
+    return query.order_by(Job.created_at, Job.id)
+
+
+def replay(
+    session_factory: sessionmaker[Session],
+    publisher: Publisher,
+    settings: Settings,
+    *,
+    job_ids: Sequence[uuid.UUID] | None = None,
+    status: str | JobStatus | None = None,
+    error_code: str | None = None,
+    batch: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    actor: str,
+    reason: str | None,
+    force: bool = False,
+    dry_run: bool = False,
+) -> ReplayReport:
+    """Queue matching failed (or, with force, succeeded) jobs again; see the module doc.
+
+    With no ids, the filters select the jobs and status defaults to failed; with neither,
+    InputError (never replay everything by accident). Scoped to settings.tenant.
+    """
+    filtered = any(v is not None for v in (status, error_code, batch, since, until))
+    if not job_ids and not filtered:
+        raise InputError(
+            "replay_selection", "name job ids or a filter (status, error code, batch, since, until)"
+        )
+    for name, value in (("since", since), ("until", until)):
+        if value is not None and value.tzinfo is None:
+            raise InputError("replay_time", f"{name} needs a time zone (e.g. 2030-01-02T03:04Z)")
+    wanted = _parse_status(status)
+    if not job_ids and wanted is None:
+        wanted = JobStatus.failed
+    ids = list(dict.fromkeys(job_ids)) if job_ids else None
+
+    report = ReplayReport(dry_run=dry_run)
+    with session_factory() as session:
+        jobs = session.scalars(_select(settings, ids, wanted, error_code, batch, since, until))
+        eligible: list[uuid.UUID] = []
+        for job in jobs:
+            report.matched.append(job.id)
+            report.error_codes[job.id] = job.last_error_code
+            why = refusal(job, force=force)
+            if why is None:
+                eligible.append(job.id)
+            else:
+                report.refused[job.id] = why
+        if ids is not None:
+            _explain_unmatched(session, settings, ids, set(report.matched), report)
+    if dry_run:
+        report.replayed = eligible
+        return report
+
+    for start in range(0, len(eligible), CHUNK):
+        chunk = _reset(
+            session_factory, eligible[start : start + CHUNK], actor, reason, force, report
+        )
+        if not chunk:
+            continue
+        report.replayed.extend(chunk)
+        if report.published:
+            report.published = _publish(session_factory, publisher, chunk)
+    log.info(
+        "replay",
+        actor=actor,
+        matched=len(report.matched),
+        replayed=len(report.replayed),
+        refused=len(report.refused),
+        forced=force,
+        published=report.published,
+    )
+    return report
+
+
+def _explain_unmatched(
+    session: Session,
+    settings: Settings,
+    ids: Sequence[uuid.UUID],
+    matched: set[uuid.UUID],
+    report: ReplayReport,
+) -> None:
+    missing = [i for i in ids if i not in matched]
+    if not missing:
+        return
+    existing = set(
+        session.scalars(select(Job.id).where(Job.id.in_(missing), Job.tenant == settings.tenant))
+    )
+    for job_id in missing:
+        # Another tenant's job reads as not found: its existence is not ours to reveal.
+        report.refused[job_id] = "does not match the filters" if job_id in existing else "not found"
+
+
+def _reset(
+    session_factory: sessionmaker[Session],
+    ids: Sequence[uuid.UUID],
+    actor: str,
+    reason: str | None,
+    force: bool,
+    report: ReplayReport,
+) -> list[uuid.UUID]:
+    """Reset one chunk in one transaction, re-checking each job under its row lock."""
+    now = utcnow()
+    done: list[uuid.UUID] = []
+    with session_factory() as session, session.begin():
+        jobs = session.scalars(
+            select(Job).where(Job.id.in_(ids)).order_by(Job.id).with_for_update()
+        ).all()
+        for job in jobs:
+            why = refusal(job, force=force)
+            if why is not None:  # it changed since we matched it
+                report.refused[job.id] = why
+                continue
+            forced = job.status == JobStatus.succeeded
+            if forced:
+                session.execute(delete(Portrait).where(Portrait.job_id == job.id))
+                session.execute(delete(Warning).where(Warning.job_id == job.id))
+                session.execute(delete(Result).where(Result.job_id == job.id))
+            note = FORCED_NOTE if forced else None
+            session.add(
+                JobEvent(
+                    job_id=job.id,
+                    at=now,
+                    kind="replay",
+                    actor=actor,
+                    reason="; ".join(p for p in (reason, note) if p) or None,
+                    previous_status=job.status.value,
+                    previous_error_code=job.last_error_code,
+                )
+            )
+            job.status = JobStatus.queued
+            job.attempts = 0
+            job.next_attempt_at = None
+            job.finished_at = None
+            job.started_at = None
+            job.lease_expires_at = None
+            job.enqueued_at = None
+            job.last_error_code = None
+            job.last_error_message = None
+            done.append(job.id)
+    return done
+
+
+def _publish(
+    session_factory: sessionmaker[Session], publisher: Publisher, ids: Sequence[uuid.UUID]
+) -> bool:
+    """Publish after the commit; a broker outage leaves the jobs to the sweeper."""
+    try:
+        publisher.publish(ids)
+    except Exception as exc:
+        log.warning("replay_publish_failed", jobs=len(ids), error=type(exc).__name__)
+        return False
+    with session_factory() as session, session.begin():
+        session.execute(
+            update(Job)
+            .where(Job.id.in_(ids), Job.status == JobStatus.queued, Job.enqueued_at.is_(None))
+            .values(enqueued_at=utcnow())
+            .execution_options(synchronize_session=False)
+        )
+    return True

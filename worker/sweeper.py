@@ -1,0 +1,538 @@
+"""The sweeper: the database is the source of truth, the broker only a doorbell.
+
+Every `sweep_interval_s` one process of the fleet (leader-elected through a Redis lock with a
+TTL) rings the doorbell again for every job that needs it, so no job stays queued or running
+forever:
+
+1. due retries: `retrying` jobs whose `next_attempt_at` has come and that were not published
+   since (retries are scheduled in SQL, never with Celery ETAs);
+2. never published: `queued` jobs with no `enqueued_at` a few seconds after creation (the
+   producer died between its commit and its publish, or the broker was down at submit);
+3. lost messages: this Redis keeps nothing on disk, so a restart empties the queue. A broker
+   epoch key vanishing, or fewer messages in the broker (queue lists + kombu's `unacked` hash)
+   than jobs waiting for one, triggers a scan of the broker; only waiting jobs whose message
+   is not there are published again (duplicates are harmless, the pipeline claims atomically,
+   but we don't flood);
+4. dead workers: `running` jobs whose lease expired get their open attempt closed as
+   `WorkerLost` (a budget attempt, so a job that kills its worker cannot loop forever) and go
+   back to `retrying`, due now; rule 1 of the same sweep publishes them.
+
+State changes are committed BEFORE anything is published; `enqueued_at` is written only after
+a publish succeeded, so a failed publish is simply picked up by the next sweep.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import redis
+import structlog
+from redis.exceptions import LockError
+from redis.lock import Lock
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from models import Attempt, Job, JobEvent, JobStatus
+from worker.publish import QUEUE, Publisher
+from worker.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+KEY_PREFIX = "macao-ocr:sweeper:"
+LOCK_KEY = KEY_PREFIX + "leader"
+# Written once into the broker's Redis; it vanishes with everything else when that Redis
+# restarts without persistence, which is how we learn that queued messages may be gone.
+EPOCH_KEY = KEY_PREFIX + "broker-epoch"
+# Held for republish_after_s: a count mismatch triggers at most one broker scan per period.
+SCAN_GUARD_KEY = KEY_PREFIX + "scan-guard"
+
+# The producer commits, then publishes, then records enqueued_at: a few seconds of grace
+# before a job without enqueued_at counts as never published.
+NEVER_PUBLISHED_GRACE_S = 5.0
+# Bounds one sweep's work; the rest waits for the next sweep.
+SWEEP_LIMIT = 5_000
+PUBLISH_CHUNK = 500
+WORKER_LOST = "WorkerLost"
+# kombu's Redis transport: priority sub-queues are `<queue>\x06\x16<pri>`, delivered but
+# unacknowledged messages live in the `unacked` hash until acked or restored.
+KOMBU_SEP = "\x06\x16"
+KOMBU_PRIORITY_STEPS = (0, 3, 6, 9)
+KOMBU_UNACKED_KEY = "unacked"
+KOMBU_UNACKED_INDEX_KEY = "unacked_index"
+
+WAITING = (JobStatus.queued, JobStatus.retrying)
+
+
+@dataclass
+class SweepReport:
+    """What one sweep did (job ids per rule)."""
+
+    at: datetime
+    due_retries: list[uuid.UUID] = field(default_factory=list)
+    never_published: list[uuid.UUID] = field(default_factory=list)
+    lost: list[uuid.UUID] = field(default_factory=list)
+    recovered: list[uuid.UUID] = field(default_factory=list)
+    # Recovered jobs whose budget was spent: failed with WorkerLost instead of retried.
+    failed: list[uuid.UUID] = field(default_factory=list)
+    broker_restarted: bool = False
+    broker_scanned: bool = False
+    published: int = 0
+    publish_failed: bool = False
+
+    @property
+    def changed(self) -> bool:
+        return bool(
+            self.due_retries or self.never_published or self.lost or self.recovered or self.failed
+        )
+
+
+def _utc(value: datetime | None) -> datetime:
+    now = value or datetime.now(UTC)
+    if now.tzinfo is None:
+        raise ValueError("now must be an aware UTC datetime")
+    return now.astimezone(UTC)
+
+
+def sweep_once(
+    session_factory: sessionmaker[Session],
+    publisher: Publisher,
+    settings: Settings,
+    *,
+    redis: redis.Redis | None = None,
+    now: datetime | None = None,
+) -> SweepReport:
+    """Run every sweep rule once. `redis` is the broker's Redis; without it rule 3 is skipped."""
+    report = SweepReport(at=_utc(now))
+    _recover_dead_workers(session_factory, settings, report)
+    _publish_due_retries(session_factory, publisher, report)
+    _publish_never_published(session_factory, publisher, report)
+    if redis is not None:
+        _republish_lost(session_factory, publisher, settings, redis, report)
+    if report.changed:
+        log.info(
+            "sweep",
+            due_retries=len(report.due_retries),
+            never_published=len(report.never_published),
+            lost=len(report.lost),
+            recovered=len(report.recovered),
+            failed=len(report.failed),
+            broker_restarted=report.broker_restarted,
+        )
+    return report
+
+
+# -- rule 4: dead workers ---------------------------------------------------------------
+
+
+def _recover_dead_workers(
+    session_factory: sessionmaker[Session], settings: Settings, report: SweepReport
+) -> None:
+    now = report.at
+    with session_factory() as session, session.begin():
+        jobs = session.scalars(
+            select(Job)
+            .where(Job.status == JobStatus.running, Job.lease_expires_at < now)
+            .order_by(Job.lease_expires_at)
+            .limit(SWEEP_LIMIT)
+            .with_for_update(skip_locked=True)
+        ).all()
+        for job in jobs:
+            open_attempts = session.scalars(
+                select(Attempt)
+                .where(Attempt.job_id == job.id, Attempt.finished_at.is_(None))
+                .order_by(Attempt.number)
+            ).all()
+            for attempt in open_attempts:
+                attempt.finished_at = now
+                attempt.outcome_code = WORKER_LOST
+                attempt.message = "worker lost during the call (lease expired)"
+            host = job.worker_host or "unknown host"
+            message = f"worker {host} lost the job (lease expired)"
+            session.add(
+                JobEvent(
+                    job_id=job.id,
+                    at=now,
+                    kind="recovered",
+                    actor="sweeper",
+                    reason=message,
+                    previous_status=JobStatus.running.value,
+                    previous_error_code=job.last_error_code,
+                )
+            )
+            # Counted whether or not the call went out: a job that kills its worker before
+            # calling (say, while decoding its image) must not loop forever either.
+            job.attempts += 1
+            job.last_error_code = WORKER_LOST
+            job.last_error_message = message
+            job.lease_expires_at = None
+            if job.attempts >= settings.max_attempts:
+                job.status = JobStatus.failed
+                job.finished_at = now
+                job.next_attempt_at = None
+                report.failed.append(job.id)
+            else:
+                job.status = JobStatus.retrying
+                job.next_attempt_at = now
+                # Unpublished: rule 1 publishes it after this commit.
+                job.enqueued_at = None
+                report.recovered.append(job.id)
+    for job_id in report.recovered:
+        log.warning("job_recovered", job_id=str(job_id), outcome_code=WORKER_LOST)
+    for job_id in report.failed:
+        log.warning("job_failed", job_id=str(job_id), outcome_code=WORKER_LOST)
+
+
+# -- rules 1 and 2: due retries, never published ------------------------------------------
+
+
+def _publish_due_retries(
+    session_factory: sessionmaker[Session], publisher: Publisher, report: SweepReport
+) -> None:
+    now = report.at
+    with session_factory() as session:
+        ids = list(
+            session.scalars(
+                select(Job.id)
+                .where(
+                    Job.status == JobStatus.retrying,
+                    Job.next_attempt_at <= now,
+                    or_(Job.enqueued_at.is_(None), Job.enqueued_at < Job.next_attempt_at),
+                )
+                .order_by(Job.next_attempt_at)
+                .limit(SWEEP_LIMIT)
+            )
+        )
+    report.due_retries.extend(_publish(session_factory, publisher, ids, report))
+
+
+def _publish_never_published(
+    session_factory: sessionmaker[Session], publisher: Publisher, report: SweepReport
+) -> None:
+    cutoff = report.at - timedelta(seconds=NEVER_PUBLISHED_GRACE_S)
+    with session_factory() as session:
+        ids = list(
+            session.scalars(
+                select(Job.id)
+                .where(
+                    Job.status == JobStatus.queued,
+                    Job.enqueued_at.is_(None),
+                    Job.created_at < cutoff,
+                )
+                .order_by(Job.created_at)
+                .limit(SWEEP_LIMIT)
+            )
+        )
+    report.never_published.extend(_publish(session_factory, publisher, ids, report))
+
+
+def _chunks(ids: Sequence[uuid.UUID], size: int) -> Iterator[Sequence[uuid.UUID]]:
+    for start in range(0, len(ids), size):
+        yield ids[start : start + size]
+
+
+def _publish(
+    session_factory: sessionmaker[Session],
+    publisher: Publisher,
+    ids: Sequence[uuid.UUID],
+    report: SweepReport,
+) -> list[uuid.UUID]:
+    """Publish in chunks, recording enqueued_at after each chunk went out; stop at a failure."""
+    done: list[uuid.UUID] = []
+    if report.publish_failed:
+        return done
+    for chunk in _chunks(ids, PUBLISH_CHUNK):
+        try:
+            publisher.publish(chunk)
+        except Exception as exc:  # the broker is down: the next sweep tries again
+            report.publish_failed = True
+            log.warning("sweep_publish_failed", jobs=len(chunk), error=type(exc).__name__)
+            break
+        with session_factory() as session, session.begin():
+            session.execute(
+                update(Job)
+                .where(Job.id.in_(chunk), Job.status.in_(WAITING))
+                .values(enqueued_at=report.at)
+                .execution_options(synchronize_session=False)
+            )
+        done.extend(chunk)
+        report.published += len(chunk)
+    return done
+
+
+# -- rule 3: messages lost with the broker ----------------------------------------------
+
+
+def _published_waiting() -> Any:
+    """Jobs that should have exactly one message in the broker (queue or unacked)."""
+    return or_(
+        and_(Job.status == JobStatus.queued, Job.enqueued_at.is_not(None)),
+        and_(
+            Job.status == JobStatus.retrying,
+            Job.enqueued_at.is_not(None),
+            Job.enqueued_at >= Job.next_attempt_at,
+        ),
+    )
+
+
+def broker_queue_keys(queue: str = QUEUE) -> list[str]:
+    """The Redis list keys kombu uses for a queue (one per priority step)."""
+    return [queue if pri == 0 else f"{queue}{KOMBU_SEP}{pri}" for pri in KOMBU_PRIORITY_STEPS]
+
+
+def broker_message_count(client: redis.Redis, queue: str = QUEUE) -> int:
+    """Messages waiting in the queue plus messages delivered but not yet acknowledged."""
+    pipe = client.pipeline(transaction=False)
+    for key in broker_queue_keys(queue):
+        pipe.llen(key)
+    pipe.hlen(KOMBU_UNACKED_KEY)
+    return sum(int(n) for n in pipe.execute())
+
+
+def job_id_of_message(raw: bytes | str) -> uuid.UUID | None:
+    """The job id a kombu/Celery (protocol 2) message carries, or None if it is not ours."""
+    try:
+        payload = json.loads(raw)
+        if isinstance(payload, list):  # an `unacked` entry: [message, exchange, routing_key]
+            payload = payload[0]
+        body: Any = payload["body"]
+        if payload.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args = json.loads(body)[0]
+        return uuid.UUID(str(args[0]))
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        return None
+
+
+def broker_job_ids(
+    client: redis.Redis,
+    queue: str = QUEUE,
+    *,
+    held_within_s: float | None = None,
+    chunk: int = 1_000,
+) -> set[uuid.UUID]:
+    """Every job id with a message in the broker (waiting, or delivered and unacked).
+
+    With `held_within_s`, an unacked message delivered longer ago than that does not count:
+    its consumer may have been SIGKILLed, and kombu restores it only after the visibility
+    timeout (an hour). Republishing it is a harmless duplicate if its consumer is alive.
+    """
+    found: set[uuid.UUID] = set()
+
+    def add(items: Iterable[Any]) -> None:
+        for raw in items:
+            job_id = job_id_of_message(raw)
+            if job_id is not None:
+                found.add(job_id)
+
+    for key in broker_queue_keys(queue):
+        start = 0
+        while True:
+            items = client.lrange(key, start, start + chunk - 1)
+            add(items)
+            if len(items) < chunk:
+                break
+            start += chunk
+    fresh: set[bytes] | None = None
+    if held_within_s is not None:
+        # kombu scores each delivery with its consumer's time(); Redis's clock is close enough
+        # for a window of a minute.
+        seconds, micros = client.time()
+        since = seconds + micros / 1e6 - held_within_s
+        fresh = {_tag(t) for t in client.zrangebyscore(KOMBU_UNACKED_INDEX_KEY, since, "+inf")}
+    for tag, raw in client.hscan_iter(KOMBU_UNACKED_KEY, count=chunk):
+        if fresh is None or _tag(tag) in fresh:
+            add([raw])
+    return found
+
+
+def _tag(value: Any) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode()
+
+
+def stale_deliveries(client: redis.Redis, held_for_s: float) -> int:
+    """How many unacked messages were delivered more than `held_for_s` ago."""
+    seconds, micros = client.time()
+    return int(client.zcount(KOMBU_UNACKED_INDEX_KEY, "-inf", seconds + micros / 1e6 - held_for_s))
+
+
+def _broker_restarted(client: redis.Redis) -> bool:
+    """True when the epoch key is gone: the broker's Redis lost its data since we wrote it."""
+    return bool(client.set(EPOCH_KEY, uuid.uuid4().hex, nx=True))
+
+
+def _republish_lost(
+    session_factory: sessionmaker[Session],
+    publisher: Publisher,
+    settings: Settings,
+    client: redis.Redis,
+    report: SweepReport,
+) -> None:
+    now = report.at
+    held_s = settings.republish_after_s
+    restarted = _broker_restarted(client)
+    report.broker_restarted = restarted
+    with session_factory() as session:
+        expected = session.scalar(
+            select(func.count())
+            .select_from(Job)
+            .where(or_(_published_waiting(), Job.status == JobStatus.running))
+        )
+    present = broker_message_count(client)
+    deficit = (expected or 0) - present
+    if not restarted:
+        # Fewer messages than jobs waiting for one, or a message held by a consumer for
+        # longer than a job should wait once delivered (a SIGKILLed worker's).
+        if deficit <= 0 and stale_deliveries(client, held_s) == 0:
+            return
+        if not client.set(SCAN_GUARD_KEY, "1", nx=True, ex=max(1, int(held_s))):
+            return
+    report.broker_scanned = True
+    # After a restart every message pushed before this scan began is gone unless it is in
+    # the broker now; otherwise give in-flight publishes republish_after_s to land.
+    cutoff = now if restarted else now - timedelta(seconds=held_s)
+    in_broker = broker_job_ids(client, held_within_s=held_s)
+    with session_factory() as session:
+        candidates = list(
+            session.scalars(
+                select(Job.id)
+                .where(_published_waiting(), Job.enqueued_at < cutoff)
+                .order_by(Job.enqueued_at)
+                .limit(SWEEP_LIMIT)
+            )
+        )
+    lost = [job_id for job_id in candidates if job_id not in in_broker]
+    if restarted or lost:
+        log.warning(
+            "broker_messages_lost",
+            broker_restarted=restarted,
+            expected=expected,
+            present=present,
+            republishing=len(lost),
+        )
+    report.lost.extend(_publish(session_factory, publisher, lost, report))
+    if report.publish_failed and restarted:
+        # The broker went away again mid-republish: scan afresh on the next sweep.
+        client.delete(EPOCH_KEY)
+
+
+# -- leader election and the background thread --------------------------------------------
+
+
+class SweeperLeader:
+    """A Redis lock with a TTL: whoever holds it sweeps; a dead holder's lock simply expires."""
+
+    def __init__(self, client: redis.Redis, *, ttl_s: float, key: str = LOCK_KEY) -> None:
+        self._lock = Lock(client, key, timeout=ttl_s, thread_local=False)
+
+    def try_lead(self) -> bool:
+        """Keep or take the lead without blocking; False while another process holds it."""
+        try:
+            if self._lock.owned():
+                self._lock.reacquire()
+                return True
+        except LockError:
+            pass  # expired and perhaps taken by another: try a fresh acquire
+        return bool(self._lock.acquire(blocking=False))
+
+    def release(self) -> None:
+        """Give up the lead (at shutdown) so another process takes over at once."""
+        with contextlib.suppress(LockError, redis.RedisError):
+            self._lock.release()
+
+
+def leader_ttl_s(settings: Settings) -> float:
+    """Long enough to survive a slow sweep, short enough that a dead leader is replaced soon."""
+    return max(10.0, 5 * settings.sweep_interval_s)
+
+
+def broker_client(settings: Settings) -> redis.Redis:
+    """The broker's Redis with short timeouts: a sweep must never hang on it."""
+    return redis.Redis.from_url(
+        settings.broker_url, socket_connect_timeout=3.0, socket_timeout=10.0
+    )
+
+
+def sweep_if_leader(
+    leader: SweeperLeader,
+    session_factory: sessionmaker[Session],
+    publisher: Publisher,
+    settings: Settings,
+    client: redis.Redis,
+    *,
+    now: datetime | None = None,
+) -> SweepReport | None:
+    """One tick of the loop: sweep when this process leads, else None."""
+    if not leader.try_lead():
+        return None
+    return sweep_once(session_factory, publisher, settings, redis=client, now=now)
+
+
+def run_sweeper(
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+    publisher: Publisher,
+    stop: threading.Event,
+    *,
+    client: redis.Redis | None = None,
+) -> None:
+    """The loop: sweep every sweep_interval_s while leading; outages are logged and outlived."""
+    client = client or broker_client(settings)
+    leader = SweeperLeader(client, ttl_s=leader_ttl_s(settings))
+    failing = False
+    try:
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                sweep_if_leader(leader, session_factory, publisher, settings, client)
+                if failing:
+                    log.info("sweeper_recovered")
+                failing = False
+            except (redis.RedisError, SQLAlchemyError, OSError) as exc:
+                # Redis or PostgreSQL restarting: say so once, keep trying every interval.
+                if not failing:
+                    log.warning("sweeper_unavailable", error=type(exc).__name__)
+                failing = True
+            except Exception:
+                log.exception("sweeper_error")
+            elapsed_s = time.monotonic() - started
+            stop.wait(max(0.0, settings.sweep_interval_s - elapsed_s))
+    finally:
+        leader.release()
+
+
+class SweeperThread(threading.Thread):
+    """The sweeper loop in a daemon thread; `stop()` ends it and gives up the lead."""
+
+    def __init__(
+        self, settings: Settings, session_factory: sessionmaker[Session], publisher: Publisher
+    ) -> None:
+        super().__init__(name="macao-ocr-sweeper", daemon=True)
+        self.stop_event = threading.Event()
+        self._args = (settings, session_factory, publisher)
+
+    def run(self) -> None:
+        run_sweeper(*self._args, self.stop_event)
+
+    def stop(self, timeout_s: float | None = 5.0) -> None:
+        self.stop_event.set()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(timeout_s)
+
+
+def start_sweeper_thread(
+    settings: Settings, session_factory: sessionmaker[Session], publisher: Publisher
+) -> threading.Thread:
+    """Start the sweeper loop in a daemon thread (one per worker process; one leader sweeps)."""
+    thread = SweeperThread(settings, session_factory, publisher)
+    thread.start()
+    return thread
