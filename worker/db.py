@@ -13,8 +13,12 @@ from worker.settings import Settings
 def make_engine(settings: Settings, **kwargs: Any) -> Engine:
     """One engine per process; pool sized for a threads pool worker."""
     url = settings.database_url
+    # Bound parameters (names, ID numbers) would otherwise be quoted in exception text.
+    kwargs.setdefault("hide_parameters", True)
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        engine = create_engine(
+            url, connect_args={"timeout": 30, "check_same_thread": False}, **kwargs
+        )
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -245,7 +245,9 @@ def configure_logging(
         ],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
-        cache_logger_on_first_use=True,
+        # Not cached: a later configure_logging (Celery's setup_logging hook, a test's
+        # capture_logs) must reach loggers that were already used.
+        cache_logger_on_first_use=False,
     )
 
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -13,56 +12,19 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Column, Table
-from sqlalchemy import Engine, select
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from models import Job, JobStatus
-from worker.db import make_engine, make_sessionmaker
-from worker.errors import ConfigError, InputError, StateUnavailable
+from worker.cli.common import database, fail, load_or_exit, make_publisher
+from worker.errors import InputError, StateUnavailable
 from worker.producer import JobSpec, ManifestError, read_manifest, submit_many
 from worker.producer import submit as submit_one
-from worker.publish import CeleryPublisher, Publisher
-from worker.settings import Settings, load_settings
+from worker.publish import Publisher
+from worker.settings import Settings
 from worker.views import job_view, not_found_view
 
 stderr = Console(stderr=True)
-
-
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(code)
-
-
-def _settings() -> Settings:
-    try:
-        settings = load_settings()
-    except ConfigError as exc:
-        raise _fail(exc.message) from None
-    from worker.logs import configure_logging
-
-    configure_logging(settings)
-    return settings
-
-
-@contextmanager
-def _database(settings: Settings) -> Iterator[sessionmaker[Session]]:
-    engine: Engine = make_engine(settings)
-    try:
-        yield make_sessionmaker(engine)
-    except SQLAlchemyError as exc:
-        reason = str(getattr(exc, "orig", None) or type(exc).__name__).strip()
-        raise _fail(f"database error: {reason}", 1) from None
-    finally:
-        engine.dispose()
-
-
-def make_publisher(settings: Settings) -> tuple[Publisher, Any]:
-    """The Celery publisher and the app to close afterwards (imported late: an entry point)."""
-    from worker.celery_app import create_app
-
-    app = create_app(settings)
-    return CeleryPublisher(app), app
 
 
 def _emit(obj: dict[str, Any]) -> None:
@@ -77,13 +39,13 @@ def _specs(
 ) -> list[JobSpec]:
     if manifest is not None:
         if front is not None or back is not None or tag is not None:
-            raise _fail("give either FRONT [--back] [--tag] or --manifest, not both")
+            raise fail("give either FRONT [--back] [--tag] or --manifest, not both")
         specs = read_manifest(manifest, portrait=portrait)
         if not specs:
-            raise _fail(f"manifest has no rows: {manifest} (rule empty_manifest)")
+            raise fail(f"manifest has no rows: {manifest} (rule empty_manifest)")
         return specs
     if front is None and back is None:
-        raise _fail("give a FRONT image (file or http(s) URL), --back, or --manifest")
+        raise fail("give a FRONT image (file or http(s) URL), --back, or --manifest")
     return [JobSpec(front=front, back=back, portrait=portrait, tag=tag)]
 
 
@@ -112,7 +74,7 @@ def submit(
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object a line.")] = False,
 ) -> None:
     """Validate and queue cards for reading. Bad input: nothing is submitted."""
-    settings = _settings()
+    settings = load_or_exit()
     try:
         specs = _specs(front, back, manifest, portrait, tag)
     except InputError as exc:
@@ -120,7 +82,7 @@ def submit(
         raise typer.Exit(2) from None
     publisher, app = make_publisher(settings)
     try:
-        with _database(settings) as factory:
+        with database(settings) as factory:
             ids = _submit(factory, publisher, settings, specs, batch, manifest=manifest is not None)
             with factory() as session:
                 jobs = {j.id: j for j in session.scalars(select(Job).where(Job.id.in_(ids))).all()}
@@ -242,11 +204,11 @@ def status(
     history: Annotated[bool, typer.Option(help="Every API call and event.")] = False,
 ) -> None:
     """Show jobs: status, API calls, last error, result and warnings. Exit 1 if one is unknown."""
-    settings = _settings()
+    settings = load_or_exit()
     pause, pause_known = read_pause(settings)
     missing = 0
     views: list[dict[str, Any]] = []
-    with _database(settings) as factory, factory() as session:
+    with database(settings) as factory, factory() as session:
         for text in job_ids:
             job_id = _parse_id(text)
             job = None
@@ -300,7 +262,7 @@ def jobs(
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object a line.")] = False,
 ) -> None:
     """List this tenant's jobs, newest first."""
-    settings = _settings()
+    settings = load_or_exit()
     query = select(Job).where(Job.tenant == settings.tenant)
     if status_ is not None:
         query = query.where(Job.status == status_)
@@ -311,7 +273,7 @@ def jobs(
     if tag is not None:
         query = query.where(Job.tag == tag)
     query = query.order_by(Job.created_at.desc(), Job.id).limit(limit)
-    with _database(settings) as factory, factory() as session:
+    with database(settings) as factory, factory() as session:
         rows = session.scalars(query).all()
         views = [job_view(session, job) for job in rows]
     if json_out:

@@ -12,24 +12,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from worker.cli.common import database, fail, load_or_exit
 from worker.errors import ConfigError
-from worker.settings import Settings, env_name, load_settings
+from worker.settings import Settings, env_name
 from worker.stats import DEFAULT_WINDOW_MIN, Stats
 
 # Flower's own variables: when the user set one, it wins over ours.
 FLOWER_AUTH_VARS = ("FLOWER_BASIC_AUTH", "FLOWER_AUTH")
-
-
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(code)
-
-
-def _settings() -> Settings:
-    try:
-        return load_settings()
-    except ConfigError as exc:
-        raise _fail(exc.message) from None
 
 
 def flower_command(
@@ -88,13 +77,13 @@ def flower(
 
     Arguments after `--` go to Flower unchanged (e.g. `-- --url_prefix=flower`).
     """
-    settings = _settings()
+    settings = load_or_exit()
     try:
         argv, env = flower_command(
             settings, os.environ, port=port, address=address, extra=list(ctx.args)
         )
     except ConfigError as exc:
-        raise _fail(exc.message) from None
+        raise fail(exc.message) from None
     # Replace this process: Flower gets our signals and exit status directly.
     os.execve(argv[0], argv, env)  # noqa: S606  (argv is ours, no shell involved)
 
@@ -157,23 +146,11 @@ def stats(
     ] = DEFAULT_WINDOW_MIN,
 ) -> None:
     """Jobs by status, dead letters, queue depth, rate vs quota, circuit, recent calls."""
-    from sqlalchemy.exc import SQLAlchemyError
-
-    from worker.db import make_engine, make_sessionmaker
-    from worker.logs import configure_logging
     from worker.stats import gather
 
-    settings = _settings()
-    configure_logging(settings)
-    engine = make_engine(settings, hide_parameters=True)
-    try:
-        with make_sessionmaker(engine)() as session:
-            snapshot = gather(settings, session, window_min=window)
-    except SQLAlchemyError as exc:
-        reason = str(getattr(exc, "orig", None) or type(exc).__name__).strip()
-        raise _fail(f"database error: {reason}", 1) from None
-    finally:
-        engine.dispose()
+    settings = load_or_exit()
+    with database(settings) as session_factory, session_factory() as session:
+        snapshot = gather(settings, session, window_min=window)
     if as_json:
         typer.echo(json.dumps(snapshot.to_json(), ensure_ascii=False))
     else:

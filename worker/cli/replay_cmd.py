@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from worker.errors import ConfigError, InputError
-from worker.settings import Settings, load_settings
+from worker.cli.common import database, fail, load_or_exit, make_publisher
+from worker.errors import InputError
+from worker.settings import Settings
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
@@ -33,31 +34,6 @@ def default_actor() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(code)
-
-
-def _settings() -> Settings:
-    try:
-        return load_settings()
-    except ConfigError as exc:
-        raise _fail(exc.message) from None
-
-
-def _session_factory(settings: Settings) -> sessionmaker[Session]:
-    from worker.db import make_engine, make_sessionmaker
-
-    return make_sessionmaker(make_engine(settings))
-
-
-def _publisher(settings: Settings) -> Publisher:
-    from worker.celery_app import create_app
-    from worker.publish import CeleryPublisher
-
-    return CeleryPublisher(create_app(settings))
-
-
 class _NoPublish:
     """A dry run publishes nothing (and needs no broker)."""
 
@@ -69,7 +45,7 @@ def _job_id(text: str) -> uuid.UUID:
     try:
         return uuid.UUID(text)
     except ValueError:
-        raise _fail(f"JOB_ID must be a job id (a UUID); got {text[:40]!r}") from None
+        raise fail(f"JOB_ID must be a job id (a UUID); got {text[:40]!r}") from None
 
 
 def _when(name: str, text: str | None) -> datetime | None:
@@ -78,9 +54,9 @@ def _when(name: str, text: str | None) -> datetime | None:
     try:
         value = datetime.fromisoformat(text)
     except ValueError:
-        raise _fail(f"{name} must be an ISO 8601 time, e.g. 2030-01-02T03:04:05Z") from None
+        raise fail(f"{name} must be an ISO 8601 time, e.g. 2030-01-02T03:04:05Z") from None
     if value.tzinfo is None:
-        raise _fail(f"{name} needs a time zone, e.g. 2030-01-02T03:04:05Z or +08:00")
+        raise fail(f"{name} needs a time zone, e.g. 2030-01-02T03:04:05Z or +08:00")
     return value
 
 
@@ -115,30 +91,31 @@ def replay_command(
     ids = [_job_id(t) for t in job_ids] if job_ids else None
     since_at, until_at = _when("--since", since), _when("--until", until)
     if not ids and all(v is None for v in (status, error_code, batch, since, until)):
-        raise _fail(
+        raise fail(
             "name JOB_IDs or a filter (--status, --error-code, --batch, --since, --until); "
             "replaying everything is never implied"
         )
-    settings = _settings()
-    publisher: Publisher = _NoPublish() if dry_run else _publisher(settings)
+    settings = load_or_exit()
+    publisher: Publisher = _NoPublish() if dry_run else make_publisher(settings)[0]
     try:
-        report = replay(
-            _session_factory(settings),
-            publisher,
-            settings,
-            job_ids=ids,
-            status=status,
-            error_code=error_code,
-            batch=batch,
-            since=since_at,
-            until=until_at,
-            actor=actor or default_actor(),
-            reason=reason,
-            force=force,
-            dry_run=dry_run,
-        )
+        with database(settings) as session_factory:
+            report = replay(
+                session_factory,
+                publisher,
+                settings,
+                job_ids=ids,
+                status=status,
+                error_code=error_code,
+                batch=batch,
+                since=since_at,
+                until=until_at,
+                actor=actor or default_actor(),
+                reason=reason,
+                force=force,
+                dry_run=dry_run,
+            )
     except InputError as exc:
-        raise _fail(exc.message) from None
+        raise fail(exc.message) from None
     if as_json:
         typer.echo(json.dumps(report.to_dict()))
     else:
@@ -162,10 +139,17 @@ def sweep_command(
     as_json: Annotated[bool, typer.Option("--json", help="With --once: print the report.")] = False,
 ) -> None:
     """Publish due retries, never-published and lost jobs; take back dead workers' jobs."""
+    settings = load_or_exit()
+    with database(settings) as session_factory:
+        _sweep(settings, session_factory, once=once, as_json=as_json)
+
+
+def _sweep(
+    settings: Settings, session_factory: sessionmaker[Session], *, once: bool, as_json: bool
+) -> None:
     from worker.sweeper import broker_client, run_sweeper, sweep_once
 
-    settings = _settings()
-    session_factory, publisher = _session_factory(settings), _publisher(settings)
+    publisher = make_publisher(settings)[0]
     client = broker_client(settings)
     if once:
         # An operator's explicit sweep runs even while a worker leads: the rules are idempotent.

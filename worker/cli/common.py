@@ -1,0 +1,56 @@
+"""What every command needs: settings or a clean exit, a database, a publisher."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import typer
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from worker.errors import ConfigError
+from worker.publish import CeleryPublisher, Publisher
+from worker.settings import Settings, load_settings
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    """Print `error: message` on stderr; raise the returned Exit (2: usage/input, 1: runtime)."""
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def load_or_exit() -> Settings:
+    """Settings for this command, with logging configured; a bad variable exits naming it."""
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        raise fail(exc.message) from None
+    from worker.logs import configure_logging
+
+    configure_logging(settings)
+    return settings
+
+
+@contextmanager
+def database(settings: Settings) -> Iterator[sessionmaker[Session]]:
+    """A session factory for the command's lifetime; database errors exit with their reason."""
+    from worker.db import make_engine, make_sessionmaker
+
+    engine = make_engine(settings)
+    try:
+        yield make_sessionmaker(engine)
+    except SQLAlchemyError as exc:
+        reason = str(getattr(exc, "orig", None) or type(exc).__name__).strip()
+        raise fail(f"database error: {reason}", 1) from None
+    finally:
+        engine.dispose()
+
+
+def make_publisher(settings: Settings) -> tuple[Publisher, Any]:
+    """The Celery publisher and the app to close afterwards (imported late: an entry point)."""
+    from worker.celery_app import create_app
+
+    app = create_app(settings)
+    return CeleryPublisher(app), app
