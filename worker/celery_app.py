@@ -1,0 +1,164 @@
+"""The Celery app: Redis broker, no result backend, one task, late acks.
+
+`create_app(settings)` is the only constructor; `get_app()` builds one from the environment
+on first use (what `celery -A worker worker` reaches through `worker.app`). Building an app
+starts nothing: producers build one just to publish.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from typing import Any
+
+import structlog
+from celery import Celery, signals
+
+from worker.publish import QUEUE, TASK_NAME, CeleryPublisher
+from worker.settings import Settings, load_settings
+
+log = structlog.get_logger(__name__)
+
+
+class MacaoCelery(Celery):
+    """A Celery app that carries the Settings it was built from (tasks and signals read them)."""
+
+    settings: Settings
+
+
+def longest_hold_s(settings: Settings) -> float:
+    """The longest one task holds its message: quota wait, the call (plus our guard), a
+    database outage ridden out in process, and a lease's worth of slack."""
+    from worker.pipeline import CALL_GUARD_S
+
+    return (
+        settings.max_quota_wait_s
+        + settings.total_timeout_s
+        + CALL_GUARD_S
+        + settings.db_write_retry_s
+        + settings.lease_s
+    )
+
+
+def create_app(settings: Settings) -> MacaoCelery:
+    """A configured app with the `macao_ocr.process_job` task registered."""
+    app = MacaoCelery("macao_ocr", broker=settings.broker_url, set_as_current=False)
+    app.settings = settings
+    app.conf.update(
+        broker_url=settings.broker_url,
+        # Results live in SQL. A backend would be one more place personal data could reach.
+        result_backend=None,
+        task_ignore_result=True,
+        task_serializer="json",
+        accept_content=["json"],
+        event_serializer="json",
+        task_default_queue=QUEUE,
+        task_routes={TASK_NAME: {"queue": QUEUE}},
+        # Ack after the task body: a worker killed mid-job leaves its message to redeliver.
+        task_acks_late=True,
+        # ...and a lost worker process must not ack on its way out either.
+        task_reject_on_worker_lost=True,
+        # Reserve only what the threads can start now; the rest stays in Redis for others.
+        worker_prefetch_multiplier=1,
+        # Redis redelivers an unacked message after this long. It must exceed the longest a
+        # task legitimately holds one (quota wait + call + in-process DB retry), or a slow but
+        # healthy job would be handed to a second worker. Duplicates stay harmless (the claim
+        # is atomic) but would cost a second call.
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        # Flower and `celery events` see every task; messages carry only the job id.
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        # Workers outlive a Redis restart: keep reconnecting, at start and forever after.
+        broker_connection_retry=True,
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        broker_channel_error_retry=True,
+        # A running task cannot be cancelled in the threads pool; its job is safe anyway
+        # (lease + sweeper), so keep it running across a broker reconnect.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        # The shared limiter does rate limiting across the fleet; Celery's is per worker.
+        worker_disable_rate_limits=True,
+        enable_utc=True,
+        timezone="UTC",
+    )
+    hold_s = longest_hold_s(settings)
+    if settings.visibility_timeout_s < hold_s:
+        log.warning(
+            "visibility_timeout_short",
+            visibility_timeout_s=settings.visibility_timeout_s,
+            longest_hold_s=hold_s,
+        )
+    from worker.logs import install_celery_logging
+    from worker.tasks import register_tasks
+
+    install_celery_logging(settings)
+    register_tasks(app)
+    _connect_worker_signals(app)
+    return app
+
+
+_app: MacaoCelery | None = None
+_app_lock = threading.Lock()
+
+
+def get_app() -> MacaoCelery:
+    """The process's app, built from the environment on first use."""
+    global _app
+    with _app_lock:
+        if _app is None:
+            _app = create_app(load_settings())
+        return _app
+
+
+# -- worker lifecycle: fail fast on bad config, warm the runtime, run the sweeper
+
+
+def _sender_app(sender: Any) -> Any:
+    return getattr(sender, "app", None)
+
+
+def _connect_worker_signals(app: MacaoCelery) -> None:
+    uid = f"macao_ocr.{id(app)}"
+    sweeper: list[Any] = []
+
+    def on_worker_init(sender: Any = None, **_: Any) -> None:
+        if _sender_app(sender) is not app:
+            return
+        from worker.errors import ConfigError
+        from worker.tencent_client import ClientConfig
+
+        try:
+            ClientConfig.from_settings(app.settings)
+        except ConfigError as err:
+            # Better no worker than one that takes jobs it can never call for.
+            print(f"macao-ocr worker: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    def on_worker_ready(sender: Any = None, **_: Any) -> None:
+        if _sender_app(sender) is not app:
+            return
+        from worker.runtime import get_runtime
+
+        runtime = get_runtime(app.settings)
+        try:
+            from worker.sweeper import start_sweeper_thread
+        except ImportError:
+            log.warning("sweeper_missing")
+            return
+        thread = start_sweeper_thread(app.settings, runtime.session_factory, CeleryPublisher(app))
+        sweeper.append(thread)
+
+    def on_worker_shutdown(sender: Any = None, **_: Any) -> None:
+        if _sender_app(sender) is not app:
+            return
+        for thread in sweeper:
+            stop = getattr(thread, "stop", None)
+            if stop is not None:
+                stop()
+        from worker.runtime import shutdown_runtime
+
+        shutdown_runtime()
+
+    signals.worker_init.connect(on_worker_init, weak=False, dispatch_uid=f"{uid}.init")
+    signals.worker_ready.connect(on_worker_ready, weak=False, dispatch_uid=f"{uid}.ready")
+    signals.worker_shutdown.connect(on_worker_shutdown, weak=False, dispatch_uid=f"{uid}.shutdown")

@@ -1,0 +1,220 @@
+"""The per-process runtime: ONE event loop thread owning ONE aiohttp session, the OCR client,
+the async Redis client, the shared limiter and the account circuit; plus the SQL engine.
+
+Celery runs tasks in a threads pool; each task thread does its SQL synchronously and hands
+the awaitable steps to the loop (`LoopThread.run`). So hundreds of calls are in flight per
+process on one loop and one connection pool, and a slow call holds only a cheap waiting
+thread, never a process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+from collections.abc import Coroutine
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import aiohttp
+import redis.asyncio as aioredis
+import structlog
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from worker.circuit import AccountCircuit
+from worker.db import make_engine, make_sessionmaker
+from worker.limiter import RateLimiter, limiter_key
+from worker.pipeline import PipelineDeps
+from worker.settings import Settings
+from worker.tencent_client import ClientConfig, OcrClient, make_session
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+# Each transaction is short and never spans an API call, so a small pool serves many threads.
+DB_POOL_SIZE = 10
+DB_MAX_OVERFLOW = 10
+
+
+class LoopThread:
+    """An asyncio event loop running forever in a daemon thread."""
+
+    def __init__(self, name: str = "macao-ocr-loop") -> None:
+        self.loop = asyncio.new_event_loop()
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self._thread.start()
+        self._started.wait()
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.call_soon(self._started.set)
+        self.loop.run_forever()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self.loop.is_closed()
+
+    def run(self, coro: Coroutine[Any, Any, T], /, timeout_s: float | None = None) -> T:
+        """Run `coro` on the loop and wait for its result in the calling thread."""
+        if threading.current_thread() is self._thread:
+            coro.close()
+            raise RuntimeError("LoopThread.run called from the loop's own thread")
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout_s)
+        except FutureTimeout:
+            future.cancel()
+            raise
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Cancel what still runs on the loop, stop it, close it."""
+        if self.loop.is_closed():
+            return
+
+        async def _cancel_all() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        if self._thread.is_alive():
+            with contextlib.suppress(FutureTimeout, RuntimeError):
+                self.run(_cancel_all(), timeout_s=timeout_s)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout_s)
+        if not self._thread.is_alive():
+            self.loop.close()
+
+
+@dataclass
+class _AsyncParts:
+    http: aiohttp.ClientSession
+    redis: aioredis.Redis
+    limiter: RateLimiter
+    circuit: AccountCircuit
+
+
+async def _open_async(settings: Settings) -> _AsyncParts:
+    """Built inside the loop: aiohttp sessions and asyncio Redis clients bind to it."""
+    from worker.circuit_redis import RedisAccountCircuit
+    from worker.limiter_redis import RedisRateLimiter, state_redis
+
+    http = make_session(settings)
+    # Short timeouts (fail closed fast); the default key prefix is what `status` reads.
+    client = state_redis(settings.state_redis_url)
+    limiter = RedisRateLimiter.from_settings(settings, client)
+    circuit = RedisAccountCircuit(client)
+    return _AsyncParts(http=http, redis=client, limiter=limiter, circuit=circuit)
+
+
+async def _close_async(parts: _AsyncParts) -> None:
+    await parts.http.close()
+    await parts.redis.aclose()
+
+
+@dataclass
+class WorkerRuntime:
+    """What one worker process shares between its task threads."""
+
+    settings: Settings
+    loop: LoopThread
+    engine: Engine
+    session_factory: sessionmaker[Session]
+    client: OcrClient
+    limiter: RateLimiter
+    circuit: AccountCircuit
+    limiter_key: str
+    _parts: _AsyncParts
+
+    @classmethod
+    def start(cls, settings: Settings) -> WorkerRuntime:
+        """Build everything; ConfigError (credentials, endpoint) before anything starts."""
+        config = ClientConfig.from_settings(settings)
+        engine = make_engine(
+            settings,
+            pool_size=DB_POOL_SIZE,
+            max_overflow=DB_MAX_OVERFLOW,
+            # Wait for a connection rather than fail: threads outnumber connections.
+            pool_timeout=60,
+            # SQL parameters hold names and ID numbers: keep them out of error messages.
+            hide_parameters=True,
+        )
+        loop = LoopThread()
+        try:
+            parts = loop.run(_open_async(settings))
+        except BaseException:
+            loop.stop()
+            engine.dispose()
+            raise
+        key = limiter_key(config.secret_id, config.action, config.endpoint)
+        log.info(
+            "runtime_started",
+            concurrency=settings.worker_concurrency,
+            qps=settings.qps,
+            endpoint=config.endpoint,
+        )
+        return cls(
+            settings=settings,
+            loop=loop,
+            engine=engine,
+            session_factory=make_sessionmaker(engine),
+            client=OcrClient(parts.http, config),
+            limiter=parts.limiter,
+            circuit=parts.circuit,
+            limiter_key=key,
+            _parts=parts,
+        )
+
+    def deps(self, worker_host: str | None = None) -> PipelineDeps:
+        """The pipeline's dependencies for one task (cheap: built per task)."""
+        return PipelineDeps(
+            settings=self.settings,
+            session_factory=self.session_factory,
+            client=self.client,
+            limiter=self.limiter,
+            circuit=self.circuit,
+            limiter_key=self.limiter_key,
+            run=self.loop.run,
+            worker_host=worker_host or socket.gethostname(),
+        )
+
+    def close(self) -> None:
+        """Close the HTTP session and Redis client on their loop, then the loop and engine."""
+        if self.loop.alive:
+            try:
+                self.loop.run(_close_async(self._parts), timeout_s=10.0)
+            except Exception as err:
+                log.warning("runtime_close_failed", error_type=type(err).__name__)
+        self.loop.stop()
+        self.engine.dispose()
+        log.info("runtime_closed")
+
+
+_lock = threading.Lock()
+_runtime: WorkerRuntime | None = None
+
+
+def get_runtime(settings: Settings) -> WorkerRuntime:
+    """This process's runtime, started on first use (the first task or worker_ready)."""
+    global _runtime
+    current = _runtime
+    if current is not None:
+        return current
+    with _lock:
+        if _runtime is None:
+            _runtime = WorkerRuntime.start(settings)
+        return _runtime
+
+
+def shutdown_runtime() -> None:
+    """Close this process's runtime if one was started (worker shutdown)."""
+    global _runtime
+    with _lock:
+        current, _runtime = _runtime, None
+    if current is not None:
+        current.close()
