@@ -4,6 +4,7 @@ one contract suite (tests/unit/test_limiter_contract.py)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -11,10 +12,15 @@ from typing import Protocol
 @dataclass(frozen=True)
 class Reservation:
     """`granted`: a slot is ours; sleep `wait_s` then sign and send at once.
-    Not granted: no slot was taken; the earliest slot is `wait_s` away (defer the job)."""
+    Not granted: no slot was taken; the earliest slot is `wait_s` away (defer the job).
+
+    `slack_s`: how much later than its slot a call may still leave and arrive in the slot's
+    own 1-second window. A caller that wakes later than that gives the slot up: a call that
+    spills into the next (full) window is a throttle."""
 
     granted: bool
     wait_s: float
+    slack_s: float = math.inf
 
 
 class RateLimiter(Protocol):

@@ -53,11 +53,12 @@ class MemoryRateLimiter:
         if ctl is None:
             return Reservation(granted=True, wait_s=0.0)
         with self._lock:
-            new, wait_s = aimd.reserve(self._state(key, ctl), ctl, self._clock(), max_wait_s)
+            now = self._clock()
+            new, wait_s = aimd.reserve(self._state(key, ctl), ctl, now, max_wait_s)
             if new is None:
-                return Reservation(granted=False, wait_s=wait_s)
+                return Reservation(granted=False, wait_s=wait_s, slack_s=0.0)
             self._states[key] = new
-        return Reservation(granted=True, wait_s=wait_s)
+        return Reservation(granted=True, wait_s=wait_s, slack_s=new.win + 1 - (now + wait_s))
 
     async def throttled(self, key: str) -> float:
         """Record a throttle answer for `key`; returns the rate now in force."""

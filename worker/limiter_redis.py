@@ -121,8 +121,8 @@ class RedisRateLimiter:
         ctl = self._control
         if ctl is None:
             return Reservation(granted=True, wait_s=0.0)
-        granted, wait_s = await self._run(key, self._args("reserve", ctl, max_wait_s))
-        return Reservation(granted=bool(int(granted)), wait_s=float(wait_s))
+        granted, wait_s, slack_s = await self._run(key, self._args("reserve", ctl, max_wait_s))
+        return Reservation(granted=bool(int(granted)), wait_s=float(wait_s), slack_s=float(slack_s))
 
     async def throttled(self, key: str) -> float:
         """Record a throttle answer for `key`; returns the rate now in force."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import math
 import random
 import socket
 import time
@@ -74,9 +75,12 @@ CALL_GUARD_S = 10.0
 # early, trading margin we cannot use (early) for margin we need (late); a quarter slot
 # early is still inside the slot, whatever the adapted rate (slots only get wider).
 SEND_LEAD_SLOT_FRACTION = 0.25
-# Woken this late (in slots at the configured qps) the call would reach the server near or
-# past its slot's end, given the transit still ahead of it: take a fresh slot instead.
-MISSED_SLOT_FRACTION = 0.5
+# Transit still ahead of a call when the loop wakes (signing, network, the server reading
+# the body), in slots at the configured qps. A call woken later than its slot's slack (the
+# limiter says how far its 1-second window still runs) plus the lead, less this transit,
+# would land in the next window, which is full: take a fresh slot instead. Only the last
+# slot of a window has as little as half a slot of slack; the others have more.
+TRANSIT_GUARD_SLOT_FRACTION = 0.25
 
 
 class CoroutineRunner(Protocol):
@@ -152,6 +156,8 @@ class _Gate:
     wait_s: float = 0.0
     # time.monotonic() of our slot (less the lead), counted from when we asked for it.
     send_at: float = 0.0
+    # How late we may wake and still send: see TRANSIT_GUARD_SLOT_FRACTION.
+    late_limit_s: float = math.inf
     delay_s: float = 0.0
     reason: str = ""
     probe: bool = False
@@ -353,9 +359,18 @@ async def _gate(deps: PipelineDeps, *, max_wait_s: float, holds_probe: bool) -> 
         # jobs over the next window instead of bringing them all back at that one instant.
         delay = deps.rng.uniform(reservation.wait_s, 2 * reservation.wait_s)
         return _Gate(granted=False, delay_s=delay, reason="quota")
-    lead_s = SEND_LEAD_SLOT_FRACTION / deps.settings.qps if deps.settings.qps > 0 else 0.0
-    send_at = asked_at + max(0.0, reservation.wait_s - lead_s)
-    return _Gate(granted=True, wait_s=reservation.wait_s, send_at=send_at, probe=probe)
+    qps = deps.settings.qps
+    lead_s = min(reservation.wait_s, SEND_LEAD_SLOT_FRACTION / qps) if qps > 0 else 0.0
+    late_limit_s = math.inf
+    if qps > 0:
+        late_limit_s = reservation.slack_s + lead_s - TRANSIT_GUARD_SLOT_FRACTION / qps
+    return _Gate(
+        granted=True,
+        wait_s=reservation.wait_s,
+        send_at=asked_at + reservation.wait_s - lead_s,
+        late_limit_s=late_limit_s,
+        probe=probe,
+    )
 
 
 async def _gate_and_send(
@@ -367,7 +382,6 @@ async def _gate_and_send(
     If the loop wakes so late that the call would leave its slot (a starved CPU), the slot
     is given up and a fresh one taken: a wasted slot costs a little throughput, a call in
     the wrong window costs a throttle."""
-    qps = deps.settings.qps
     missed = 0
     while True:
         max_wait_s = max(0.0, window_ends - time.monotonic())
@@ -379,7 +393,7 @@ async def _gate_and_send(
         if delay > 0:
             await asyncio.sleep(delay)
         late_s = time.monotonic() - gate.send_at
-        if qps > 0 and late_s > MISSED_SLOT_FRACTION / qps:
+        if late_s > gate.late_limit_s:
             missed += 1
             log.warning("slot_missed", slot_late_ms=int(late_s * 1000), missed=missed)
             continue

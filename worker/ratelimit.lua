@@ -7,7 +7,9 @@ KEYS[1]  the state hash of one quota: worker.limiter.limiter_key(secret_id, acti
 
 ARGV[1]  operation:
            "reserve"    take the next slot if it is at most max_wait_s away
-                        -> { granted (1|0), wait_s (string) }; refused: nothing is written
+                        -> { granted (1|0), wait_s (string), slack_s (string) }; refused:
+                           nothing is written. slack_s = time from the slot to its window's
+                           end: how late the call may leave and still land in that window
            "throttled"  record a RequestLimitExceeded answer -> effective rate (string)
            "rate"       read only -> effective rate (string), or nil when the key has no state
                         ("rate" needs no other ARGV: it uses qps and inc stored in the hash)
@@ -199,7 +201,7 @@ if op == 'reserve' then
   local send = math.max(s.win + (index + 0.5) / s.cap, now)
   local wait_s = send - now
   if wait_s > max_wait_s then
-    return { 0, fmt(wait_s) }
+    return { 0, fmt(wait_s), '0' }
   end
   s.rate, s.rate_ts, s.used = rate, now, index + 1
   if s.probe_cap > 0 and s.win == s.probe_win then
@@ -207,7 +209,7 @@ if op == 'reserve' then
   end
   s.last_slot = math.max(s.last_slot, send)
   save()
-  return { 1, fmt(wait_s) }
+  return { 1, fmt(wait_s), fmt(s.win + 1 - send) }
 end
 
 if op == 'throttled' then

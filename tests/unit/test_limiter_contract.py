@@ -130,6 +130,20 @@ async def test_wait_is_measured_from_now_to_the_slot(harness: Harness) -> None:
     assert third.wait_s == pytest.approx(first.wait_s + 0.5 - 0.1, abs=3 * harness.tol_s)
 
 
+async def test_slack_is_the_time_from_the_slot_to_its_window_end(harness: Harness) -> None:
+    limiter = harness.make(5)
+    for _ in range(12):
+        before = harness.now()
+        reservation = await limiter.reserve(KEY, max_wait_s=60)
+        slot = before + reservation.wait_s
+        # Slots sit at k + (i + 0.5)/5: slack is 0.9, 0.7, 0.5, 0.3 or 0.1 s, and a call
+        # leaving up to that late still lands in the slot's own window.
+        expected = math.floor(slot) + 1 - slot
+        assert reservation.slack_s == pytest.approx(expected, abs=2 * harness.tol_s)
+        assert 0.1 - 2 * harness.tol_s <= reservation.slack_s <= 0.9 + 2 * harness.tol_s
+        assert math.floor(slot + reservation.slack_s - 3 * harness.tol_s) == math.floor(slot)
+
+
 async def test_a_slot_beyond_max_wait_is_refused_and_nothing_is_reserved(
     harness: Harness,
 ) -> None:

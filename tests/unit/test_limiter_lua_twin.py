@@ -59,9 +59,14 @@ def test_script_and_twin_agree_step_by_step(
         if roll < 0.8:
             max_wait_s = rng.choice([0.3, 1.0, 5.0, 60.0])
             new, wait_s = aimd.reserve(state, ctl, now, max_wait_s)
-            granted, lua_wait = script(keys=[KEY], args=["reserve", *control_args, max_wait_s])
+            granted, lua_wait, lua_slack = script(
+                keys=[KEY], args=["reserve", *control_args, max_wait_s]
+            )
             assert bool(granted) == (new is not None), where
             assert float(lua_wait) == pytest.approx(wait_s, abs=1e-6), where
+            if new is not None:
+                slack_s = new.win + 1 - (now + wait_s)
+                assert float(lua_slack) == pytest.approx(slack_s, abs=1e-6), where
             state = new or state
         elif roll < 0.92:
             state, rate = aimd.throttled(state, ctl, now)

@@ -683,10 +683,11 @@ def test_a_slot_woken_for_too_late_is_given_up_not_used(harness: Harness) -> Non
         async def reserve(self, key: str, *, max_wait_s: float) -> Reservation:
             reservations.append(max_wait_s)
             if len(reservations) == 1:
-                # Block the loop for 0.4 s right after granting a slot 0.2 s away.
+                # Block the loop for 0.4 s right after granting a slot 0.2 s away that is
+                # the last of its window (0.1 s of slack at 5/s).
                 asyncio.get_running_loop().call_soon(_time.sleep, 0.4)
-                return Reservation(granted=True, wait_s=0.2)
-            return Reservation(granted=True, wait_s=0.0)
+                return Reservation(granted=True, wait_s=0.2, slack_s=0.1)
+            return Reservation(granted=True, wait_s=0.0, slack_s=0.5)
 
     deps = PipelineDeps(
         **{
@@ -702,3 +703,30 @@ def test_a_slot_woken_for_too_late_is_given_up_not_used(harness: Harness) -> Non
     job = harness.job(job_id)
     assert job.api_calls == 1 and job.attempts == 1
     assert [a.outcome_code for a in harness.attempts(job_id)] == ["OK"]
+
+
+def test_a_late_wake_is_still_used_when_its_window_has_room(harness: Harness) -> None:
+    """Woken as late, but the slot is the first of its window (0.9 s of slack at 5/s): the
+    call still lands in that window, so the slot is used, not wasted."""
+    import asyncio
+    import time as _time
+
+    reservations: list[float] = []
+
+    class StallingLimiter(SpyLimiter):
+        async def reserve(self, key: str, *, max_wait_s: float) -> Reservation:
+            reservations.append(max_wait_s)
+            asyncio.get_running_loop().call_soon(_time.sleep, 0.4)
+            return Reservation(granted=True, wait_s=0.2, slack_s=0.9)
+
+    deps = PipelineDeps(
+        **{
+            **harness.deps.__dict__,
+            "limiter": StallingLimiter(),
+            "settings": harness.deps.settings.model_copy(update={"qps": 5.0}),
+        }
+    )
+    job_id = harness.add_job()
+    assert process_job(str(job_id), deps) is Outcome.succeeded
+    assert len(reservations) == 1
+    assert len(harness.client.calls) == 1
