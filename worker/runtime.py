@@ -102,12 +102,15 @@ class _AsyncParts:
 async def _open_async(settings: Settings) -> _AsyncParts:
     """Built inside the loop: aiohttp sessions and asyncio Redis clients bind to it."""
     from worker.circuit_redis import RedisAccountCircuit
+    from worker.limiter_horizon import HorizonLimiter
     from worker.limiter_redis import RedisRateLimiter, state_redis
 
     http = make_session(settings)
     # Short timeouts (fail closed fast); the default key prefix is what `status` reads.
     client = state_redis(settings.state_redis_url)
-    limiter = RedisRateLimiter.from_settings(settings, client)
+    limiter: RateLimiter = RedisRateLimiter.from_settings(settings, client)
+    if settings.qps > 0:
+        limiter = HorizonLimiter(limiter, horizon_s=settings.quota_horizon_s)
     circuit = RedisAccountCircuit(client)
     return _AsyncParts(http=http, redis=client, limiter=limiter, circuit=circuit)
 

@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     # of holding its broker message. Short, because a rate decrease after throttling only
     # affects slots booked after it: slots booked far ahead would keep overshooting.
     max_quota_wait_s: PositiveFloat = 10.0
+    # Slots are booked at most this far ahead (worker.limiter_horizon): after a throttle,
+    # at most qps x horizon calls still go out at the old rate.
+    quota_horizon_s: PositiveFloat = 0.5
     rate_min_fraction: float = Field(default=0.2, gt=0, le=1)
 
     # -- retries

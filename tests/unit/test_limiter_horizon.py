@@ -1,0 +1,79 @@
+"""The per-process queue books slots only a short horizon ahead, in FIFO order."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from worker.limiter import Reservation
+from worker.limiter_horizon import HorizonLimiter
+from worker.limiter_memory import MemoryRateLimiter
+
+KEY = "k"
+
+
+class Spy:
+    """Records when each slot was booked and for when."""
+
+    def __init__(self, qps: float) -> None:
+        self.inner = MemoryRateLimiter(qps, 1)
+        self.asks = 0
+        self.booked: list[tuple[float, float]] = []  # (booked at, slot at)
+
+    async def reserve(self, key: str, *, max_wait_s: float) -> Reservation:
+        self.asks += 1
+        now = time.time()
+        answer = await self.inner.reserve(key, max_wait_s=max_wait_s)
+        if answer.granted:
+            self.booked.append((now, now + answer.wait_s))
+        return answer
+
+    async def throttled(self, key: str) -> float:
+        return await self.inner.throttled(key)
+
+    async def effective_rate(self, key: str) -> float:
+        return await self.inner.effective_rate(key)
+
+
+async def test_slots_are_booked_no_further_ahead_than_the_horizon() -> None:
+    spy = Spy(qps=20)
+    limiter = HorizonLimiter(spy, horizon_s=0.1)
+    start = time.time()
+    answers = await asyncio.gather(*(limiter.reserve(KEY, max_wait_s=5) for _ in range(30)))
+    assert all(a.granted for a in answers)
+    assert max(slot - at for at, slot in spy.booked) <= 0.1 + 0.01
+    # 30 slots at 20/s, all granted within ~1.5 s, each caller told its wait from its start.
+    slots = sorted(start + a.wait_s for a in answers)
+    assert slots[-1] - slots[0] == pytest.approx(29 / 20, abs=0.05)
+    # Only the head of the queue asks: about two asks per slot, not one per waiter per slot.
+    assert spy.asks <= 3 * 30
+
+
+async def test_a_queue_longer_than_max_wait_defers_without_booking() -> None:
+    spy = Spy(qps=5)
+    limiter = HorizonLimiter(spy, horizon_s=0.1)
+    answers = await asyncio.gather(*(limiter.reserve(KEY, max_wait_s=0.5) for _ in range(10)))
+    granted = [a for a in answers if a.granted]
+    refused = [a for a in answers if not a.granted]
+    assert 2 <= len(granted) <= 4  # 5/s over half a second, give or take a slot edge
+    assert len(refused) == 10 - len(granted)
+    assert len(spy.booked) == len(granted)
+    assert all(a.wait_s > 0 for a in refused)
+
+
+async def test_keys_queue_independently() -> None:
+    spy = Spy(qps=2)
+    limiter = HorizonLimiter(spy, horizon_s=0.1)
+    t0 = time.monotonic()
+    first = await asyncio.gather(
+        limiter.reserve("a", max_wait_s=2), limiter.reserve("b", max_wait_s=2)
+    )
+    assert all(a.granted for a in first)
+    assert time.monotonic() - t0 < 0.8
+
+
+def test_horizon_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="horizon_s"):
+        HorizonLimiter(MemoryRateLimiter(5, 1), horizon_s=0)
