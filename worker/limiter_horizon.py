@@ -56,10 +56,10 @@ class HorizonLimiter:
                 waited = asked - start
                 if answer.granted:
                     return Reservation(True, waited + answer.wait_s, answer.slack_s)
-                if answer.wait_s - self._horizon_s > remaining:
+                if answer.wait_s > remaining:
                     return Reservation(False, waited + answer.wait_s, 0.0)
-                # Come back when that slot is within the horizon (others may take it first;
-                # then we are told the next one).
+                # Refused within our deadline means the slot is beyond the horizon: come back
+                # when it is within it (others may take it first; then we hear of the next).
                 await self._sleep(max(answer.wait_s - self._horizon_s, 0.001))
         finally:
             queue.release()

@@ -77,3 +77,13 @@ async def test_keys_queue_independently() -> None:
 def test_horizon_must_be_positive() -> None:
     with pytest.raises(ValueError, match="horizon_s"):
         HorizonLimiter(MemoryRateLimiter(5, 1), horizon_s=0)
+
+
+async def test_the_head_never_spins_when_its_deadline_is_near() -> None:
+    """Near the caller's deadline the next slot may be closer than the horizon yet past the
+    deadline: the head must give up, not ask again in a tight loop."""
+    spy = Spy(qps=2)
+    limiter = HorizonLimiter(spy, horizon_s=0.5)
+    answers = await asyncio.gather(*(limiter.reserve(KEY, max_wait_s=0.7) for _ in range(6)))
+    assert sum(a.granted for a in answers) <= 3
+    assert spy.asks <= 20
