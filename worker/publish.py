@@ -27,12 +27,17 @@ class CeleryPublisher:
         self.app = app
 
     def publish(self, job_ids: Sequence[uuid.UUID]) -> None:
-        """Send every id over one pooled producer connection."""
+        """Send every id over one connection of our own.
+
+        Not kombu's producer pool: that pool is global per broker URL, so closing any app
+        of the process (a CLI command, a test) would close it under every other app."""
         if not job_ids:
             return
-        with self.app.producer_or_acquire() as producer:
+        with self.app.connection_for_write() as connection:
             for job_id in job_ids:
-                self.app.send_task(TASK_NAME, args=[str(job_id)], queue=QUEUE, producer=producer)
+                self.app.send_task(
+                    TASK_NAME, args=[str(job_id)], queue=QUEUE, connection=connection
+                )
 
 
 class BrokerUnavailable(ConnectionError):

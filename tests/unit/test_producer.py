@@ -296,7 +296,9 @@ def test_celery_publisher_sends_only_the_job_id(clean_redis: str) -> None:
     bodies = [json.loads(base64.b64decode(m["body"])) for m in messages]
     assert sorted(b[0][0] for b in bodies) == sorted(str(i) for i in ids)
     assert all(b[0] == [b[0][0]] and b[1] == {} for b in bodies)
-    app.pool.force_close_all()
+    # No pool to close: the publisher used a connection of its own. (kombu's pools are
+    # global per broker URL; force-closing one would break every later app on that URL.)
+    app.close()
 
 
 def test_sqlite_embedded_default(tmp_path: Path) -> None:

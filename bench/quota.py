@@ -1,0 +1,453 @@
+"""Issue 4's benchmark: the shared quota and throughput, ours vs the plain Celery way.
+
+    .venv/bin/python -m bench.quota [--mode quota|mismatch|noquota|all] [--qps 5,10,20]
+        [--processes 1,4] [--duration-s 60] [--jobs N] [--quick]
+
+Each scenario gets a fresh migrated PostgreSQL database and an emptied Redis db, jobs
+pre-enqueued through the real producer (specimen JPEGs of at most 60 KB), then a worker fleet
+(`macao-ocr worker --processes N`, or N plain `celery worker` instances for the baseline)
+against ONE emulator process shared by the whole run (knobs reset per scenario). The steady
+window starts at the first full second after the first accepted call and lasts
+`--duration-s` whole seconds (the last partial second is never counted). Figures come from
+the emulator's counters (as the API counts: fixed 1-second windows at arrival) and from SQL.
+It prints a table row per scenario and a PASS/FAIL line per target; exit status 1 if any
+target failed. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+import sqlalchemy as sa
+import structlog
+
+from bench import _harness as h
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/9"
+DEFAULT_PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+DEFAULT_PG_PREFIX = "macao_h"
+SPECIMENS = 50
+
+# Realistic API latency: median 400 ms, lognormal spread, 1% of calls 5x slower.
+QUOTA_LATENCY = {
+    "latency_median_ms": 400.0,
+    "latency_sigma": 0.3,
+    "latency_tail_prob": 0.01,
+    "latency_tail_mult": 5.0,
+}
+# The throughput mode: ~300 ms, nearly fixed.
+NOQUOTA_LATENCY = {
+    "latency_median_ms": 300.0,
+    "latency_sigma": 0.05,
+    "latency_tail_prob": 0.0,
+    "latency_tail_mult": 1.0,
+}
+MISMATCH_CONFIGURED_QPS = 10
+MISMATCH_REAL_QUOTA = 7
+FIRST_CALL_TIMEOUT_S = 120.0
+POLL_S = 0.5
+
+# Targets (issue 4).
+MIN_UTILISATION = 0.98
+MISMATCH_MIN_FRACTION = 0.90
+MISMATCH_MAX_THROTTLED = 0.02
+NOQUOTA_MIN_JOBS_PER_S = 200.0
+NOQUOTA_MIN_RATIO = 30.0
+
+
+@dataclass(frozen=True)
+class Scenario:
+    mode: str  # quota | mismatch | noquota
+    impl: str  # ours | baseline
+    processes: int  # ours: OS processes; baseline: celery worker instances
+    limiter_qps: float  # what the workers are configured with (0: no limit)
+    emulator_quota: int  # what the emulator enforces (0: none)
+    jobs: int
+    duration_s: int
+
+    @property
+    def latency(self) -> dict[str, float]:
+        return NOQUOTA_LATENCY if self.mode == "noquota" else QUOTA_LATENCY
+
+    @property
+    def label(self) -> str:
+        if self.mode == "noquota":
+            return "noquota"
+        if self.mode == "mismatch":
+            return f"Q={self.limiter_qps:g}/real {self.emulator_quota}"
+        return f"Q={self.emulator_quota}"
+
+
+@dataclass
+class Figures:
+    scenario: Scenario
+    windows: h.WindowStats
+    sql: h.SqlStats
+    enqueue_s: float
+    drained: bool
+
+    @property
+    def jobs_per_s(self) -> float:
+        seconds = self.windows.seconds
+        return self.sql.stored_in_window / seconds if seconds else float("nan")
+
+    @property
+    def utilisation(self) -> float:
+        quota = self.scenario.emulator_quota
+        seconds = self.windows.seconds
+        if quota <= 0 or not seconds:
+            return float("nan")
+        return self.windows.accepted / (quota * seconds)
+
+
+@dataclass
+class Context:
+    args: argparse.Namespace
+    run_dir: Path
+    emulator: h.Emulator
+    images: list[bytes]
+    verdicts: list[str] = field(default_factory=list)
+    failed: int = 0
+
+
+# ------------------------------------------------------------------ running one scenario
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _scenario_env(ctx: Context, sc: Scenario, db_url: str, tag: str) -> dict[str, str]:
+    env = {
+        "MACAO_OCR_DATABASE_URL": db_url,
+        "MACAO_OCR_BROKER_URL": ctx.args.redis_url,
+        "MACAO_OCR_QPS": f"{sc.limiter_qps:g}",
+        "MACAO_OCR_LOG_LEVEL": ctx.args.loglevel,
+        # Production-like (the launcher serves /metrics), on a port nobody else uses.
+        "MACAO_OCR_METRICS_PORT": str(_free_port()),
+        "MACAO_OCR_PROMETHEUS_MULTIPROC_DIR": str(ctx.run_dir / f"metrics-{tag}"),
+    }
+    env.update(ctx.emulator.env())
+    return env
+
+
+def run_scenario(ctx: Context, sc: Scenario, index: int) -> Figures:
+    args = ctx.args
+    tag = f"{index:02d}-{sc.mode}-{sc.impl}-p{sc.processes}-q{sc.emulator_quota}"
+    h.flush_redis(args.redis_url)
+    db_url = h.create_database(args.pg_admin_url, args.pg_prefix)
+    fleet: h.Fleet | None = None
+    try:
+        env = _scenario_env(ctx, sc, db_url, tag)
+        ctx.emulator.configure(quota_per_s=sc.emulator_quota, **sc.latency)
+        enqueue_s = h.enqueue(env, ctx.images, sc.jobs, baseline=sc.impl == "baseline")
+        ctx.emulator.reset()
+        log_path = ctx.run_dir / f"{tag}.log"
+        if sc.impl == "ours":
+            fleet = h.Fleet.ours(env, log_path, sc.processes, args.concurrency)
+        else:
+            fleet = h.Fleet.baseline(env, log_path, sc.processes)
+        first = _wait_first_accepted(ctx, fleet, log_path)
+        start_s = first + 1
+        end_s = start_s + sc.duration_s
+        drained = False
+        while time.time() < end_s + 0.3:
+            if not fleet.alive():
+                raise RuntimeError(f"a worker process exited early; see {log_path}")
+            if sc.mode == "noquota" and h.count_stored(db_url) >= sc.jobs:
+                drained = True
+                break
+            time.sleep(POLL_S)
+        fleet.stop()
+        fleet = None
+        windows = h.parse_windows(ctx.emulator.counters()["windows"])
+        if drained:
+            # The backlog ran out: the last second with calls is partial, leave it out.
+            last = max(sec for sec, (acc, _) in windows.items() if acc > 0)
+            end_s = min(end_s, last)
+        stats = h.window_stats(windows, start_s, max(start_s, end_s))
+        sql = h.sql_stats(db_url, start_s, end_s)
+        return Figures(scenario=sc, windows=stats, sql=sql, enqueue_s=enqueue_s, drained=drained)
+    finally:
+        if fleet is not None:
+            fleet.stop()
+        if not args.keep:
+            h.drop_database(args.pg_admin_url, db_url)
+
+
+def _wait_first_accepted(ctx: Context, fleet: h.Fleet, log_path: Path) -> int:
+    deadline = time.monotonic() + FIRST_CALL_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if not fleet.alive():
+            raise RuntimeError(f"a worker process exited before any call; see {log_path}")
+        first = h.first_accepted_second(h.parse_windows(ctx.emulator.counters()["windows"]))
+        if first is not None:
+            return first
+        time.sleep(POLL_S)
+    raise RuntimeError(f"no accepted call within {FIRST_CALL_TIMEOUT_S:.0f} s; see {log_path}")
+
+
+# ------------------------------------------------------------------ output
+
+
+HEADER = (
+    f"{'scenario':<17}{'impl':<9}{'P':>2} {'secs':>4} {'calls/s':>8} {'max/1s':>6} "
+    f"{'util':>7} {'thrott':>6} {'thr%':>6} {'calls/job':>9} {'jobs/s':>7} "
+    f"{'enq->stored p50/p99 s':>22} {'claim->stored p50/p99 s':>24}"
+)
+
+
+def _f(value: float, fmt: str) -> str:
+    return "n/a" if math.isnan(value) else format(value, fmt)
+
+
+def row(fig: Figures) -> str:
+    sc, w, q = fig.scenario, fig.windows, fig.sql
+    util = "n/a" if math.isnan(fig.utilisation) else f"{fig.utilisation:.1%}"
+    latency = f"{_f(q.latency_p50_s, '.2f')}/{_f(q.latency_p99_s, '.2f')}"
+    claim = f"{_f(q.claim_p50_s, '.2f')}/{_f(q.claim_p99_s, '.2f')}"
+    return (
+        f"{sc.label:<17}{sc.impl:<9}{sc.processes:>2} {w.seconds:>4} {_f(w.mean_per_s, '.2f'):>8} "
+        f"{w.max_window:>6} {util:>7} {w.throttled_total:>6} {w.throttled_fraction:>6.1%} "
+        f"{_f(q.calls_per_job, '.3f'):>9} {_f(fig.jobs_per_s, '.1f'):>7} "
+        f"{latency:>22} {claim:>24}"
+    )
+
+
+def timeline(fig: Figures) -> str:
+    """Every 1-second window: accepted (+throttled), the steady window in brackets."""
+    w = fig.windows
+    cells = []
+    for sec, acc, thr in w.timeline:
+        cell = f"{acc}+{thr}t" if thr else str(acc)
+        if sec == w.start_s:
+            cell = "[" + cell
+        if sec == w.end_s - 1:
+            cell += "]"
+        cells.append(cell)
+    return "windows (accepted[+throttled]): " + " ".join(cells)
+
+
+def verdict(ctx: Context, ok: bool, text: str) -> None:
+    line = f"{'PASS' if ok else 'FAIL'}  {text}"
+    ctx.verdicts.append(line)
+    if not ok:
+        ctx.failed += 1
+    print(line, flush=True)
+
+
+def judge(ctx: Context, fig: Figures, baseline: Figures | None = None) -> None:
+    """PASS/FAIL lines for the issue's targets (ours only; the baseline has none)."""
+    sc, w = fig.scenario, fig.windows
+    who = f"{sc.label} P={sc.processes}"
+    if sc.mode == "quota":
+        q = sc.emulator_quota
+        verdict(ctx, w.max_window <= q, f"{who}: max calls in any 1-s window {w.max_window} <= {q}")
+        verdict(ctx, w.throttled_total == 0, f"{who}: throttled responses {w.throttled_total} == 0")
+        verdict(
+            ctx,
+            fig.utilisation >= MIN_UTILISATION,
+            f"{who}: utilisation {fig.utilisation:.2%} >= {MIN_UTILISATION:.0%} "
+            f"({w.accepted} accepted in {w.seconds} s at Q={q})",
+        )
+    elif sc.mode == "mismatch":
+        floor = MISMATCH_MIN_FRACTION * sc.emulator_quota
+        verdict(
+            ctx,
+            w.mean_per_s >= floor,
+            f"{who}: accepted {w.mean_per_s:.2f}/s >= {floor:.2f}/s "
+            f"({MISMATCH_MIN_FRACTION:.0%} of {sc.emulator_quota}; "
+            f"second half {w.mean_second_half():.2f}/s)",
+        )
+        verdict(
+            ctx,
+            w.throttled_fraction < MISMATCH_MAX_THROTTLED,
+            f"{who}: throttled {w.throttled_total} = {w.throttled_fraction:.2%} of calls "
+            f"< {MISMATCH_MAX_THROTTLED:.0%}",
+        )
+    else:
+        verdict(
+            ctx,
+            fig.jobs_per_s >= NOQUOTA_MIN_JOBS_PER_S,
+            f"{who}: {fig.jobs_per_s:.1f} jobs/s end to end >= {NOQUOTA_MIN_JOBS_PER_S:.0f}",
+        )
+        if baseline is not None:
+            base = baseline.jobs_per_s
+            ratio = fig.jobs_per_s / base if base > 0 else float("inf")
+            verdict(
+                ctx,
+                ratio >= NOQUOTA_MIN_RATIO,
+                f"{who}: {ratio:.1f}x the plain Celery baseline ({base:.2f} jobs/s, "
+                f"{baseline.scenario.processes} worker) >= {NOQUOTA_MIN_RATIO:.0f}x",
+            )
+
+
+# ------------------------------------------------------------------ plans
+
+
+def _quota_jobs(rate: float, duration_s: int) -> int:
+    # Enough to keep the fleet busy for the whole window plus the ramp and some slack.
+    return math.ceil(rate * (duration_s + 15))
+
+
+def plan(args: argparse.Namespace) -> list[Scenario]:
+    modes = ["quota", "mismatch", "noquota"] if args.mode == "all" else [args.mode]
+    impls = ["ours", "baseline"] if args.baseline else ["ours"]
+    d = args.duration_s
+    scenarios: list[Scenario] = []
+    for mode in modes:
+        if mode == "quota":
+            for q in args.qps:
+                for p in args.processes:
+                    jobs = args.jobs or _quota_jobs(q, d)
+                    scenarios += [Scenario(mode, i, p, q, q, jobs, d) for i in impls]
+        elif mode == "mismatch":
+            for p in args.processes:
+                jobs = args.jobs or _quota_jobs(MISMATCH_CONFIGURED_QPS, d)
+                scenarios += [
+                    Scenario(mode, i, p, MISMATCH_CONFIGURED_QPS, MISMATCH_REAL_QUOTA, jobs, d)
+                    for i in impls
+                ]
+        else:
+            if args.baseline:
+                # The plain default deployment: ONE worker, prefork, concurrency = cores. Its
+                # capacity is cores / latency; enqueue 1.5x what it could do in the window.
+                cores = os.cpu_count() or 1
+                base_jobs = int(1.5 * cores / 0.3 * (d + 15))
+                scenarios.append(Scenario(mode, "baseline", 1, 0, 0, base_jobs, d))
+            for p in args.processes:
+                scenarios.append(Scenario(mode, "ours", p, 0, 0, args.noquota_jobs, d))
+    return scenarios
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 1,4, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.quota", description=(__doc__ or "").split("\n")[0]
+    )
+    parser.add_argument("--mode", choices=["quota", "mismatch", "noquota", "all"], default="all")
+    parser.add_argument("--qps", type=_int_list, default=None, help="quotas (default 5,10,20)")
+    parser.add_argument("--processes", type=_int_list, default=None, help="default 1,4")
+    parser.add_argument("--duration-s", type=int, default=None, help="steady window (default 60)")
+    parser.add_argument("--jobs", type=int, default=None, help="jobs per quota scenario")
+    parser.add_argument(
+        "--noquota-jobs", type=int, default=None, help="jobs for the no-quota mode (default 8000)"
+    )
+    parser.add_argument("--quick", action="store_true", help="smoke run: 10 s, Q=5, 1 process")
+    parser.add_argument("--no-baseline", dest="baseline", action="store_false")
+    parser.add_argument("--concurrency", type=int, default=None, help="ours: threads/process")
+    parser.add_argument("--loglevel", default="INFO", help="workers' log level (default INFO)")
+    parser.add_argument("--redis-url", default=DEFAULT_REDIS_URL)
+    parser.add_argument("--pg-admin-url", default=DEFAULT_PG_ADMIN_URL)
+    parser.add_argument("--pg-prefix", default=DEFAULT_PG_PREFIX)
+    parser.add_argument("--run-dir", type=Path, default=None, help="logs (default /tmp/...)")
+    parser.add_argument("--keep", action="store_true", help="keep the scenario databases")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="print every 1-s window of each scenario"
+    )
+    parser.add_argument("--seed", type=int, default=7, help="emulator latency draws")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.qps = args.qps or [5]
+        args.processes = args.processes or [1]
+        args.duration_s = args.duration_s or 10
+        args.noquota_jobs = args.noquota_jobs or 1500
+    args.qps = args.qps or [5, 10, 20]
+    args.processes = args.processes or [1, 4]
+    args.duration_s = args.duration_s or 60
+    args.noquota_jobs = args.noquota_jobs or 8000
+    if args.duration_s < 2:
+        parser.error("--duration-s must be at least 2")
+    return args
+
+
+def _check_services(args: argparse.Namespace) -> None:
+    client = redis.Redis.from_url(args.redis_url, socket_connect_timeout=3)
+    try:
+        client.ping()
+    finally:
+        client.close()
+    engine = sa.create_engine(args.pg_admin_url)
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+    finally:
+        engine.dispose()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    # The producer's info lines would drown the table.
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    _check_services(args)
+    run_dir = args.run_dir or Path(f"/tmp/macao-bench-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    scenarios = plan(args)
+    images = h.specimen_pool(SPECIMENS)
+    print(
+        f"macao-ocr quota benchmark: {len(scenarios)} scenario(s), steady window "
+        f"{args.duration_s} s, {len(images)} specimen JPEGs of {min(map(len, images))}-"
+        f"{max(map(len, images))} bytes (<= {h.MAX_SPECIMEN_BYTES}), {os.cpu_count()} cores, "
+        f"logs in {run_dir}",
+        flush=True,
+    )
+    emulator = h.Emulator.start(run_dir / "emulator.log", seed=args.seed)
+    ctx = Context(args=args, run_dir=run_dir, emulator=emulator, images=images)
+    results: list[Figures] = []
+    noquota_baseline: Figures | None = None
+    try:
+        for index, sc in enumerate(scenarios, start=1):
+            print(
+                f"\n[{index}/{len(scenarios)}] {sc.mode} {sc.label} {sc.impl} P={sc.processes}: "
+                f"{sc.jobs} jobs",
+                flush=True,
+            )
+            fig = run_scenario(ctx, sc, index)
+            results.append(fig)
+            extra = " (backlog drained)" if fig.drained else ""
+            print(f"enqueued in {fig.enqueue_s:.1f} s{extra}", flush=True)
+            print(HEADER)
+            print(row(fig), flush=True)
+            if args.verbose:
+                print(timeline(fig), flush=True)
+            if sc.impl == "baseline":
+                if sc.mode == "noquota":
+                    noquota_baseline = fig
+                continue
+            judge(ctx, fig, noquota_baseline)
+    finally:
+        emulator.stop()
+    print("\n== figures ==")
+    print(HEADER)
+    for fig in results:
+        print(row(fig))
+    print("\n== targets ==")
+    for line in ctx.verdicts:
+        print(line)
+    print(f"\n{len(ctx.verdicts) - ctx.failed} passed, {ctx.failed} failed", flush=True)
+    return 1 if ctx.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""Keeps bench/quota.py from rotting: its arithmetic, its plan, and one tiny real scenario."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import pytest
+
+from bench import _harness as h
+from bench import quota
+
+
+def test_window_stats_steady_window_and_whole_run_extremes() -> None:
+    # second -> (accepted, throttled); the ramp (100) and the tail (105) are outside [101, 104)
+    windows = {100: (2, 0), 101: (5, 0), 102: (5, 1), 103: (4, 0), 104: (6, 2), 105: (1, 0)}
+    stats = h.window_stats(windows, 101, 104)
+    assert stats.first_s == 100
+    assert stats.seconds == 3
+    assert stats.accepted == 14
+    assert stats.mean_per_s == pytest.approx(14 / 3)
+    assert stats.throttled_steady == 1
+    # the max window and the throttles count the whole run, not just the steady window
+    assert stats.max_window == 6
+    assert stats.throttled_total == 3
+    assert stats.throttled_fraction == pytest.approx(3 / 26)
+    assert stats.per_second == (5, 5, 4)
+
+
+def test_parse_windows_and_first_accepted() -> None:
+    doc = {"7": {"accepted": 0, "throttled": 3}, "8": {"accepted": 2, "throttled": 0}}
+    windows = h.parse_windows(doc)
+    assert windows == {7: (0, 3), 8: (2, 0)}
+    assert h.first_accepted_second(windows) == 8
+    assert h.first_accepted_second({}) is None
+
+
+def test_percentile_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert h.percentile(values, 50) == 50.0
+    assert h.percentile(values, 99) == 99.0
+    assert h.percentile([3.0], 99) == 3.0
+
+
+def test_judge_flags_a_quota_breach() -> None:
+    sc = quota.Scenario("quota", "ours", 1, 5, 5, 100, 2)
+    windows = h.window_stats({10: (5, 0), 11: (6, 1), 12: (5, 0)}, 10, 12)
+    sql = h.SqlStats(11, 11, 1.0, 1.0, 2.0, 0.5, 0.9, 12.0)
+    ctx = quota.Context(args=argparse.Namespace(), run_dir=Path("."), emulator=None, images=[])  # type: ignore[arg-type]
+    quota.judge(ctx, quota.Figures(sc, windows, sql, 0.0, False))
+    assert [line.split()[0] for line in ctx.verdicts] == ["FAIL", "FAIL", "PASS"]
+
+
+def test_plan_quick_and_full() -> None:
+    quick = quota.plan(quota.parse_args(["--quick", "--mode", "quota"]))
+    assert [(s.impl, s.emulator_quota, s.processes) for s in quick] == [
+        ("ours", 5, 1),
+        ("baseline", 5, 1),
+    ]
+    assert all(s.jobs >= 5 * (s.duration_s + 10) for s in quick)
+    full = quota.plan(quota.parse_args([]))
+    quota_runs = {(s.emulator_quota, s.processes) for s in full if s.mode == "quota"}
+    assert quota_runs == {(q, p) for q in (5, 10, 20) for p in (1, 4)}
+    mismatch = [s for s in full if s.mode == "mismatch"]
+    assert {(s.limiter_qps, s.emulator_quota) for s in mismatch} == {(10, 7)}
+    assert next(s.impl for s in full if s.mode == "noquota") == "baseline"
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(90)
+def test_one_tiny_quota_scenario_end_to_end(
+    redis_url: str, pg_admin_url: str, tmp_path: Path
+) -> None:
+    """Real emulator, Redis, PostgreSQL and `macao-ocr worker`: the figures get measured."""
+    args = quota.parse_args(
+        [
+            "--quick",
+            "--mode", "quota",
+            "--duration-s", "3",
+            "--redis-url", redis_url,
+            "--pg-admin-url", pg_admin_url,
+            "--pg-prefix", os.environ.get("MACAO_OCR_TEST_PG_PREFIX", "macao_h"),
+            "--concurrency", "20",
+        ]
+    )  # fmt: skip
+    images = h.specimen_pool(3)
+    assert all(len(image) <= h.MAX_SPECIMEN_BYTES for image in images)
+    emulator = h.Emulator.start(tmp_path / "emulator.log", seed=1)
+    try:
+        ctx = quota.Context(args=args, run_dir=tmp_path, emulator=emulator, images=images)
+        sc = quota.Scenario("quota", "ours", 1, 5, 5, 40, 3)
+        fig = quota.run_scenario(ctx, sc, 1)
+    finally:
+        emulator.stop()
+    assert fig.windows.seconds == 3
+    assert fig.windows.accepted > 0
+    assert fig.sql.stored_in_window > 0
+    assert fig.sql.calls_per_job >= 1.0
+    assert fig.sql.latency_p50_s > 0
+    assert "Q=5" in quota.row(fig)
