@@ -196,7 +196,9 @@ class _Call:
 
 @dataclass
 class _JobInfo:
-    created_at: datetime
+    # The age limit counts from here: the first claim since creation or since a replay
+    # (replay clears started_at), so a replayed dead letter gets a full age budget.
+    age_from: datetime
     attempts: int
     portrait: bool
 
@@ -309,7 +311,11 @@ def _load(deps: PipelineDeps, job_id: uuid.UUID) -> tuple[OcrRequest, _JobInfo] 
             return Outcome.already_succeeded
         job = session.get(Job, job_id)
         assert job is not None  # claimed a moment ago; rows are never deleted under us
-        info = _JobInfo(created_at=job.created_at, attempts=job.attempts, portrait=job.portrait)
+        info = _JobInfo(
+            age_from=job.started_at or job.created_at,
+            attempts=job.attempts,
+            portrait=job.portrait,
+        )
         try:
             request = deps.load_request(session, job)
             deps.validate(request)
@@ -658,7 +664,7 @@ def _finalize_failure(
         if isinstance(error, UnknownCodeError)
         else deps.settings.max_attempts
     )
-    too_old = (now - info.created_at).total_seconds() > deps.settings.max_age_s
+    too_old = (now - info.age_from).total_seconds() > deps.settings.max_age_s
     give_up = isinstance(error, PermanentError) or attempts >= limit or too_old
     delay_s = 0.0
     if not give_up:

@@ -413,9 +413,21 @@ def test_unknown_code_has_a_smaller_budget(harness: Harness) -> None:
 
 
 def test_too_old_job_fails_instead_of_retrying(harness: Harness) -> None:
-    job_id = harness.add_job(created_at=utcnow() - timedelta(hours=2))  # max_age 1 h
+    two_hours_ago = utcnow() - timedelta(hours=2)  # max_age 1 h
+    job_id = harness.add_job(
+        created_at=two_hours_ago, started_at=two_hours_ago, status=JobStatus.retrying
+    )
     harness.client.script = [transient()]
     assert harness.run(job_id) is Outcome.failed
+    assert harness.job(job_id).attempts == 1
+
+
+def test_a_replayed_old_job_gets_a_fresh_age_budget(harness: Harness) -> None:
+    """Replay clears started_at: a dead letter from last week is retried, not failed at its
+    first transient error for being old."""
+    job_id = harness.add_job(created_at=utcnow() - timedelta(days=7))
+    harness.client.script = [transient()]
+    assert harness.run(job_id) is Outcome.retrying
     assert harness.job(job_id).attempts == 1
 
 
