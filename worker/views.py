@@ -11,6 +11,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from models import Attempt, Job, JobEvent, Result, Warning
+from worker.ocr_types import CardWarning, OcrResult
 
 
 def _iso(value: date | datetime | None) -> str | None:
@@ -22,13 +23,17 @@ def _height(value: Decimal | None) -> str | None:
     return None if value is None else f"{value:.2f}"
 
 
-def warnings_view(warnings: Sequence[Warning]) -> list[dict[str, Any]]:
+def warnings_view(warnings: Sequence[Warning | CardWarning]) -> list[dict[str, Any]]:
     """[{code, name}] in the order given (the API's order, as stored)."""
     return [{"code": w.code, "name": w.name} for w in warnings]
 
 
-def result_view(result: Result, warnings: Sequence[Warning]) -> dict[str, Any]:
-    """Every response field under the snake_case of its API name (`ID` is `id_number`)."""
+def result_view(
+    result: Result | OcrResult, warnings: Sequence[Warning | CardWarning]
+) -> dict[str, Any]:
+    """Every response field under the snake_case of its API name (`ID` is `id_number`).
+
+    Takes a stored Result row or the client's OcrResult (`macao-ocr read`): one shape."""
     validity: str | None = _iso(result.validity_period)
     if validity is None:
         # A card of a holder aged 60+ has no expiry date: show the card's own text.

@@ -202,28 +202,30 @@ def test_result_json_keys() -> None:
         portrait=b"never in json",
     )
     data = result_json(result)
-    assert list(data) == [
-        "cn_last_name",
-        "en_last_name",
-        "last_name_code",
-        "cn_first_name",
-        "en_first_name",
-        "first_name_code",
-        "id_number",
-        "birthday",
-        "sex",
-        "first_issue_date",
-        "current_issue_date",
-        "validity_period",
-        "validity_period_text",
-        "symbol",
-        "height",
-        "angle",
-        "resident_type",
-        "warnings",
-        "warning_service_disabled",
-        "request_id",
-    ]
+    assert sorted(data) == sorted(
+        [
+            "cn_last_name",
+            "en_last_name",
+            "last_name_code",
+            "cn_first_name",
+            "en_first_name",
+            "first_name_code",
+            "id_number",
+            "birthday",
+            "sex",
+            "first_issue_date",
+            "current_issue_date",
+            "validity_period",
+            "validity_period_text",
+            "symbol",
+            "height",
+            "angle",
+            "resident_type",
+            "warnings",
+            "warning_service_disabled",
+            "request_id",
+        ]
+    )
     assert data["validity_period"] == "2031-01-01"
     assert data["birthday"] == "2001-02-03"
     assert data["height"] == "1.70"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from datetime import date
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -18,6 +17,7 @@ from worker.logs import configure_logging
 from worker.ocr_types import ImageInput, OcrRequest, OcrResult
 from worker.settings import Settings, load_settings
 from worker.tencent_client import ClientConfig, OcrClient, make_session
+from worker.views import result_view
 
 EXIT_API_ERROR = 1
 EXIT_USAGE = 2
@@ -38,34 +38,7 @@ def image_input(source: str, side: str) -> ImageInput:
 
 def result_json(result: OcrResult) -> dict[str, Any]:
     """Every field under the snake_case of its API name (the shape `status --json` uses)."""
-
-    def iso(value: date | None) -> str | None:
-        return None if value is None else value.isoformat()
-
-    return {
-        "cn_last_name": result.cn_last_name,
-        "en_last_name": result.en_last_name,
-        "last_name_code": result.last_name_code,
-        "cn_first_name": result.cn_first_name,
-        "en_first_name": result.en_first_name,
-        "first_name_code": result.first_name_code,
-        "id_number": result.id_number,
-        "birthday": iso(result.birthday),
-        "sex": result.sex,
-        "first_issue_date": iso(result.first_issue_date),
-        "current_issue_date": iso(result.current_issue_date),
-        # ISO date, or the card's own text when it has no expiry (holders aged 60+).
-        "validity_period": iso(result.validity_period) or result.validity_period_text,
-        "validity_period_text": result.validity_period_text,
-        "symbol": result.symbol,
-        # Metres as the API writes them, not a float.
-        "height": None if result.height_m is None else f"{result.height_m:.2f}",
-        "angle": result.angle,
-        "resident_type": result.resident_type,
-        "warnings": [{"code": w.code, "name": w.name} for w in result.warnings],
-        "warning_service_disabled": result.warning_service_disabled,
-        "request_id": result.request_id,
-    }
+    return result_view(result, result.warnings)
 
 
 async def read_card(settings: Settings, request: OcrRequest) -> OcrResult:
