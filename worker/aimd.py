@@ -27,7 +27,9 @@ these constants give ~100% of 7/s with well under 2% of calls throttled.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from typing import Any
 
 DECREASE_FACTOR = 0.9  # one window one call over quota needs a small step, not a halving
 INCREASE_FRACTION_PER_S = 0.01  # of qps per second: 10 s to regain 10% after a step
@@ -70,6 +72,21 @@ class RateControl:
     @property
     def increase_per_s(self) -> float:
         return self.increase_fraction_per_s * self.qps
+
+
+def control_for(
+    qps: float,
+    burst: int,
+    min_rate_fraction: float,
+    tuning: Mapping[str, Any] | None = None,
+) -> RateControl | None:
+    """A backend's configuration; None when qps is 0 (unlimited: no schedule at all)."""
+    if qps < 0:
+        raise ValueError("qps must be >= 0")
+    if qps == 0:
+        return None
+    control = RateControl(qps=qps, burst=burst, min_rate_fraction=min_rate_fraction)
+    return replace(control, **dict(tuning or {}))
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ import math
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import replace
 from typing import Any
 
 from worker import aimd
@@ -32,14 +31,9 @@ class MemoryRateLimiter:
         min_rate_fraction: float = 0.2,
         tuning: Mapping[str, Any] | None = None,
     ) -> None:
-        if qps < 0:
-            raise ValueError("qps must be >= 0")
+        self._control = aimd.control_for(qps, burst, min_rate_fraction, tuning)
         self.qps = qps
         self._clock = clock
-        self._control: aimd.RateControl | None = None
-        if qps > 0:
-            control = aimd.RateControl(qps=qps, burst=burst, min_rate_fraction=min_rate_fraction)
-            self._control = replace(control, **dict(tuning or {}))
         self._states: dict[str, aimd.QuotaState] = {}
         # Methods never await while holding state, but threads may share one instance.
         self._lock = threading.Lock()

@@ -12,7 +12,6 @@ import functools
 import importlib.resources
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -85,15 +84,10 @@ class RedisRateLimiter:
         min_rate_fraction: float = 0.2,
         tuning: Mapping[str, Any] | None = None,
     ) -> None:
-        if qps < 0:
-            raise ValueError("qps must be >= 0")
+        self._control = aimd.control_for(qps, burst, min_rate_fraction, tuning)
         self.qps = qps
         self._redis = redis_client
         self._script = redis_client.register_script(lua_source())
-        self._control: aimd.RateControl | None = None
-        if qps > 0:
-            control = aimd.RateControl(qps=qps, burst=burst, min_rate_fraction=min_rate_fraction)
-            self._control = replace(control, **dict(tuning or {}))
 
     @classmethod
     def from_settings(
