@@ -79,8 +79,9 @@ SEND_LEAD_SLOT_FRACTION = 0.25
 # the body), in slots at the configured qps. A call woken later than its slot's slack (the
 # limiter says how far its 1-second window still runs) plus the lead, less this transit,
 # would land in the next window, which is full: take a fresh slot instead. Only the last
-# slot of a window has as little as half a slot of slack; the others have more.
-TRANSIT_GUARD_SLOT_FRACTION = 0.25
+# slot of a window has as little as half a slot of slack; the others have more. Generous on
+# purpose: a wasted slot costs one call, a throttle costs a step down of the shared rate.
+TRANSIT_GUARD_SLOT_FRACTION = 0.5
 
 
 class CoroutineRunner(Protocol):
@@ -361,9 +362,10 @@ async def _gate(deps: PipelineDeps, *, max_wait_s: float, holds_probe: bool) -> 
         delay = deps.rng.uniform(STATE_UNAVAILABLE_DEFER_S, 2 * STATE_UNAVAILABLE_DEFER_S)
         return _Gate(granted=False, delay_s=delay, reason="state_unavailable")
     if not reservation.granted:
-        # The earliest slot is wait_s away and others queue behind it: spread the deferred
-        # jobs over the next window instead of bringing them all back at that one instant.
-        delay = deps.rng.uniform(reservation.wait_s, 2 * reservation.wait_s)
+        # Our turn is about wait_s away. Come back at a random point before it: early is
+        # harmless (the job queues again), late lets the queue run dry and wastes quota; the
+        # spread keeps deferred jobs from all returning at one instant.
+        delay = deps.rng.uniform(0.5 * reservation.wait_s, reservation.wait_s)
         return _Gate(granted=False, delay_s=delay, reason="quota")
     qps = deps.settings.qps
     lead_s = min(reservation.wait_s, SEND_LEAD_SLOT_FRACTION / qps) if qps > 0 else 0.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 
 import pytest
@@ -87,3 +88,20 @@ async def test_the_head_never_spins_when_its_deadline_is_near() -> None:
     answers = await asyncio.gather(*(limiter.reserve(KEY, max_wait_s=0.7) for _ in range(6)))
     assert sum(a.granted for a in answers) <= 3
     assert spy.asks <= 20
+
+
+async def test_jobs_giving_up_together_are_told_turns_spread_by_their_place() -> None:
+    """Jobs queued behind a head that sleeps for its slot all give up at once: each must be
+    told about when its own turn would come, in queue order, not one shared instant, so they
+    come back spread and the queue never runs dry."""
+    spy = Spy(qps=4)
+    limiter = HorizonLimiter(spy, horizon_s=0.05)
+    answers = await asyncio.gather(*(limiter.reserve(KEY, max_wait_s=1.0) for _ in range(30)))
+    turns = [a.wait_s for a in answers if not a.granted]
+    assert len(turns) >= 20
+    # Turns grow with the place in the queue, about 1/rate apart (4/s here): ~26 jobs need
+    # ~6.5 s, and that is how far apart the first and the last are told to come back.
+    assert turns == sorted(turns)
+    gaps = [b - a for a, b in itertools.pairwise(turns)]
+    assert all(gap == pytest.approx(0.25, rel=0.5) for gap in gaps)
+    assert turns[-1] - turns[0] > 4.0
