@@ -29,12 +29,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from models import Job, JobStatus, Result, Warning
 from models.base import utcnow
-from worker import signing
 from worker.db import make_engine, make_sessionmaker
 from worker.images import load_request
 from worker.response import parse_response
 from worker.settings import Settings, load_settings
-from worker.tencent_client import CONTENT_TYPE, ClientConfig
+from worker.tencent_client import ClientConfig, signed_headers
 from worker.validation import build_payload, encode_body
 
 TASK_NAME = "macao_ocr_bench.baseline_job"
@@ -75,24 +74,9 @@ def _process_state(settings: Settings) -> _ProcessState:
 def call_api(state: _ProcessState, body: bytes) -> dict[str, Any]:
     """One signed, blocking POST; returns Tencent's `Response` object."""
     cfg = state.config
-    timestamp = int(time.time())
-    sig = signing.sign(
-        secret_id=cfg.secret_id,
-        secret_key=cfg.secret_key.get_secret_value(),
-        service=cfg.service,
-        host=cfg.host,
-        content_type=CONTENT_TYPE,
-        body=body,
-        timestamp=timestamp,
-    )
-    headers = {
-        "Authorization": sig.authorization,
-        "Content-Type": CONTENT_TYPE,
-        "Host": cfg.host,
-        "X-TC-Action": cfg.action,
-        "X-TC-Version": cfg.version,
-        "X-TC-Timestamp": str(timestamp),
-    }
+    # The same signed headers as our client (the baseline differs in how it runs, not in
+    # what it sends).
+    headers = signed_headers(cfg, body, int(time.time()))
     resp = state.http.post(cfg.url, data=body, headers=headers, timeout=(3.0, 30.0))
     resp.raise_for_status()
     response: dict[str, Any] = resp.json()["Response"]

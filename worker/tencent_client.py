@@ -132,6 +132,35 @@ def safe_message(message: str) -> str:
     return cleaned
 
 
+def signed_headers(cfg: ClientConfig, body: bytes, timestamp: int) -> dict[str, str]:
+    """Every header of the request; the signed ones carry exactly what is sent."""
+    sig = signing.sign(
+        secret_id=cfg.secret_id,
+        secret_key=cfg.secret_key.get_secret_value(),
+        service=cfg.service,
+        host=cfg.host,
+        content_type=CONTENT_TYPE,
+        body=body,
+        timestamp=timestamp,
+    )
+    headers = {
+        "Authorization": sig.authorization,
+        "Content-Type": CONTENT_TYPE,
+        "Host": cfg.host,
+        "X-TC-Action": cfg.action,
+        "X-TC-Version": cfg.version,
+        "X-TC-Timestamp": str(timestamp),
+        "X-TC-RequestClient": cfg.request_client,
+    }
+    if cfg.region:
+        headers["X-TC-Region"] = cfg.region
+    if cfg.session_token is not None:
+        headers["X-TC-Token"] = cfg.session_token.get_secret_value()
+    if cfg.language:
+        headers["X-TC-Language"] = cfg.language
+    return headers
+
+
 @dataclass
 class OcrClient:
     """Calls RecognizeMacaoIDCardOCR. Exactly one HTTP request per `recognize()`."""
@@ -150,39 +179,10 @@ class OcrClient:
         response = await self._exchange(body)
         return parse_response(response)
 
-    def signed_headers(self, body: bytes, timestamp: int) -> dict[str, str]:
-        """Every header of the request; the signed ones carry exactly what is sent."""
-        cfg = self.config
-        sig = signing.sign(
-            secret_id=cfg.secret_id,
-            secret_key=cfg.secret_key.get_secret_value(),
-            service=cfg.service,
-            host=cfg.host,
-            content_type=CONTENT_TYPE,
-            body=body,
-            timestamp=timestamp,
-        )
-        headers = {
-            "Authorization": sig.authorization,
-            "Content-Type": CONTENT_TYPE,
-            "Host": cfg.host,
-            "X-TC-Action": cfg.action,
-            "X-TC-Version": cfg.version,
-            "X-TC-Timestamp": str(timestamp),
-            "X-TC-RequestClient": cfg.request_client,
-        }
-        if cfg.region:
-            headers["X-TC-Region"] = cfg.region
-        if cfg.session_token is not None:
-            headers["X-TC-Token"] = cfg.session_token.get_secret_value()
-        if cfg.language:
-            headers["X-TC-Language"] = cfg.language
-        return headers
-
     async def _exchange(self, body: bytes) -> dict[str, Any]:
         """One signed POST; returns the success `Response` object or raises an ApiError."""
         # Signed here, after any wait the caller did, so the timestamp is always fresh.
-        headers = self.signed_headers(body, int(self.clock()))
+        headers = signed_headers(self.config, body, int(self.clock()))
         started = time.monotonic()
         status = 0
         try:
