@@ -27,10 +27,11 @@ from celery import Celery
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
-from models import Job, JobStatus, Result, Warning
+from models import Job, JobStatus
 from models.base import utcnow
 from worker.db import make_engine, make_sessionmaker
 from worker.images import load_request
+from worker.pipeline import store_result
 from worker.response import parse_response
 from worker.settings import Settings, load_settings
 from worker.tencent_client import ClientConfig, signed_headers
@@ -113,34 +114,7 @@ def run_job(task: Any, settings: Settings, job_id_text: str) -> str:
     with state.sessions() as session, session.begin():
         _count_call(session, job_id)
         if error is None:
-            result = parse_response(response)
-            session.add(
-                Result(
-                    job_id=job_id,
-                    request_id=result.request_id,
-                    cn_last_name=result.cn_last_name,
-                    en_last_name=result.en_last_name,
-                    last_name_code=result.last_name_code,
-                    cn_first_name=result.cn_first_name,
-                    en_first_name=result.en_first_name,
-                    first_name_code=result.first_name_code,
-                    id_number=result.id_number,
-                    birthday=result.birthday,
-                    sex=result.sex,
-                    first_issue_date=result.first_issue_date,
-                    current_issue_date=result.current_issue_date,
-                    validity_period=result.validity_period,
-                    validity_period_text=result.validity_period_text,
-                    symbol=result.symbol,
-                    height_m=result.height_m,
-                    angle=result.angle,
-                    resident_type=result.resident_type,
-                    warning_service_disabled=result.warning_service_disabled,
-                )
-            )
-            session.flush()
-            for warning in result.warnings:
-                session.add(Warning(job_id=job_id, code=warning.code, name=warning.name))
+            store_result(session, job_id, parse_response(response), portrait=False)
             session.execute(
                 update(Job)
                 .where(Job.id == job_id)

@@ -582,7 +582,8 @@ def _message(call: _Call) -> str | None:
     return call.input_error.message if call.input_error is not None else None
 
 
-def _store_result(session: Session, job_id: uuid.UUID, result: OcrResult, portrait: bool) -> None:
+def store_result(session: Session, job_id: uuid.UUID, result: OcrResult, portrait: bool) -> None:
+    """Add the result row, its warnings and (when asked for) the portrait; caller commits."""
     session.add(
         Result(
             job_id=job_id,
@@ -626,7 +627,7 @@ def _finalize_success(
     def write() -> None:
         try:
             with deps.session_factory() as session, session.begin():
-                _store_result(session, job_id, result, info.portrait)
+                store_result(session, job_id, result, info.portrait)
                 _close_attempt(session, job_id, number, call)
                 session.execute(
                     update(Job)
