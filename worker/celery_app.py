@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import sys
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from celery import Celery, signals
 
 from worker.publish import QUEUE, TASK_NAME, CeleryPublisher
 from worker.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from worker.sweeper import SweeperThread
 
 log = structlog.get_logger(__name__)
 
@@ -119,7 +122,7 @@ def _sender_app(sender: Any) -> Any:
 
 def _connect_worker_signals(app: MacaoCelery) -> None:
     uid = f"macao_ocr.{id(app)}"
-    sweeper: list[Any] = []
+    sweeper: list[SweeperThread] = []
 
     def on_worker_init(sender: Any = None, **_: Any) -> None:
         if _sender_app(sender) is not app:
@@ -138,13 +141,9 @@ def _connect_worker_signals(app: MacaoCelery) -> None:
         if _sender_app(sender) is not app:
             return
         from worker.runtime import get_runtime
+        from worker.sweeper import start_sweeper_thread
 
         runtime = get_runtime(app.settings)
-        try:
-            from worker.sweeper import start_sweeper_thread
-        except ImportError:
-            log.warning("sweeper_missing")
-            return
         thread = start_sweeper_thread(app.settings, runtime.session_factory, CeleryPublisher(app))
         sweeper.append(thread)
 
@@ -152,9 +151,7 @@ def _connect_worker_signals(app: MacaoCelery) -> None:
         if _sender_app(sender) is not app:
             return
         for thread in sweeper:
-            stop = getattr(thread, "stop", None)
-            if stop is not None:
-                stop()
+            thread.stop()
         from worker.runtime import shutdown_runtime
 
         shutdown_runtime()

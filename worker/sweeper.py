@@ -531,7 +531,7 @@ class SweeperThread(threading.Thread):
 
 def start_sweeper_thread(
     settings: Settings, session_factory: sessionmaker[Session], publisher: Publisher
-) -> threading.Thread:
+) -> SweeperThread:
     """Start the sweeper loop in a daemon thread (one per worker process; one leader sweeps)."""
     thread = SweeperThread(settings, session_factory, publisher)
     thread.start()
