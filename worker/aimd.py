@@ -20,6 +20,13 @@ once a minute. Any other throttle steps the rate down multiplicatively (DECREASE
 at most once per over-quota event: throttles that answer calls scheduled before the
 decrease, or arrive within COALESCE_S of it, are the same event. The rate then climbs
 back additively (INCREASE_FRACTION_PER_S of qps per second) up to the configured qps.
+
+Evidence. A throttle answer names the window its call was scheduled in and how many slots
+that window had (`Reservation.window`, `window_cap`). Tencent accepts the first Q calls of
+a window and throttles the rest, so n throttles from a window of cap slots prove the real
+quota is at most cap - n: the good cap drops to that bound at once, and every further
+throttle from the same window lowers it by one more. A first over-quota window thus
+teaches the real quota in one window instead of one decrease step per window.
 tests/unit/test_limiter_aimd.py simulates configured 10/s against a real quota of 7/s:
 these constants give ~100% of 7/s with well under 2% of calls throttled.
 """
@@ -107,6 +114,8 @@ class QuotaState:
     probe_sent: int  # slots handed out in the probe window
     probe_next: float  # no new probe window before this
     probe_gap_s: float
+    tally_win: int  # the latest window throttles were answered for
+    tally_n: int  # throttles answered for tally_win
 
 
 def initial_state(ctl: RateControl) -> QuotaState:
@@ -126,6 +135,8 @@ def initial_state(ctl: RateControl) -> QuotaState:
         probe_sent=0,
         probe_next=-math.inf,
         probe_gap_s=ctl.probe_gap_min_s,
+        tally_win=-(2**62),
+        tally_n=0,
     )
 
 
@@ -235,8 +246,34 @@ def reserve(
     return new, wait_s
 
 
-def throttled(state: QuotaState, ctl: RateControl, now: float) -> tuple[QuotaState, float]:
-    """Record a throttle answer: fail the probe, or step the rate down once per event."""
+def throttled(
+    state: QuotaState,
+    ctl: RateControl,
+    now: float,
+    window: int | None = None,
+    window_cap: int = 0,
+) -> tuple[QuotaState, float]:
+    """Record a throttle answer: fail the probe, or step the rate down once per event; then
+    bound the good cap by the evidence of the call's window (`window`, `window_cap`)."""
+    state, rate = _throttled(state, ctl, now)
+    if window is None or window_cap <= 0 or window < state.tally_win:
+        return state, rate
+    tally_n = state.tally_n + 1 if window == state.tally_win else 1
+    good_cap = max(1, min(state.good_cap, window_cap - tally_n))
+    new = replace(
+        state,
+        tally_win=window,
+        tally_n=tally_n,
+        good_cap=good_cap,
+        cap=max(state.used, min(state.cap, good_cap)),
+    )
+    if current_rate(new, ctl, now) > good_cap:
+        # Recovery climbs from the proven bound; no probe before it has climbed again.
+        new = replace(new, rate=float(good_cap), rate_ts=max(new.rate_ts, now))
+    return new, effective_rate(new, ctl, now)
+
+
+def _throttled(state: QuotaState, ctl: RateControl, now: float) -> tuple[QuotaState, float]:
     rate = current_rate(state, ctl, now)
     hold_until = max(now, state.last_slot) + ctl.coalesce_s
     if state.probe_cap:

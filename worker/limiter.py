@@ -16,11 +16,17 @@ class Reservation:
 
     `slack_s`: how much later than its slot a call may still leave and arrive in the slot's
     own 1-second window. A caller that wakes later than that gives the slot up: a call that
-    spills into the next (full) window is a throttle."""
+    spills into the next (full) window is a throttle.
+
+    `window`, `window_cap`: the slot's 1-second window (on the limiter's clock) and how many
+    slots it holds; a throttled call hands them back to `throttled` as evidence. None/0
+    when there is no schedule (unlimited) or no slot."""
 
     granted: bool
     wait_s: float
     slack_s: float = math.inf
+    window: int | None = None
+    window_cap: int = 0
 
 
 class RateLimiter(Protocol):
@@ -30,10 +36,12 @@ class RateLimiter(Protocol):
         Raises StateUnavailable when the shared state cannot be reached (fail closed)."""
         ...
 
-    async def throttled(self, key: str) -> float:
+    async def throttled(self, key: str, *, window: int | None = None, window_cap: int = 0) -> float:
         """The API said RequestLimitExceeded: step the shared rate down; returns the new rate.
 
-        Answers to calls already scheduled before a step count as the same event."""
+        Answers to calls already scheduled before a step count as the same event. `window`
+        and `window_cap` are the throttled call's `Reservation` fields: n throttles from one
+        window of window_cap slots bound the real quota to window_cap - n."""
         ...
 
     async def effective_rate(self, key: str) -> float:

@@ -15,7 +15,7 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from worker.limiter import RateLimiter, Reservation
 
@@ -85,7 +85,7 @@ class HorizonLimiter:
                 if answer.granted:
                     queue.grants.append(asked + answer.wait_s)
                     queue.refused = 0
-                    return Reservation(True, waited + answer.wait_s, answer.slack_s)
+                    return replace(answer, wait_s=waited + answer.wait_s)
                 if answer.wait_s > remaining:
                     return Reservation(False, queue.turn_in_s(answer.wait_s, asked), 0.0)
                 # Refused within our deadline means the slot is beyond the horizon: come back
@@ -94,9 +94,9 @@ class HorizonLimiter:
         finally:
             queue.lock.release()
 
-    async def throttled(self, key: str) -> float:
+    async def throttled(self, key: str, *, window: int | None = None, window_cap: int = 0) -> float:
         """Passed through: the shared rate steps down for every process."""
-        return await self._inner.throttled(key)
+        return await self._inner.throttled(key, window=window, window_cap=window_cap)
 
     async def effective_rate(self, key: str) -> float:
         """Passed through."""

@@ -52,15 +52,22 @@ class MemoryRateLimiter:
             if new is None:
                 return Reservation(granted=False, wait_s=wait_s, slack_s=0.0)
             self._states[key] = new
-        return Reservation(granted=True, wait_s=wait_s, slack_s=new.win + 1 - (now + wait_s))
+        return Reservation(
+            granted=True,
+            wait_s=wait_s,
+            slack_s=new.win + 1 - (now + wait_s),
+            window=new.win,
+            window_cap=new.cap,
+        )
 
-    async def throttled(self, key: str) -> float:
+    async def throttled(self, key: str, *, window: int | None = None, window_cap: int = 0) -> float:
         """Record a throttle answer for `key`; returns the rate now in force."""
         ctl = self._control
         if ctl is None:
             return math.inf
         with self._lock:
-            new, rate = aimd.throttled(self._state(key, ctl), ctl, self._clock())
+            state = self._state(key, ctl)
+            new, rate = aimd.throttled(state, ctl, self._clock(), window, window_cap)
             self._states[key] = new
         return rate
 

@@ -115,15 +115,27 @@ class RedisRateLimiter:
         ctl = self._control
         if ctl is None:
             return Reservation(granted=True, wait_s=0.0)
-        granted, wait_s, slack_s = await self._run(key, self._args("reserve", ctl, max_wait_s))
-        return Reservation(granted=bool(int(granted)), wait_s=float(wait_s), slack_s=float(slack_s))
+        granted, wait_s, slack_s, window, window_cap = await self._run(
+            key, self._args("reserve", ctl, max_wait_s)
+        )
+        if not int(granted):
+            return Reservation(granted=False, wait_s=float(wait_s), slack_s=float(slack_s))
+        return Reservation(
+            granted=True,
+            wait_s=float(wait_s),
+            slack_s=float(slack_s),
+            window=int(window),
+            window_cap=int(window_cap),
+        )
 
-    async def throttled(self, key: str) -> float:
+    async def throttled(self, key: str, *, window: int | None = None, window_cap: int = 0) -> float:
         """Record a throttle answer for `key`; returns the rate now in force."""
         ctl = self._control
         if ctl is None:
             return math.inf
-        return float(await self._run(key, self._args("throttled", ctl)))
+        evidence = (window, window_cap) if window is not None else (0, 0)
+        # ARGV[11] is max_wait_s for "reserve"; "throttled" leaves it unused (0).
+        return float(await self._run(key, self._args("throttled", ctl, 0, *evidence)))
 
     async def effective_rate(self, key: str) -> float:
         """Calls per second currently allowed for `key` (inf when unlimited)."""

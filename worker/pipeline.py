@@ -162,6 +162,9 @@ class _Gate:
     delay_s: float = 0.0
     reason: str = ""
     probe: bool = False
+    # The slot's window and its size, handed back to the limiter if the call is throttled.
+    window: int | None = None
+    window_cap: int = 0
 
 
 @dataclass(frozen=True)
@@ -175,9 +178,12 @@ class _Call:
     error: ApiError | None = None
     input_error: InputError | None = None
     slot_late_ms: int = 0
-    # From the gate: how long we waited for the slot, and whether we hold the pause's probe.
+    # From the gate: how long we waited for the slot, whether we hold the pause's probe,
+    # and the slot's window (evidence for the limiter when the call is throttled).
     wait_s: float = 0.0
     probe: bool = False
+    window: int | None = None
+    window_cap: int = 0
 
     @property
     def code(self) -> str:
@@ -378,6 +384,8 @@ async def _gate(deps: PipelineDeps, *, max_wait_s: float, holds_probe: bool) -> 
         send_at=asked_at + reservation.wait_s - lead_s,
         late_limit_s=late_limit_s,
         probe=probe,
+        window=reservation.window,
+        window_cap=reservation.window_cap,
     )
 
 
@@ -406,7 +414,13 @@ async def _gate_and_send(
             log.warning("slot_missed", slot_late_ms=int(late_s * 1000), missed=missed)
             continue
         call = await _send(deps, request, late_s)
-        return replace(call, wait_s=gate.wait_s, probe=gate.probe)
+        return replace(
+            call,
+            wait_s=gate.wait_s,
+            probe=gate.probe,
+            window=gate.window,
+            window_cap=gate.window_cap,
+        )
 
 
 async def _send(deps: PipelineDeps, request: OcrRequest, late_s: float) -> _Call:
@@ -826,7 +840,7 @@ def _call_loop(
         if isinstance(error, ThrottledError):
             _record_only(deps, job_id, number, call)
             metrics.retry(error.code)
-            _throttled(deps)
+            _throttled(deps, call)
             continue
         if isinstance(error, ResignError) and not resigned:
             resigned = True
@@ -864,9 +878,12 @@ def _call_loop(
         )
 
 
-def _throttled(deps: PipelineDeps) -> None:
+def _throttled(deps: PipelineDeps, call: _Call) -> None:
+    throttled = deps.limiter.throttled(
+        deps.limiter_key, window=call.window, window_cap=call.window_cap
+    )
     try:
-        rate = deps.run(deps.limiter.throttled(deps.limiter_key))
+        rate = deps.run(throttled)
     except StateUnavailable:
         return
     metrics.set_effective_rate(rate, deps.settings.qps)

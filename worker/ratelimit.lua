@@ -7,9 +7,11 @@ KEYS[1]  the state hash of one quota: worker.limiter.limiter_key(secret_id, acti
 
 ARGV[1]  operation:
            "reserve"    take the next slot if it is at most max_wait_s away
-                        -> { granted (1|0), wait_s (string), slack_s (string) }; refused:
-                           nothing is written. slack_s = time from the slot to its window's
-                           end: how late the call may leave and still land in that window
+                        -> { granted (1|0), wait_s (string), slack_s (string), window (int),
+                           window_cap (int) }; refused: nothing is written, window and
+                           window_cap are 0. slack_s = time from the slot to its window's
+                           end: how late the call may leave and still land in that window;
+                           window = the slot's second, window_cap = that window's slots
            "throttled"  record a RequestLimitExceeded answer -> effective rate (string)
            "rate"       read only -> effective rate (string), or nil when the key has no state
                         ("rate" needs no other ARGV: it uses qps and inc stored in the hash)
@@ -22,7 +24,10 @@ ARGV[7]  coalesce_s              throttles within this of a decrease are the sam
 ARGV[8]  probe_settle_s          a probe window's answers are in this long after it ends
 ARGV[9]  probe_gap_min_s         spacing of probes after a passed one
 ARGV[10] probe_gap_max_s         a failed probe doubles the spacing up to this
-ARGV[11] max_wait_s              ("reserve") refuse slots further away than this
+ARGV[11] max_wait_s              ("reserve") refuse slots further away than this; unused by
+                                 "throttled" (pass 0)
+ARGV[12] window                  ("throttled") the throttled call's window, from its reserve
+ARGV[13] window_cap              ("throttled") that window's slots; 0 = no evidence
 
 Clock: Redis TIME, so every host agrees on window edges whatever its own clock says.
 
@@ -42,8 +47,13 @@ back unthrottled); a failed probe costs one throttle and doubles the gap to the 
 scheduled before the step, or within coalesce_s, are the same event); the rate then climbs
 back by increase_fraction_per_s × qps per second, up to qps.
 
+Evidence (why): the API accepts a window's first Q calls and throttles the rest, so n
+throttles answered for calls of one window of window_cap slots prove Q <= window_cap - n:
+good_cap drops to that bound at once (tally_win, tally_n count them).
+
 State fields (seconds on the Redis clock): rate rate_ts hold_until win cap used carry
-last_slot good_cap probe_cap probe_win probe_sent probe_next probe_gap_s, plus qps, inc and
+last_slot good_cap probe_cap probe_win probe_sent probe_next probe_gap_s tally_win tally_n,
+plus qps, inc and
 settle (probe_settle_s) for "rate".
 Times absent from a fresh state are -1 (before any Redis TIME), standing for "never".
 ]]
@@ -113,11 +123,15 @@ local probe_gap_min_s = tonumber(ARGV[9])
 local probe_gap_max_s = tonumber(ARGV[10])
 
 local s = load()
-if s == nil then
+if s ~= nil then
+  -- State written by an older script has no tally yet.
+  s.tally_win, s.tally_n = s.tally_win or -1, s.tally_n or 0
+else
   s = {
     rate = qps, rate_ts = -1, hold_until = -1, win = -1, cap = 0, used = 0, carry = 0,
     last_slot = -1, good_cap = math.ceil(qps), probe_cap = 0, probe_win = -1,
-    probe_sent = 0, probe_next = -1, probe_gap_s = probe_gap_min_s,
+    probe_sent = 0, probe_next = -1, probe_gap_s = probe_gap_min_s, tally_win = -1,
+    tally_n = 0,
   }
 end
 
@@ -201,7 +215,7 @@ if op == 'reserve' then
   local send = math.max(s.win + (index + 0.5) / s.cap, now)
   local wait_s = send - now
   if wait_s > max_wait_s then
-    return { 0, fmt(wait_s), '0' }
+    return { 0, fmt(wait_s), '0', 0, 0 }
   end
   s.rate, s.rate_ts, s.used = rate, now, index + 1
   if s.probe_cap > 0 and s.win == s.probe_win then
@@ -209,10 +223,11 @@ if op == 'reserve' then
   end
   s.last_slot = math.max(s.last_slot, send)
   save()
-  return { 1, fmt(wait_s), fmt(s.win + 1 - send) }
+  return { 1, fmt(wait_s), fmt(s.win + 1 - send), s.win, s.cap }
 end
 
-if op == 'throttled' then
+-- One step down per over-quota event (or the probe's failure); false: same event, no change.
+local function step_down()
   local rate = current_rate(s, qps, inc)
   local hold_until = math.max(now, s.last_slot) + coalesce_s
   if s.probe_cap > 0 then
@@ -222,18 +237,40 @@ if op == 'throttled' then
     s.hold_until = math.max(s.hold_until, hold_until)
     s.cap = math.max(s.used, math.min(s.cap, s.good_cap))
     s.probe_cap, s.probe_next, s.probe_gap_s = 0, now + gap_s, gap_s
-    save()
-    return fmt(effective_rate(s, qps, inc, probe_settle_s))
+    return true
   end
   if now < s.hold_until then
-    return fmt(effective_rate(s, qps, inc, probe_settle_s))
+    return false
   end
   local new_rate = math.max(rate_min, math.min(rate, s.good_cap) * decrease_factor)
   local good_cap = math.max(1, math.min(s.good_cap, math.floor(new_rate)))
   s.rate, s.rate_ts, s.hold_until = new_rate, hold_until, hold_until
   s.cap = math.max(s.used, math.min(s.cap, good_cap))
   s.good_cap = good_cap
-  save()
+  return true
+end
+
+if op == 'throttled' then
+  local changed = step_down()
+  local window = tonumber(ARGV[12])
+  local window_cap = tonumber(ARGV[13])
+  if window_cap > 0 and window >= s.tally_win then
+    if window == s.tally_win then
+      s.tally_n = s.tally_n + 1
+    else
+      s.tally_win, s.tally_n = window, 1
+    end
+    s.good_cap = math.max(1, math.min(s.good_cap, window_cap - s.tally_n))
+    s.cap = math.max(s.used, math.min(s.cap, s.good_cap))
+    if current_rate(s, qps, inc) > s.good_cap then
+      -- Recovery climbs from the proven bound; no probe before it has climbed again.
+      s.rate, s.rate_ts = s.good_cap, math.max(s.rate_ts, now)
+    end
+    changed = true
+  end
+  if changed then
+    save()
+  end
   return fmt(effective_rate(s, qps, inc, probe_settle_s))
 end
 

@@ -218,6 +218,35 @@ async def test_throttle_lowers_the_rate_once_per_event(harness: Harness) -> None
     assert await limiter.throttled(KEY) == pytest.approx(9)
 
 
+async def test_throttles_from_one_window_bound_the_cap_to_what_passed(harness: Harness) -> None:
+    limiter = harness.make(10)
+    await align_to(harness, 0.0)
+    first = [await limiter.reserve(KEY, max_wait_s=60) for _ in range(10)]
+    assert all(r.granted for r in first)
+    window, cap = first[0].window, first[0].window_cap
+    assert window is not None and cap == 10
+    assert all((r.window, r.window_cap) == (window, cap) for r in first)
+    # The API accepted 7 of that window's 10 and throttled 3: the quota is at most 7.
+    rates = [await limiter.throttled(KEY, window=window, window_cap=cap) for _ in range(3)]
+    assert rates == pytest.approx([9, 8, 7])
+    await align_to(harness, 0.0)
+    counts = per_window(await send_times(limiter, harness, 21))
+    assert max(counts.values()) == 7
+
+
+async def test_evidence_from_an_older_window_never_raises_the_cap(harness: Harness) -> None:
+    limiter = harness.make(10)
+    first = await limiter.reserve(KEY, max_wait_s=60)
+    assert first.window is not None
+    for _ in range(4):
+        await limiter.throttled(KEY, window=first.window, window_cap=first.window_cap)
+    assert await limiter.effective_rate(KEY) == pytest.approx(6)
+    # A throttle answered for an earlier window, or with no evidence, changes no bound.
+    older = first.window - 1
+    assert await limiter.throttled(KEY, window=older, window_cap=10) == pytest.approx(6)
+    assert await limiter.throttled(KEY) == pytest.approx(6)
+
+
 FAST_RECOVERY = {
     "coalesce_s": 0.05,
     "increase_fraction_per_s": 1.0,  # +10/s at qps 10

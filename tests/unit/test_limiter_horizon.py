@@ -31,8 +31,8 @@ class Spy:
             self.booked.append((now, now + answer.wait_s))
         return answer
 
-    async def throttled(self, key: str) -> float:
-        return await self.inner.throttled(key)
+    async def throttled(self, key: str, *, window: int | None = None, window_cap: int = 0) -> float:
+        return await self.inner.throttled(key, window=window, window_cap=window_cap)
 
     async def effective_rate(self, key: str) -> float:
         return await self.inner.effective_rate(key)

@@ -51,6 +51,7 @@ def test_script_and_twin_agree_step_by_step(
     )
     control_args = [getattr(ctl, name) for name in ARGV_CONTROL_FIELDS]
     state = aimd.initial_state(ctl)
+    granted_windows: list[tuple[int, int]] = []
     for step in range(400):
         clock.us += int(rng.expovariate(1 / 0.08) * 1_000_000)
         now = clock.seconds()
@@ -59,7 +60,7 @@ def test_script_and_twin_agree_step_by_step(
         if roll < 0.8:
             max_wait_s = rng.choice([0.3, 1.0, 5.0, 60.0])
             new, wait_s = aimd.reserve(state, ctl, now, max_wait_s)
-            granted, lua_wait, lua_slack = script(
+            granted, lua_wait, lua_slack, lua_win, lua_cap = script(
                 keys=[KEY], args=["reserve", *control_args, max_wait_s]
             )
             assert bool(granted) == (new is not None), where
@@ -67,10 +68,19 @@ def test_script_and_twin_agree_step_by_step(
             if new is not None:
                 slack_s = new.win + 1 - (now + wait_s)
                 assert float(lua_slack) == pytest.approx(slack_s, abs=1e-6), where
+                assert (int(lua_win), int(lua_cap)) == (new.win, new.cap), where
+                granted_windows.append((new.win, new.cap))
             state = new or state
         elif roll < 0.92:
-            state, rate = aimd.throttled(state, ctl, now)
-            lua_rate = script(keys=[KEY], args=["throttled", *control_args])
+            # Mostly with the evidence of a slot handed out earlier, sometimes without.
+            window, window_cap = rng.choice(granted_windows[-12:] or [(0, 0)])
+            if rng.random() < 0.2:
+                window, window_cap = 0, 0
+            evidence = (window, window_cap) if window_cap else (None, 0)
+            state, rate = aimd.throttled(state, ctl, now, *evidence)
+            lua_rate = script(
+                keys=[KEY], args=["throttled", *control_args, 0, window, window_cap]
+            )
             assert float(lua_rate) == pytest.approx(rate, abs=1e-9), where
         else:
             lua_rate = script(keys=[KEY], args=["rate"])

@@ -107,9 +107,9 @@ class SpyLimiter:
             return Reservation(granted=False, wait_s=self.refuse_s)
         return await self.inner.reserve(key, max_wait_s=max_wait_s)
 
-    async def throttled(self, key: str) -> float:
+    async def throttled(self, key: str, *, window: int | None = None, window_cap: int = 0) -> float:
         self.throttles += 1
-        return await self.inner.throttled(key)
+        return await self.inner.throttled(key, window=window, window_cap=window_cap)
 
     async def effective_rate(self, key: str) -> float:
         return await self.inner.effective_rate(key)
