@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
-from sqlalchemy import select
+from sqlalchemy import Table, select
 from sqlalchemy.orm import Session
 
 from models import Image, Job
@@ -12,6 +12,7 @@ from worker.errors import InputError, NotFoundError
 from worker.ocr_types import ImageInput, OcrRequest
 from worker.validation import sniff_image_type
 
+IMAGE: Table = Image.__table__  # type: ignore[assignment]
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg"}
 
 
@@ -44,10 +45,11 @@ def _side(session: Session, url: str | None, image_id: object) -> ImageInput | N
         return ImageInput(url=url)
     if image_id is None:
         return None
-    image = session.get(Image, image_id)
-    if image is None:
+    # Only the bytes, without an ORM object: this runs once per call on the worker.
+    data = session.execute(select(IMAGE.c.data).where(IMAGE.c.id == image_id)).scalar()
+    if data is None:
         raise NotFoundError("the job's stored image is missing", code="ImageMissing")
-    return ImageInput(data=image.data)
+    return ImageInput(data=data)
 
 
 def load_request(session: Session, job: Job) -> OcrRequest:

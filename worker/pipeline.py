@@ -34,7 +34,7 @@ from functools import partial
 from typing import Any, Protocol, TypeVar
 
 import structlog
-from sqlalchemy import and_, bindparam, delete, exc, func, or_, select, update
+from sqlalchemy import Table, and_, bindparam, delete, exc, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from models import Attempt, Job, JobStatus, Portrait, Result, Warning
@@ -62,6 +62,14 @@ from worker.settings import Settings
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
+
+# The per-job path runs Core statements on the mapped tables: the ORM's per-statement
+# bookkeeping (identity map, unit of work, bulk-update compile) was half a worker's CPU.
+JOB: Table = Job.__table__  # type: ignore[assignment]
+ATTEMPT: Table = Attempt.__table__  # type: ignore[assignment]
+RESULT: Table = Result.__table__  # type: ignore[assignment]
+WARNING: Table = Warning.__table__  # type: ignore[assignment]
+PORTRAIT: Table = Portrait.__table__  # type: ignore[assignment]
 
 # Redis (limiter/circuit) unreachable: look again soon, never call blind.
 STATE_UNAVAILABLE_DEFER_S = 5.0
@@ -254,86 +262,106 @@ def _utc_param(name: str, value: datetime) -> Any:
 # -- step 1: claim
 
 
-def _claim(deps: PipelineDeps, job_id: uuid.UUID) -> bool:
-    now = deps.clock()
+def _claim(session: Session, deps: PipelineDeps, job_id: uuid.UUID, now: datetime) -> bool:
     lease_until = now + timedelta(seconds=deps.settings.lease_s)
-    due = or_(Job.next_attempt_at.is_(None), Job.next_attempt_at <= now)
+    due = or_(JOB.c.next_attempt_at.is_(None), JOB.c.next_attempt_at <= now)
     claimable = or_(
-        and_(Job.status.in_([JobStatus.queued, JobStatus.retrying]), due),
-        and_(Job.status == JobStatus.running, Job.lease_expires_at < now),
+        and_(JOB.c.status.in_([JobStatus.queued, JobStatus.retrying]), due),
+        and_(JOB.c.status == JobStatus.running, JOB.c.lease_expires_at < now),
     )
-    with deps.session_factory() as session, session.begin():
-        row = session.execute(
-            update(Job)
-            .where(Job.id == job_id, claimable)
-            .values(
-                status=JobStatus.running,
-                lease_expires_at=lease_until,
-                started_at=func.coalesce(Job.started_at, _utc_param("claim_now", now)),
-                worker_host=deps.worker_host,
-            )
-            .returning(Job.id)
-            .execution_options(synchronize_session=False)
-        ).first()
-        if row is None:
-            return False
-        # An attempt still open belongs to a worker that died mid-call (we took its expired
-        # lease): close it as the sweeper would, spending budget so a poison job ends.
-        lost = session.execute(
-            update(Attempt)
-            .where(Attempt.job_id == job_id, Attempt.finished_at.is_(None))
-            .values(finished_at=now, outcome_code="WorkerLost", message="worker lost mid-call")
-            .execution_options(synchronize_session=False)
+    row = session.execute(
+        update(JOB)
+        .where(JOB.c.id == job_id, claimable)
+        .values(
+            status=JobStatus.running,
+            lease_expires_at=lease_until,
+            started_at=func.coalesce(JOB.c.started_at, _utc_param("claim_now", now)),
+            worker_host=deps.worker_host,
         )
-        lost_count = int(getattr(lost, "rowcount", 0) or 0)
-        if lost_count:
-            session.execute(
-                update(Job)
-                .where(Job.id == job_id)
-                .values(attempts=Job.attempts + lost_count)
-                .execution_options(synchronize_session=False)
-            )
+        .returning(JOB.c.id)
+    ).first()
+    if row is None:
+        return False
+    # An attempt still open belongs to a worker that died mid-call (we took its expired
+    # lease): close it as the sweeper would, spending budget so a poison job ends.
+    lost = session.execute(
+        update(ATTEMPT)
+        .where(ATTEMPT.c.job_id == job_id, ATTEMPT.c.finished_at.is_(None))
+        .values(finished_at=now, outcome_code="WorkerLost", message="worker lost mid-call")
+    )
+    lost_count = int(getattr(lost, "rowcount", 0) or 0)
+    if lost_count:
+        session.execute(
+            update(JOB).where(JOB.c.id == job_id).values(attempts=JOB.c.attempts + lost_count)
+        )
     return True
 
 
 # -- step 2: load
 
 
-def _load(deps: PipelineDeps, job_id: uuid.UUID) -> tuple[OcrRequest, _JobInfo] | Outcome:
+def _load(
+    session: Session, deps: PipelineDeps, job_id: uuid.UUID, now: datetime
+) -> tuple[OcrRequest, _JobInfo] | Outcome | InputError | NotFoundError:
+    """The request to send, or why there is none: bought already, or input refused (the
+    job is failed in this transaction; the caller logs it once the commit holds)."""
+    bought = session.execute(select(RESULT.c.job_id).where(RESULT.c.job_id == job_id)).first()
+    if bought is not None:
+        # Bought already (a crash between finalize and ack, or a replayed message).
+        session.execute(
+            update(JOB)
+            .where(JOB.c.id == job_id)
+            .values(
+                status=JobStatus.succeeded,
+                finished_at=func.coalesce(JOB.c.finished_at, _utc_param("done_now", now)),
+                lease_expires_at=None,
+                next_attempt_at=None,
+            )
+        )
+        return Outcome.already_succeeded
+    job = session.get(Job, job_id)
+    assert job is not None  # claimed a moment ago; rows are never deleted under us
+    info = _JobInfo(
+        age_from=job.started_at or job.created_at,
+        attempts=job.attempts,
+        portrait=job.portrait,
+    )
+    try:
+        request = deps.load_request(session, job)
+        deps.validate(request)
+    except (InputError, NotFoundError) as err:
+        # Rejected before any call: the producer validated, so this is rare (a stored
+        # image gone, rules tightened since submit). Fail it with the rule's code.
+        _fail(session, job_id, now, err.code, err.message)
+        return err
+    return request, info
+
+
+@dataclass(frozen=True)
+class _Started:
+    request: OcrRequest
+    info: _JobInfo
+    number: int  # the first attempt, opened
+
+
+def _start(deps: PipelineDeps, job_id: uuid.UUID) -> _Started | Outcome:
+    """Claim, load and open the first attempt in ONE transaction (one commit per job start):
+    if any part fails, none of it holds, and the message is simply delivered again."""
     now = deps.clock()
     with deps.session_factory() as session, session.begin():
-        if session.get(Result, job_id) is not None:
-            # Bought already (a crash between finalize and ack, or a replayed message).
-            session.execute(
-                update(Job)
-                .where(Job.id == job_id)
-                .values(
-                    status=JobStatus.succeeded,
-                    finished_at=func.coalesce(Job.finished_at, _utc_param("done_now", now)),
-                    lease_expires_at=None,
-                    next_attempt_at=None,
-                )
-                .execution_options(synchronize_session=False)
-            )
-            return Outcome.already_succeeded
-        job = session.get(Job, job_id)
-        assert job is not None  # claimed a moment ago; rows are never deleted under us
-        info = _JobInfo(
-            age_from=job.started_at or job.created_at,
-            attempts=job.attempts,
-            portrait=job.portrait,
-        )
-        try:
-            request = deps.load_request(session, job)
-            deps.validate(request)
-        except (InputError, NotFoundError) as err:
-            # Rejected before any call: the producer validated, so this is rare (a stored
-            # image gone, rules tightened since submit). Fail it with the rule's code.
-            _fail(session, job_id, now, err.code, err.message)
-            log.warning("job_failed", job_id=str(job_id), error_code=err.code, api_calls=0)
-            metrics.job_finished(JobStatus.failed.value)
-            return Outcome.failed
-    return request, info
+        if not _claim(session, deps, job_id, now):
+            return Outcome.not_claimed
+        loaded = _load(session, deps, job_id, now)
+        if isinstance(loaded, Outcome):
+            return loaded
+        if isinstance(loaded, InputError | NotFoundError):
+            refused = loaded
+        else:
+            request, info = loaded
+            return _Started(request, info, _open_attempt_in(session, deps, job_id, now))
+    log.warning("job_failed", job_id=str(job_id), error_code=refused.code, api_calls=0)
+    metrics.job_finished(JobStatus.failed.value)
+    return Outcome.failed
 
 
 # -- step 3: the gate and the call, on the event loop
@@ -460,39 +488,42 @@ async def _send(deps: PipelineDeps, request: OcrRequest, late_s: float) -> _Call
 
 
 def _open_attempt(deps: PipelineDeps, job_id: uuid.UUID) -> int:
+    """Open another attempt (after a throttle or a re-sign), in its own transaction."""
+    with deps.session_factory() as session, session.begin():
+        return _open_attempt_in(session, deps, job_id, deps.clock())
+
+
+def _open_attempt_in(session: Session, deps: PipelineDeps, job_id: uuid.UUID, now: datetime) -> int:
     """Insert the attempt row BEFORE reserving a slot, so no SQL sits between the slot and
     the call (the quota's margin is tens of milliseconds). A SIGKILL leaves the row open
     for the sweeper to close as WorkerLost. Also counts the call and renews the lease over
     the longest quota wait plus the call."""
-    now = deps.clock()
     lease_s = deps.settings.lease_s + deps.settings.max_quota_wait_s
-    with deps.session_factory() as session, session.begin():
-        number = session.execute(
-            select(func.coalesce(func.max(Attempt.number), 0) + 1).where(Attempt.job_id == job_id)
-        ).scalar_one()
-        session.add(
-            Attempt(job_id=job_id, number=int(number), started_at=now, worker_host=deps.worker_host)
+    number = session.execute(
+        select(func.coalesce(func.max(ATTEMPT.c.number), 0) + 1).where(
+            ATTEMPT.c.job_id == job_id
         )
-        session.execute(
-            update(Job)
-            .where(Job.id == job_id)
-            .values(
-                api_calls=Job.api_calls + 1,
-                lease_expires_at=now + timedelta(seconds=lease_s),
-            )
-            .execution_options(synchronize_session=False)
+    ).scalar_one()
+    session.execute(
+        insert(ATTEMPT).values(
+            job_id=job_id, number=int(number), started_at=now, worker_host=deps.worker_host
         )
+    )
+    session.execute(
+        update(JOB)
+        .where(JOB.c.id == job_id)
+        .values(api_calls=JOB.c.api_calls + 1, lease_expires_at=now + timedelta(seconds=lease_s))
+    )
     return int(number)
 
 
 def _drop_attempt(session: Session, job_id: uuid.UUID, number: int) -> None:
     """The slot was refused or never used: there was no call, so no attempt and no count."""
-    session.execute(delete(Attempt).where(Attempt.job_id == job_id, Attempt.number == number))
+    session.execute(delete(ATTEMPT).where(ATTEMPT.c.job_id == job_id, ATTEMPT.c.number == number))
     session.execute(
-        update(Job)
-        .where(Job.id == job_id)
-        .values(api_calls=Job.api_calls - 1)
-        .execution_options(synchronize_session=False)
+        update(JOB)
+        .where(JOB.c.id == job_id)
+        .values(api_calls=JOB.c.api_calls - 1)
     )
 
 
@@ -503,8 +534,8 @@ def _close_attempt(session: Session, job_id: uuid.UUID, number: int, call: _Call
     elif call.input_error is not None:
         message = call.input_error.message
     session.execute(
-        update(Attempt)
-        .where(Attempt.job_id == job_id, Attempt.number == number)
+        update(ATTEMPT)
+        .where(ATTEMPT.c.job_id == job_id, ATTEMPT.c.number == number)
         .values(
             started_at=call.started_at,
             finished_at=call.finished_at,
@@ -513,7 +544,6 @@ def _close_attempt(session: Session, job_id: uuid.UUID, number: int, call: _Call
             request_id=call.request_id,
             latency_ms=call.latency_ms,
         )
-        .execution_options(synchronize_session=False)
     )
 
 
@@ -522,8 +552,8 @@ def _close_attempt(session: Session, job_id: uuid.UUID, number: int, call: _Call
 
 def _fail(session: Session, job_id: uuid.UUID, now: datetime, code: str, message: str) -> None:
     session.execute(
-        update(Job)
-        .where(Job.id == job_id)
+        update(JOB)
+        .where(JOB.c.id == job_id)
         .values(
             status=JobStatus.failed,
             finished_at=now,
@@ -532,7 +562,6 @@ def _fail(session: Session, job_id: uuid.UUID, now: datetime, code: str, message
             last_error_code=code,
             last_error_message=message,
         )
-        .execution_options(synchronize_session=False)
     )
 
 
@@ -565,10 +594,9 @@ def _record_and_defer(
             if drop is not None:
                 _drop_attempt(session, job_id, drop)
             session.execute(
-                update(Job)
-                .where(Job.id == job_id)
+                update(JOB)
+                .where(JOB.c.id == job_id)
                 .values(**values)
-                .execution_options(synchronize_session=False)
             )
 
     _with_db(deps, write, job_id=job_id, claimed=True)
@@ -581,10 +609,9 @@ def _record_only(deps: PipelineDeps, job_id: uuid.UUID, number: int, call: _Call
         with deps.session_factory() as session, session.begin():
             _close_attempt(session, job_id, number, call)
             session.execute(
-                update(Job)
-                .where(Job.id == job_id)
+                update(JOB)
+                .where(JOB.c.id == job_id)
                 .values(last_error_code=call.code, last_error_message=_message(call))
-                .execution_options(synchronize_session=False)
             )
 
     _with_db(deps, write, job_id=job_id, claimed=True)
@@ -597,9 +624,11 @@ def _message(call: _Call) -> str | None:
 
 
 def store_result(session: Session, job_id: uuid.UUID, result: OcrResult, portrait: bool) -> None:
-    """Add the result row, its warnings and (when asked for) the portrait; caller commits."""
-    session.add(
-        Result(
+    """Insert the result row, its warnings and (when asked for) the portrait; caller commits.
+
+    A second result for the job raises IntegrityError (the result's key is the job id)."""
+    session.execute(
+        insert(RESULT).values(
             job_id=job_id,
             request_id=result.request_id,
             cn_last_name=result.cn_last_name,
@@ -622,12 +651,13 @@ def store_result(session: Session, job_id: uuid.UUID, result: OcrResult, portrai
             warning_service_disabled=result.warning_service_disabled,
         )
     )
-    # The Result row must exist before its warnings/portrait reference it.
-    session.flush()
-    for warning in result.warnings:
-        session.add(Warning(job_id=job_id, code=warning.code, name=warning.name))
+    if result.warnings:
+        session.execute(
+            insert(WARNING),
+            [{"job_id": job_id, "code": w.code, "name": w.name} for w in result.warnings],
+        )
     if portrait and result.portrait is not None:
-        session.add(Portrait(job_id=job_id, data=result.portrait))
+        session.execute(insert(PORTRAIT).values(job_id=job_id, data=result.portrait))
 
 
 def _finalize_success(
@@ -644,23 +674,23 @@ def _finalize_success(
                 store_result(session, job_id, result, info.portrait)
                 _close_attempt(session, job_id, number, call)
                 session.execute(
-                    update(Job)
-                    .where(Job.id == job_id)
+                    update(JOB)
+                    .where(JOB.c.id == job_id)
                     .values(
                         status=JobStatus.succeeded,
                         finished_at=call.finished_at,
                         lease_expires_at=None,
                         next_attempt_at=None,
-                        attempts=Job.attempts + 1,
+                        attempts=JOB.c.attempts + 1,
                     )
-                    .execution_options(synchronize_session=False)
                 )
         except exc.IntegrityError:
             # A result is already stored: our own commit that went through before the
             # connection dropped, or another run that took over an expired lease. A result
             # is only ever written with its job marked succeeded, so just record our call.
             with deps.session_factory() as session, session.begin():
-                if session.get(Result, job_id) is None:
+                stored = select(RESULT.c.job_id).where(RESULT.c.job_id == job_id)
+                if session.execute(stored).first() is None:
                     raise
                 _close_attempt(session, job_id, number, call)
             log.warning("result_already_stored", job_id=str(job_id), attempt=number)
@@ -696,17 +726,16 @@ def _finalize_failure(
         with deps.session_factory() as session, session.begin():
             _close_attempt(session, job_id, number, call)
             session.execute(
-                update(Job)
-                .where(Job.id == job_id)
-                .values(attempts=Job.attempts + 1)
-                .execution_options(synchronize_session=False)
+                update(JOB)
+                .where(JOB.c.id == job_id)
+                .values(attempts=JOB.c.attempts + 1)
             )
             if give_up:
                 _fail(session, job_id, now, error.code, error.message)
             else:
                 session.execute(
-                    update(Job)
-                    .where(Job.id == job_id)
+                    update(JOB)
+                    .where(JOB.c.id == job_id)
                     .values(
                         status=JobStatus.retrying,
                         next_attempt_at=now + timedelta(seconds=delay_s),
@@ -714,7 +743,6 @@ def _finalize_failure(
                         last_error_code=error.code,
                         last_error_message=error.message,
                     )
-                    .execution_options(synchronize_session=False)
                 )
 
     _with_db(deps, write, job_id=job_id, claimed=True)
@@ -775,28 +803,32 @@ def process_job(job_id: str | uuid.UUID, deps: PipelineDeps) -> Outcome:
     if jid is None:
         log.error("bad_job_id")  # not echoed: a malformed message is not ours to print
         return Outcome.not_claimed
-    if not _with_db(deps, lambda: _claim(deps, jid), job_id=jid, claimed=False):
-        log.debug("job_not_claimed", job_id=str(jid))
-        return Outcome.not_claimed
-    loaded = _with_db(deps, lambda: _load(deps, jid), job_id=jid, claimed=True)
-    if isinstance(loaded, Outcome):
-        if loaded is Outcome.already_succeeded:
+    # Nothing of the start holds unless all of it commits: not claimed on a database error.
+    started = _with_db(deps, lambda: _start(deps, jid), job_id=jid, claimed=False)
+    if isinstance(started, Outcome):
+        if started is Outcome.not_claimed:
+            log.debug("job_not_claimed", job_id=str(jid))
+        elif started is Outcome.already_succeeded:
             log.info("job_already_succeeded", job_id=str(jid))
-        return loaded
-    request, info = loaded
-    return _call_loop(deps, jid, request, info)
+        return started
+    return _call_loop(deps, jid, started)
 
 
-def _call_loop(
-    deps: PipelineDeps, job_id: uuid.UUID, request: OcrRequest, info: _JobInfo
-) -> Outcome:
+def _call_loop(deps: PipelineDeps, job_id: uuid.UUID, started: _Started) -> Outcome:
     settings = deps.settings
+    request, info = started.request, started.info
     # Throttled answers are retried here, all within one quota-wait window; past it, defer.
     window_ends = time.monotonic() + settings.max_quota_wait_s
     resigned = False
     holds_probe = False
+    opened: int | None = started.number
     while True:
-        number = _with_db(deps, partial(_open_attempt, deps, job_id), job_id=job_id, claimed=True)
+        number = opened
+        if number is None:
+            number = _with_db(
+                deps, partial(_open_attempt, deps, job_id), job_id=job_id, claimed=True
+            )
+        opened = None
         outcome = deps.run(
             _gate_and_send(deps, request, window_ends=window_ends, holds_probe=holds_probe)
         )

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import event, exc, select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker
 
 from models import Attempt, Job, JobStatus, Portrait, Result, Warning
 from models.base import utcnow
@@ -559,8 +559,9 @@ def test_signature_expired_twice_is_clock_skew_and_pauses(harness: Harness) -> N
 def test_result_write_is_retried_without_buying_it_again(harness: Harness) -> None:
     failures = {"left": 3}
 
-    def fail_result_inserts(session: Session, _ctx: Any, _instances: Any) -> None:
-        if failures["left"] and any(isinstance(o, Result) for o in session.new):
+    def fail_result_inserts(state: ORMExecuteState) -> None:
+        statement = state.statement
+        if failures["left"] and statement.is_insert and statement.table.name == "result":
             failures["left"] -= 1
             raise exc.OperationalError(
                 "INSERT INTO result", {}, Exception("server closed the connection")
@@ -568,7 +569,7 @@ def test_result_write_is_retried_without_buying_it_again(harness: Harness) -> No
 
     def factory() -> Session:
         session = harness.sessions()
-        event.listen(session, "before_flush", fail_result_inserts)
+        event.listen(session, "do_orm_execute", fail_result_inserts)
         return session
 
     deps = PipelineDeps(**{**harness.deps.__dict__, "session_factory": factory})
