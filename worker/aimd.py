@@ -255,9 +255,9 @@ def throttled(
 ) -> tuple[QuotaState, float]:
     """Record a throttle answer: fail the probe, or step the rate down once per event; then
     bound the good cap by the evidence of the call's window (`window`, `window_cap`)."""
-    state, rate = _throttled(state, ctl, now)
+    state = _step_down(state, ctl, now)
     if window is None or window_cap <= 0 or window < state.tally_win:
-        return state, rate
+        return state, effective_rate(state, ctl, now)
     tally_n = state.tally_n + 1 if window == state.tally_win else 1
     good_cap = max(1, min(state.good_cap, window_cap - tally_n))
     new = replace(
@@ -273,13 +273,14 @@ def throttled(
     return new, effective_rate(new, ctl, now)
 
 
-def _throttled(state: QuotaState, ctl: RateControl, now: float) -> tuple[QuotaState, float]:
+def _step_down(state: QuotaState, ctl: RateControl, now: float) -> QuotaState:
+    """One step down per over-quota event (or the probe's failure); same event: no change."""
     rate = current_rate(state, ctl, now)
     hold_until = max(now, state.last_slot) + ctl.coalesce_s
     if state.probe_cap:
         # Blame the probe (one window one call over): back to the good cap, probe later.
         gap_s = min(ctl.probe_gap_max_s, 2 * state.probe_gap_s)
-        new = replace(
+        return replace(
             state,
             rate=float(state.good_cap),
             rate_ts=now,
@@ -289,12 +290,11 @@ def _throttled(state: QuotaState, ctl: RateControl, now: float) -> tuple[QuotaSt
             probe_next=now + gap_s,
             probe_gap_s=gap_s,
         )
-        return new, effective_rate(new, ctl, now)
     if now < state.hold_until:
-        return state, effective_rate(state, ctl, now)
+        return state
     new_rate = max(ctl.rate_min, min(rate, float(state.good_cap)) * ctl.decrease_factor)
     good_cap = max(1, min(state.good_cap, math.floor(new_rate)))
-    new = replace(
+    return replace(
         state,
         rate=new_rate,
         # Recovery starts once the calls scheduled at the old rate have had their answers.
@@ -304,4 +304,3 @@ def _throttled(state: QuotaState, ctl: RateControl, now: float) -> tuple[QuotaSt
         cap=max(state.used, min(state.cap, good_cap)),
         good_cap=good_cap,
     )
-    return new, effective_rate(new, ctl, now)
