@@ -66,8 +66,8 @@ class MemoryRateLimiter:
         if ctl is None:
             return math.inf
         with self._lock:
-            state = self._state(key, ctl)
-            new, rate = aimd.throttled(state, ctl, self._clock(), window, window_cap)
+            now = self._clock()
+            new, rate = aimd.throttled(self._state(key, ctl), ctl, now, window, window_cap)
             self._states[key] = new
         return rate
 
