@@ -34,12 +34,12 @@ from functools import partial
 from typing import Any, Protocol, TypeVar
 
 import structlog
-from sqlalchemy import Table, and_, bindparam, delete, exc, func, insert, or_, select, update
+from sqlalchemy import Connection, exc
 from sqlalchemy.orm import Session
 
-from models import Attempt, Job, JobStatus, Portrait, Result, Warning
-from models.base import UTCDateTime, utcnow
-from worker import metrics
+from models import JobStatus
+from models.base import utcnow
+from worker import job_sql, metrics
 from worker.backoff import full_jitter_s, retry_for
 from worker.circuit import AccountCircuit
 from worker.errors import (
@@ -56,20 +56,12 @@ from worker.errors import (
     UnknownCodeError,
 )
 from worker.limiter import RateLimiter
-from worker.ocr_types import OcrRequest, OcrResult
+from worker.ocr_types import ImageInput, OcrRequest, OcrResult
 from worker.settings import Settings
 
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
-
-# The per-job path runs Core statements on the mapped tables: the ORM's per-statement
-# bookkeeping (identity map, unit of work, bulk-update compile) was half a worker's CPU.
-JOB: Table = Job.__table__  # type: ignore[assignment]
-ATTEMPT: Table = Attempt.__table__  # type: ignore[assignment]
-RESULT: Table = Result.__table__  # type: ignore[assignment]
-WARNING: Table = Warning.__table__  # type: ignore[assignment]
-PORTRAIT: Table = Portrait.__table__  # type: ignore[assignment]
 
 # Redis (limiter/circuit) unreachable: look again soon, never call blind.
 STATE_UNAVAILABLE_DEFER_S = 5.0
@@ -126,12 +118,6 @@ class DatabaseUnavailable(Exception):
         self.claimed = claimed
 
 
-def _default_load_request(session: Session, job: Job) -> OcrRequest:
-    from worker.images import load_request
-
-    return load_request(session, job)
-
-
 def _default_validate(request: OcrRequest) -> None:
     from worker.validation import validate_request
 
@@ -153,7 +139,6 @@ class PipelineDeps:
     clock: Callable[[], datetime] = utcnow
     sleep: Callable[[float], None] = time.sleep
     rng: random.Random = field(default_factory=random.Random)
-    load_request: Callable[[Session, Job], OcrRequest] = _default_load_request
     validate: Callable[[OcrRequest], None] = _default_validate
 
 
@@ -255,86 +240,26 @@ def _with_db(deps: PipelineDeps, fn: Callable[[], T], *, job_id: uuid.UUID, clai
         raise
 
 
-def _utc_param(name: str, value: datetime) -> Any:
-    return bindparam(name, value, type_=UTCDateTime())
+# -- step 1: claim and load, in one transaction with the first attempt
 
 
-# -- step 1: claim
+def _request_from(claimed: job_sql.Claimed) -> OcrRequest:
+    """The request to send, rebuilt from the claim's row (URLs or the stored bytes)."""
 
+    def side(url: str | None, image_id: uuid.UUID | None, data: bytes | None) -> ImageInput | None:
+        if url is not None:
+            return ImageInput(url=url)
+        if image_id is None:
+            return None
+        if data is None:
+            raise NotFoundError("the job's stored image is missing", code="ImageMissing")
+        return ImageInput(data=data)
 
-def _claim(session: Session, deps: PipelineDeps, job_id: uuid.UUID, now: datetime) -> bool:
-    lease_until = now + timedelta(seconds=deps.settings.lease_s)
-    due = or_(JOB.c.next_attempt_at.is_(None), JOB.c.next_attempt_at <= now)
-    claimable = or_(
-        and_(JOB.c.status.in_([JobStatus.queued, JobStatus.retrying]), due),
-        and_(JOB.c.status == JobStatus.running, JOB.c.lease_expires_at < now),
+    return OcrRequest(
+        front=side(claimed.front_url, claimed.front_image_id, claimed.front_data),
+        back=side(claimed.back_url, claimed.back_image_id, claimed.back_data),
+        portrait=claimed.portrait,
     )
-    row = session.execute(
-        update(JOB)
-        .where(JOB.c.id == job_id, claimable)
-        .values(
-            status=JobStatus.running,
-            lease_expires_at=lease_until,
-            started_at=func.coalesce(JOB.c.started_at, _utc_param("claim_now", now)),
-            worker_host=deps.worker_host,
-        )
-        .returning(JOB.c.id)
-    ).first()
-    if row is None:
-        return False
-    # An attempt still open belongs to a worker that died mid-call (we took its expired
-    # lease): close it as the sweeper would, spending budget so a poison job ends.
-    lost = session.execute(
-        update(ATTEMPT)
-        .where(ATTEMPT.c.job_id == job_id, ATTEMPT.c.finished_at.is_(None))
-        .values(finished_at=now, outcome_code="WorkerLost", message="worker lost mid-call")
-    )
-    lost_count = int(getattr(lost, "rowcount", 0) or 0)
-    if lost_count:
-        session.execute(
-            update(JOB).where(JOB.c.id == job_id).values(attempts=JOB.c.attempts + lost_count)
-        )
-    return True
-
-
-# -- step 2: load
-
-
-def _load(
-    session: Session, deps: PipelineDeps, job_id: uuid.UUID, now: datetime
-) -> tuple[OcrRequest, _JobInfo] | Outcome | InputError | NotFoundError:
-    """The request to send, or why there is none: bought already, or input refused (the
-    job is failed in this transaction; the caller logs it once the commit holds)."""
-    bought = session.execute(select(RESULT.c.job_id).where(RESULT.c.job_id == job_id)).first()
-    if bought is not None:
-        # Bought already (a crash between finalize and ack, or a replayed message).
-        session.execute(
-            update(JOB)
-            .where(JOB.c.id == job_id)
-            .values(
-                status=JobStatus.succeeded,
-                finished_at=func.coalesce(JOB.c.finished_at, _utc_param("done_now", now)),
-                lease_expires_at=None,
-                next_attempt_at=None,
-            )
-        )
-        return Outcome.already_succeeded
-    job = session.get(Job, job_id)
-    assert job is not None  # claimed a moment ago; rows are never deleted under us
-    info = _JobInfo(
-        age_from=job.started_at or job.created_at,
-        attempts=job.attempts,
-        portrait=job.portrait,
-    )
-    try:
-        request = deps.load_request(session, job)
-        deps.validate(request)
-    except (InputError, NotFoundError) as err:
-        # Rejected before any call: the producer validated, so this is rare (a stored
-        # image gone, rules tightened since submit). Fail it with the rule's code.
-        _fail(session, job_id, now, err.code, err.message)
-        return err
-    return request, info
 
 
 @dataclass(frozen=True)
@@ -348,20 +273,47 @@ def _start(deps: PipelineDeps, job_id: uuid.UUID) -> _Started | Outcome:
     """Claim, load and open the first attempt in ONE transaction (one commit per job start):
     if any part fails, none of it holds, and the message is simply delivered again."""
     now = deps.clock()
+    host = deps.worker_host
     with deps.session_factory() as session, session.begin():
-        if not _claim(session, deps, job_id, now):
+        conn = session.connection()
+        claimed = job_sql.claim(
+            conn, job_id, now=now, lease_until=_call_lease_until(deps, now), host=host
+        )
+        if claimed is None:
             return Outcome.not_claimed
-        loaded = _load(session, deps, job_id, now)
-        if isinstance(loaded, Outcome):
-            return loaded
-        if isinstance(loaded, InputError | NotFoundError):
-            refused = loaded
+        attempts = claimed.attempts
+        if claimed.open_attempts:
+            # We took a dead worker's expired lease: close its call as the sweeper would,
+            # spending budget so a poison job ends.
+            attempts += job_sql.close_lost_attempts(conn, job_id, now)
+        if claimed.bought:
+            # Bought already (a crash between finalize and ack, or a replayed message).
+            job_sql.mark_already_succeeded(conn, job_id, now)
+            return Outcome.already_succeeded
+        try:
+            request = _request_from(claimed)
+            deps.validate(request)
+        except (InputError, NotFoundError) as err:
+            # Rejected before any call: the producer validated, so this is rare (a stored
+            # image gone, rules tightened since submit). Fail it with the rule's code.
+            job_sql.uncount_call(conn, job_id)
+            job_sql.mark_failed(conn, job_id, now, err.code, err.message)
+            refused = err
         else:
-            request, info = loaded
-            return _Started(request, info, _open_attempt_in(session, deps, job_id, now))
+            number = claimed.last_number + 1
+            job_sql.insert_attempt(conn, job_id, number, now=now, host=host)
+            info = _JobInfo(
+                age_from=claimed.started_at, attempts=attempts, portrait=claimed.portrait
+            )
+            return _Started(request, info, number)
     log.warning("job_failed", job_id=str(job_id), error_code=refused.code, api_calls=0)
     metrics.job_finished(JobStatus.failed.value)
     return Outcome.failed
+
+
+def _call_lease_until(deps: PipelineDeps, now: datetime) -> datetime:
+    # Over the longest quota wait plus the call: a live job's lease never expires under it.
+    return now + timedelta(seconds=deps.settings.lease_s + deps.settings.max_quota_wait_s)
 
 
 # -- step 3: the gate and the call, on the event loop
@@ -487,82 +439,34 @@ async def _send(deps: PipelineDeps, request: OcrRequest, late_s: float) -> _Call
     )
 
 
-def _open_attempt(deps: PipelineDeps, job_id: uuid.UUID) -> int:
-    """Open another attempt (after a throttle or a re-sign), in its own transaction."""
+def _open_attempt(deps: PipelineDeps, job_id: uuid.UUID, number: int) -> None:
+    """Open attempt `number` after a throttle or a re-sign, in its own transaction.
+
+    Inserted BEFORE reserving a slot, so no SQL sits between the slot and the call (the
+    quota's margin is tens of milliseconds); a SIGKILL leaves the row open for the sweeper
+    to close as WorkerLost. We hold the job's lease, so the number after ours is free."""
+    now = deps.clock()
     with deps.session_factory() as session, session.begin():
-        return _open_attempt_in(session, deps, job_id, deps.clock())
+        conn = session.connection()
+        job_sql.insert_attempt(conn, job_id, number, now=now, host=deps.worker_host)
+        job_sql.count_call(conn, job_id, lease_until=_call_lease_until(deps, now))
 
 
-def _open_attempt_in(session: Session, deps: PipelineDeps, job_id: uuid.UUID, now: datetime) -> int:
-    """Insert the attempt row BEFORE reserving a slot, so no SQL sits between the slot and
-    the call (the quota's margin is tens of milliseconds). A SIGKILL leaves the row open
-    for the sweeper to close as WorkerLost. Also counts the call and renews the lease over
-    the longest quota wait plus the call."""
-    lease_s = deps.settings.lease_s + deps.settings.max_quota_wait_s
-    number = session.execute(
-        select(func.coalesce(func.max(ATTEMPT.c.number), 0) + 1).where(
-            ATTEMPT.c.job_id == job_id
-        )
-    ).scalar_one()
-    session.execute(
-        insert(ATTEMPT).values(
-            job_id=job_id, number=int(number), started_at=now, worker_host=deps.worker_host
-        )
-    )
-    session.execute(
-        update(JOB)
-        .where(JOB.c.id == job_id)
-        .values(api_calls=JOB.c.api_calls + 1, lease_expires_at=now + timedelta(seconds=lease_s))
-    )
-    return int(number)
-
-
-def _drop_attempt(session: Session, job_id: uuid.UUID, number: int) -> None:
-    """The slot was refused or never used: there was no call, so no attempt and no count."""
-    session.execute(delete(ATTEMPT).where(ATTEMPT.c.job_id == job_id, ATTEMPT.c.number == number))
-    session.execute(
-        update(JOB)
-        .where(JOB.c.id == job_id)
-        .values(api_calls=JOB.c.api_calls - 1)
-    )
-
-
-def _close_attempt(session: Session, job_id: uuid.UUID, number: int, call: _Call) -> None:
-    message = None
-    if call.error is not None:
-        message = call.error.message
-    elif call.input_error is not None:
-        message = call.input_error.message
-    session.execute(
-        update(ATTEMPT)
-        .where(ATTEMPT.c.job_id == job_id, ATTEMPT.c.number == number)
-        .values(
-            started_at=call.started_at,
-            finished_at=call.finished_at,
-            outcome_code=call.code,
-            message=message,
-            request_id=call.request_id,
-            latency_ms=call.latency_ms,
-        )
+def _close_attempt(conn: Connection, job_id: uuid.UUID, number: int, call: _Call) -> None:
+    job_sql.close_attempt(
+        conn,
+        job_id,
+        number,
+        started_at=call.started_at,
+        finished_at=call.finished_at,
+        code=call.code,
+        message=_message(call),
+        request_id=call.request_id,
+        latency_ms=call.latency_ms,
     )
 
 
 # -- step 4: outcomes, each one transaction
-
-
-def _fail(session: Session, job_id: uuid.UUID, now: datetime, code: str, message: str) -> None:
-    session.execute(
-        update(JOB)
-        .where(JOB.c.id == job_id)
-        .values(
-            status=JobStatus.failed,
-            finished_at=now,
-            lease_expires_at=None,
-            next_attempt_at=None,
-            last_error_code=code,
-            last_error_message=message,
-        )
-    )
 
 
 def _record_and_defer(
@@ -577,27 +481,19 @@ def _record_and_defer(
 ) -> None:
     """Put the job back to wait without spending budget (quota, pause, Redis down).
     `drop`: an attempt row opened for a call that did not happen."""
-    now = deps.clock()
-    values: dict[str, Any] = {
-        "status": JobStatus.retrying,
-        "next_attempt_at": now + timedelta(seconds=max(0.0, delay_s)),
-        "lease_expires_at": None,
-    }
-    if error is not None:
-        values["last_error_code"] = error.code
-        values["last_error_message"] = error.message
+    next_at = deps.clock() + timedelta(seconds=max(0.0, delay_s))
 
     def write() -> None:
         with deps.session_factory() as session, session.begin():
+            conn = session.connection()
             if number is not None and call is not None:
-                _close_attempt(session, job_id, number, call)
+                _close_attempt(conn, job_id, number, call)
             if drop is not None:
-                _drop_attempt(session, job_id, drop)
-            session.execute(
-                update(JOB)
-                .where(JOB.c.id == job_id)
-                .values(**values)
-            )
+                job_sql.drop_attempt(conn, job_id, drop)
+            if error is not None:
+                job_sql.schedule_retry(conn, job_id, next_at, error.code, error.message)
+            else:
+                job_sql.defer(conn, job_id, next_at)
 
     _with_db(deps, write, job_id=job_id, claimed=True)
 
@@ -607,12 +503,9 @@ def _record_only(deps: PipelineDeps, job_id: uuid.UUID, number: int, call: _Call
 
     def write() -> None:
         with deps.session_factory() as session, session.begin():
-            _close_attempt(session, job_id, number, call)
-            session.execute(
-                update(JOB)
-                .where(JOB.c.id == job_id)
-                .values(last_error_code=call.code, last_error_message=_message(call))
-            )
+            conn = session.connection()
+            _close_attempt(conn, job_id, number, call)
+            job_sql.set_last_error(conn, job_id, call.code, _message(call))
 
     _with_db(deps, write, job_id=job_id, claimed=True)
 
@@ -627,37 +520,7 @@ def store_result(session: Session, job_id: uuid.UUID, result: OcrResult, portrai
     """Insert the result row, its warnings and (when asked for) the portrait; caller commits.
 
     A second result for the job raises IntegrityError (the result's key is the job id)."""
-    session.execute(
-        insert(RESULT).values(
-            job_id=job_id,
-            request_id=result.request_id,
-            cn_last_name=result.cn_last_name,
-            en_last_name=result.en_last_name,
-            last_name_code=result.last_name_code,
-            cn_first_name=result.cn_first_name,
-            en_first_name=result.en_first_name,
-            first_name_code=result.first_name_code,
-            id_number=result.id_number,
-            birthday=result.birthday,
-            sex=result.sex,
-            first_issue_date=result.first_issue_date,
-            current_issue_date=result.current_issue_date,
-            validity_period=result.validity_period,
-            validity_period_text=result.validity_period_text,
-            symbol=result.symbol,
-            height_m=result.height_m,
-            angle=result.angle,
-            resident_type=result.resident_type,
-            warning_service_disabled=result.warning_service_disabled,
-        )
-    )
-    if result.warnings:
-        session.execute(
-            insert(WARNING),
-            [{"job_id": job_id, "code": w.code, "name": w.name} for w in result.warnings],
-        )
-    if portrait and result.portrait is not None:
-        session.execute(insert(PORTRAIT).values(job_id=job_id, data=result.portrait))
+    job_sql.insert_result(session.connection(), job_id, result, portrait)
 
 
 def _finalize_success(
@@ -671,28 +534,19 @@ def _finalize_success(
     def write() -> None:
         try:
             with deps.session_factory() as session, session.begin():
-                store_result(session, job_id, result, info.portrait)
-                _close_attempt(session, job_id, number, call)
-                session.execute(
-                    update(JOB)
-                    .where(JOB.c.id == job_id)
-                    .values(
-                        status=JobStatus.succeeded,
-                        finished_at=call.finished_at,
-                        lease_expires_at=None,
-                        next_attempt_at=None,
-                        attempts=JOB.c.attempts + 1,
-                    )
-                )
+                conn = session.connection()
+                job_sql.insert_result(conn, job_id, result, info.portrait)
+                _close_attempt(conn, job_id, number, call)
+                job_sql.mark_succeeded(conn, job_id, call.finished_at)
         except exc.IntegrityError:
             # A result is already stored: our own commit that went through before the
             # connection dropped, or another run that took over an expired lease. A result
             # is only ever written with its job marked succeeded, so just record our call.
             with deps.session_factory() as session, session.begin():
-                stored = select(RESULT.c.job_id).where(RESULT.c.job_id == job_id)
-                if session.execute(stored).first() is None:
+                conn = session.connection()
+                if not job_sql.has_result(conn, job_id):
                     raise
-                _close_attempt(session, job_id, number, call)
+                _close_attempt(conn, job_id, number, call)
             log.warning("result_already_stored", job_id=str(job_id), attempt=number)
 
     _with_db(deps, write, job_id=job_id, claimed=True)
@@ -724,26 +578,14 @@ def _finalize_failure(
 
     def write() -> None:
         with deps.session_factory() as session, session.begin():
-            _close_attempt(session, job_id, number, call)
-            session.execute(
-                update(JOB)
-                .where(JOB.c.id == job_id)
-                .values(attempts=JOB.c.attempts + 1)
-            )
+            conn = session.connection()
+            _close_attempt(conn, job_id, number, call)
+            job_sql.spend(conn, job_id)
             if give_up:
-                _fail(session, job_id, now, error.code, error.message)
+                job_sql.mark_failed(conn, job_id, now, error.code, error.message)
             else:
-                session.execute(
-                    update(JOB)
-                    .where(JOB.c.id == job_id)
-                    .values(
-                        status=JobStatus.retrying,
-                        next_attempt_at=now + timedelta(seconds=delay_s),
-                        lease_expires_at=None,
-                        last_error_code=error.code,
-                        last_error_message=error.message,
-                    )
-                )
+                next_at = now + timedelta(seconds=delay_s)
+                job_sql.schedule_retry(conn, job_id, next_at, error.code, error.message)
 
     _with_db(deps, write, job_id=job_id, claimed=True)
     info.attempts = attempts
@@ -775,8 +617,9 @@ def _fail_without_call(deps: PipelineDeps, job_id: uuid.UUID, number: int, err: 
 
     def write() -> None:
         with deps.session_factory() as session, session.begin():
-            _drop_attempt(session, job_id, number)
-            _fail(session, job_id, deps.clock(), err.code, err.message)
+            conn = session.connection()
+            job_sql.drop_attempt(conn, job_id, number)
+            job_sql.mark_failed(conn, job_id, deps.clock(), err.code, err.message)
 
     _with_db(deps, write, job_id=job_id, claimed=True)
     log.warning("job_failed", job_id=str(job_id), error_code=err.code, api_calls=0)
@@ -821,14 +664,15 @@ def _call_loop(deps: PipelineDeps, job_id: uuid.UUID, started: _Started) -> Outc
     window_ends = time.monotonic() + settings.max_quota_wait_s
     resigned = False
     holds_probe = False
-    opened: int | None = started.number
+    number = started.number
+    first = True
     while True:
-        number = opened
-        if number is None:
-            number = _with_db(
-                deps, partial(_open_attempt, deps, job_id), job_id=job_id, claimed=True
+        if not first:
+            number += 1
+            _with_db(
+                deps, partial(_open_attempt, deps, job_id, number), job_id=job_id, claimed=True
             )
-        opened = None
+        first = False
         outcome = deps.run(
             _gate_and_send(deps, request, window_ends=window_ends, holds_probe=holds_probe)
         )

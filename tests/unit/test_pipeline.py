@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import event, exc, select
-from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
 from models import Attempt, Job, JobStatus, Portrait, Result, Warning
 from models.base import utcnow
@@ -559,20 +559,17 @@ def test_signature_expired_twice_is_clock_skew_and_pauses(harness: Harness) -> N
 def test_result_write_is_retried_without_buying_it_again(harness: Harness) -> None:
     failures = {"left": 3}
 
-    def fail_result_inserts(state: ORMExecuteState) -> None:
-        statement = state.statement
+    def fail_result_inserts(_conn: Any, statement: Any, *_args: Any) -> None:
         if failures["left"] and statement.is_insert and statement.table.name == "result":
             failures["left"] -= 1
             raise exc.OperationalError(
                 "INSERT INTO result", {}, Exception("server closed the connection")
             )
 
-    def factory() -> Session:
-        session = harness.sessions()
-        event.listen(session, "do_orm_execute", fail_result_inserts)
-        return session
-
-    deps = PipelineDeps(**{**harness.deps.__dict__, "session_factory": factory})
+    # The pipeline runs Core statements on the session's connection: fail them there.
+    connection = harness.sessions.kw["bind"]
+    event.listen(connection, "before_execute", fail_result_inserts)
+    deps = harness.deps
     job_id = harness.add_job()
     assert process_job(str(job_id), deps) is Outcome.succeeded
     assert failures["left"] == 0

@@ -1,0 +1,392 @@
+"""The worker's per-job SQL: statements built once, run on a Connection with parameters.
+
+A job costs five statements on its success path (claim, open attempt; result, close attempt,
+mark succeeded) plus one per warning batch. Each statement is built at import and compiled
+once per process (SQLAlchemy's cache), so a run only binds parameters: building expression
+trees and the ORM's unit of work per job were most of a worker's SQL CPU.
+
+The claim returns everything the call needs (the job's request, its budget, whether a result
+is already stored, whether a dead worker left an attempt open, the image bytes) through
+scalar subqueries in its RETURNING clause, so a job start is one round trip plus the
+attempt's INSERT. PostgreSQL and SQLite (3.35+) both run it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    Connection,
+    Table,
+    and_,
+    bindparam,
+    delete,
+    func,
+    insert,
+    literal_column,
+    or_,
+    select,
+    update,
+)
+
+from models import Attempt, Image, Job, JobStatus, Portrait, Result, Warning
+from models.base import UTCDateTime
+from worker.ocr_types import OcrResult
+
+JOB: Table = Job.__table__  # type: ignore[assignment]
+ATTEMPT: Table = Attempt.__table__  # type: ignore[assignment]
+RESULT: Table = Result.__table__  # type: ignore[assignment]
+WARNING: Table = Warning.__table__  # type: ignore[assignment]
+PORTRAIT: Table = Portrait.__table__  # type: ignore[assignment]
+IMAGE: Table = Image.__table__  # type: ignore[assignment]
+
+
+def _at(name: str) -> Any:
+    # Typed explicitly: inside func.coalesce a bare bindparam would skip UTCDateTime's
+    # conversion (SQLite stores naive UTC).
+    return bindparam(name, type_=UTCDateTime())
+
+
+_JID = bindparam("jid", type_=JOB.c.id.type)
+
+
+def _claim_statement() -> Any:
+    now = _at("now")
+    due = or_(JOB.c.next_attempt_at.is_(None), JOB.c.next_attempt_at <= now)
+    claimable = or_(
+        and_(JOB.c.status.in_([JobStatus.queued, JobStatus.retrying]), due),
+        and_(JOB.c.status == JobStatus.running, JOB.c.lease_expires_at < now),
+    )
+    # The outer row is named literally: SQLite's compiler renders RETURNING columns without
+    # their table, so inside a subquery `job.id` would come out as an ambiguous `id`.
+    job_id: Any = literal_column(f"{JOB.name}.id")
+    open_attempts = select(func.count()).where(
+        ATTEMPT.c.job_id == job_id, ATTEMPT.c.finished_at.is_(None)
+    )
+    last_number = select(func.coalesce(func.max(ATTEMPT.c.number), 0)).where(
+        ATTEMPT.c.job_id == job_id
+    )
+    bought = select(func.count()).where(RESULT.c.job_id == job_id)
+    front = select(IMAGE.c.data).where(IMAGE.c.id == literal_column(f"{JOB.name}.front_image_id"))
+    back = select(IMAGE.c.data).where(IMAGE.c.id == literal_column(f"{JOB.name}.back_image_id"))
+    return (
+        update(JOB)
+        .where(JOB.c.id == _JID, claimable)
+        .values(
+            status=JobStatus.running,
+            lease_expires_at=_at("lease_until"),
+            started_at=func.coalesce(JOB.c.started_at, now),
+            worker_host=bindparam("host"),
+            # Counted here for the attempt the start opens; undone if none is opened.
+            api_calls=JOB.c.api_calls + 1,
+        )
+        .returning(
+            JOB.c.started_at,
+            JOB.c.attempts,
+            JOB.c.portrait,
+            JOB.c.front_url,
+            JOB.c.front_image_id,
+            JOB.c.back_url,
+            JOB.c.back_image_id,
+            open_attempts.scalar_subquery().label("open_attempts"),
+            last_number.scalar_subquery().label("last_number"),
+            bought.scalar_subquery().label("bought"),
+            front.scalar_subquery().label("front_data"),
+            back.scalar_subquery().label("back_data"),
+        )
+    )
+
+
+_CLAIM = _claim_statement()
+
+_CLOSE_LOST = (
+    update(ATTEMPT)
+    .where(ATTEMPT.c.job_id == _JID, ATTEMPT.c.finished_at.is_(None))
+    .values(finished_at=_at("now"), outcome_code="WorkerLost", message="worker lost mid-call")
+)
+
+_SPEND = update(JOB).where(JOB.c.id == _JID).values(attempts=JOB.c.attempts + bindparam("n"))
+
+_INSERT_ATTEMPT = insert(ATTEMPT).values(
+    job_id=_JID, number=bindparam("num"), started_at=_at("now"), worker_host=bindparam("host")
+)
+
+_COUNT_CALL = (
+    update(JOB)
+    .where(JOB.c.id == _JID)
+    .values(api_calls=JOB.c.api_calls + 1, lease_expires_at=_at("lease_until"))
+)
+
+_UNCOUNT_CALL = update(JOB).where(JOB.c.id == _JID).values(api_calls=JOB.c.api_calls - 1)
+
+_DELETE_ATTEMPT = delete(ATTEMPT).where(
+    ATTEMPT.c.job_id == _JID, ATTEMPT.c.number == bindparam("num")
+)
+
+_CLOSE_ATTEMPT = (
+    update(ATTEMPT)
+    .where(ATTEMPT.c.job_id == _JID, ATTEMPT.c.number == bindparam("num"))
+    .values(
+        started_at=_at("a_started"),
+        finished_at=_at("a_finished"),
+        outcome_code=bindparam("a_code"),
+        message=bindparam("a_message"),
+        request_id=bindparam("a_request_id"),
+        latency_ms=bindparam("a_latency_ms"),
+    )
+)
+
+_SUCCEEDED = (
+    update(JOB)
+    .where(JOB.c.id == _JID)
+    .values(
+        status=JobStatus.succeeded,
+        finished_at=_at("done_at"),
+        lease_expires_at=None,
+        next_attempt_at=None,
+        attempts=JOB.c.attempts + 1,
+    )
+)
+
+_ALREADY_SUCCEEDED = (
+    update(JOB)
+    .where(JOB.c.id == _JID)
+    .values(
+        status=JobStatus.succeeded,
+        finished_at=func.coalesce(JOB.c.finished_at, _at("now")),
+        lease_expires_at=None,
+        next_attempt_at=None,
+        api_calls=JOB.c.api_calls - 1,
+    )
+)
+
+_FAIL = (
+    update(JOB)
+    .where(JOB.c.id == _JID)
+    .values(
+        status=JobStatus.failed,
+        finished_at=_at("now"),
+        lease_expires_at=None,
+        next_attempt_at=None,
+        last_error_code=bindparam("code"),
+        last_error_message=bindparam("message"),
+    )
+)
+
+_RETRY = (
+    update(JOB)
+    .where(JOB.c.id == _JID)
+    .values(
+        status=JobStatus.retrying,
+        next_attempt_at=_at("next_at"),
+        lease_expires_at=None,
+        last_error_code=bindparam("code"),
+        last_error_message=bindparam("message"),
+    )
+)
+
+_DEFER = (
+    update(JOB)
+    .where(JOB.c.id == _JID)
+    .values(status=JobStatus.retrying, next_attempt_at=_at("next_at"), lease_expires_at=None)
+)
+
+_LAST_ERROR = (
+    update(JOB)
+    .where(JOB.c.id == _JID)
+    .values(last_error_code=bindparam("code"), last_error_message=bindparam("message"))
+)
+
+_HAS_RESULT = select(RESULT.c.job_id).where(RESULT.c.job_id == _JID)
+_INSERT_RESULT = insert(RESULT)
+_INSERT_WARNING = insert(WARNING)
+_INSERT_PORTRAIT = insert(PORTRAIT)
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """What the claim returned: the job's request inputs, its budget and its history."""
+
+    started_at: datetime
+    attempts: int
+    portrait: bool
+    front_url: str | None
+    front_image_id: uuid.UUID | None
+    back_url: str | None
+    back_image_id: uuid.UUID | None
+    open_attempts: int
+    last_number: int
+    bought: bool
+    front_data: bytes | None
+    back_data: bytes | None
+
+
+def claim(
+    conn: Connection, job_id: uuid.UUID, *, now: datetime, lease_until: datetime, host: str
+) -> Claimed | None:
+    """Take the job if it is due (queued/retrying) or its lease expired; None if not ours."""
+    row = conn.execute(
+        _CLAIM, {"jid": job_id, "now": now, "lease_until": lease_until, "host": host}
+    ).first()
+    if row is None:
+        return None
+    m = row._mapping
+    return Claimed(
+        started_at=m["started_at"],
+        attempts=int(m["attempts"]),
+        portrait=bool(m["portrait"]),
+        front_url=m["front_url"],
+        front_image_id=m["front_image_id"],
+        back_url=m["back_url"],
+        back_image_id=m["back_image_id"],
+        open_attempts=int(m["open_attempts"]),
+        last_number=int(m["last_number"]),
+        bought=bool(m["bought"]),
+        front_data=m["front_data"],
+        back_data=m["back_data"],
+    )
+
+
+def close_lost_attempts(conn: Connection, job_id: uuid.UUID, now: datetime) -> int:
+    """Close attempts a dead worker left open as WorkerLost, spending their budget."""
+    lost = conn.execute(_CLOSE_LOST, {"jid": job_id, "now": now})
+    count = int(getattr(lost, "rowcount", 0) or 0)
+    if count:
+        conn.execute(_SPEND, {"jid": job_id, "n": count})
+    return count
+
+
+def insert_attempt(
+    conn: Connection, job_id: uuid.UUID, number: int, *, now: datetime, host: str
+) -> None:
+    """The attempt row, opened before the slot is reserved (the claim counted the call)."""
+    conn.execute(_INSERT_ATTEMPT, {"jid": job_id, "num": number, "now": now, "host": host})
+
+
+def count_call(conn: Connection, job_id: uuid.UUID, *, lease_until: datetime) -> None:
+    """Count one more call and renew the lease over its quota wait (a later attempt)."""
+    conn.execute(_COUNT_CALL, {"jid": job_id, "lease_until": lease_until})
+
+
+def drop_attempt(conn: Connection, job_id: uuid.UUID, number: int) -> None:
+    """The slot was refused or never used: no call, so no attempt and no count."""
+    conn.execute(_DELETE_ATTEMPT, {"jid": job_id, "num": number})
+    conn.execute(_UNCOUNT_CALL, {"jid": job_id})
+
+
+def close_attempt(
+    conn: Connection,
+    job_id: uuid.UUID,
+    number: int,
+    *,
+    started_at: datetime,
+    finished_at: datetime,
+    code: str,
+    message: str | None,
+    request_id: str | None,
+    latency_ms: int,
+) -> None:
+    """Record how one call went."""
+    conn.execute(
+        _CLOSE_ATTEMPT,
+        {
+            "jid": job_id,
+            "num": number,
+            "a_started": started_at,
+            "a_finished": finished_at,
+            "a_code": code,
+            "a_message": message,
+            "a_request_id": request_id,
+            "a_latency_ms": latency_ms,
+        },
+    )
+
+
+def mark_succeeded(conn: Connection, job_id: uuid.UUID, done_at: datetime) -> None:
+    """The job succeeded with this attempt (which spent one unit of its budget)."""
+    conn.execute(_SUCCEEDED, {"jid": job_id, "done_at": done_at})
+
+
+def mark_already_succeeded(conn: Connection, job_id: uuid.UUID, now: datetime) -> None:
+    """A result was stored before this claim: succeeded, and the claim's count undone."""
+    conn.execute(_ALREADY_SUCCEEDED, {"jid": job_id, "now": now})
+
+
+def mark_failed(
+    conn: Connection, job_id: uuid.UUID, now: datetime, code: str, message: str
+) -> None:
+    """Terminal failure with its error code and message."""
+    conn.execute(_FAIL, {"jid": job_id, "now": now, "code": code, "message": message})
+
+
+def uncount_call(conn: Connection, job_id: uuid.UUID) -> None:
+    """Undo the claim's count when the start opens no attempt."""
+    conn.execute(_UNCOUNT_CALL, {"jid": job_id})
+
+
+def spend(conn: Connection, job_id: uuid.UUID, n: int = 1) -> None:
+    """Spend `n` units of the job's failure budget."""
+    conn.execute(_SPEND, {"jid": job_id, "n": n})
+
+
+def schedule_retry(
+    conn: Connection, job_id: uuid.UUID, next_at: datetime, code: str, message: str
+) -> None:
+    """Back to `retrying`, due at `next_at`, remembering the error."""
+    conn.execute(_RETRY, {"jid": job_id, "next_at": next_at, "code": code, "message": message})
+
+
+def defer(conn: Connection, job_id: uuid.UUID, next_at: datetime) -> None:
+    """Back to `retrying`, due at `next_at`, the last error left as it was."""
+    conn.execute(_DEFER, {"jid": job_id, "next_at": next_at})
+
+
+def set_last_error(conn: Connection, job_id: uuid.UUID, code: str, message: str | None) -> None:
+    """Remember an error that leaves the job running (throttle, re-sign)."""
+    conn.execute(_LAST_ERROR, {"jid": job_id, "code": code, "message": message})
+
+
+def has_result(conn: Connection, job_id: uuid.UUID) -> bool:
+    """Whether a result row exists for the job."""
+    return conn.execute(_HAS_RESULT, {"jid": job_id}).first() is not None
+
+
+def insert_result(conn: Connection, job_id: uuid.UUID, result: OcrResult, portrait: bool) -> None:
+    """The result row, its warnings and (when asked for) the portrait.
+
+    A second result for the job raises IntegrityError (the result's key is the job id)."""
+    conn.execute(
+        _INSERT_RESULT,
+        {
+            "job_id": job_id,
+            "request_id": result.request_id,
+            "cn_last_name": result.cn_last_name,
+            "en_last_name": result.en_last_name,
+            "last_name_code": result.last_name_code,
+            "cn_first_name": result.cn_first_name,
+            "en_first_name": result.en_first_name,
+            "first_name_code": result.first_name_code,
+            "id_number": result.id_number,
+            "birthday": result.birthday,
+            "sex": result.sex,
+            "first_issue_date": result.first_issue_date,
+            "current_issue_date": result.current_issue_date,
+            "validity_period": result.validity_period,
+            "validity_period_text": result.validity_period_text,
+            "symbol": result.symbol,
+            "height_m": result.height_m,
+            "angle": result.angle,
+            "resident_type": result.resident_type,
+            "warning_service_disabled": result.warning_service_disabled,
+        },
+    )
+    if result.warnings:
+        conn.execute(
+            _INSERT_WARNING,
+            [{"job_id": job_id, "code": w.code, "name": w.name} for w in result.warnings],
+        )
+    if portrait and result.portrait is not None:
+        conn.execute(_INSERT_PORTRAIT, {"job_id": job_id, "data": result.portrait})
