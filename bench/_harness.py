@@ -18,7 +18,7 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -306,6 +306,13 @@ class Fleet:
     def alive(self) -> bool:
         return all(p.poll() is None for p in self.procs)
 
+    def pids(self) -> list[int]:
+        """Every process of the fleet: launchers and their worker children."""
+        found = []
+        for proc in self.procs:
+            found += [proc.pid, *_descendants(proc.pid)]
+        return found
+
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
         """Cold stop: the measurement is over, jobs still in hand don't matter.
 
@@ -329,6 +336,57 @@ class Fleet:
                 _kill_tree(proc)
         # Orphaned grandchildren (own sessions) must not outlive the scenario.
         time.sleep(0.2)
+
+
+# ------------------------------------------------------------------ where the CPU goes
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of one live process (0 if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def pids_named(comm: str) -> list[int]:
+    """Live processes whose command name is `comm` (postgres backends, redis-server)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if (entry / "comm").read_text().strip() == comm:
+                    found.append(int(entry.name))
+    return found
+
+
+@dataclass
+class CpuMeter:
+    """CPU used by each group of processes between `start()` and `stop()`.
+
+    Process lists are read at each end; a process that ends in between loses its share (the
+    scenario's postgres backends and workers live through the whole window)."""
+
+    groups: Mapping[str, Callable[[], Sequence[int]]]
+    _t0: float = 0.0
+    _at_start: dict[str, dict[int, float]] = field(default_factory=dict)
+    used_s: dict[str, float] = field(default_factory=dict)
+    wall_s: float = 0.0
+
+    def _read(self) -> dict[str, dict[int, float]]:
+        return {name: {pid: _cpu_s(pid) for pid in pids()} for name, pids in self.groups.items()}
+
+    def start(self) -> None:
+        self._t0 = time.monotonic()
+        self._at_start = self._read()
+
+    def stop(self) -> None:
+        end = self._read()
+        self.wall_s = time.monotonic() - self._t0
+        for name, now in end.items():
+            before = self._at_start.get(name, {})
+            self.used_s[name] = sum(cpu - before.get(pid, 0.0) for pid, cpu in now.items())
 
 
 # ------------------------------------------------------------------ measurements

@@ -95,6 +95,7 @@ class Figures:
     sql: h.SqlStats
     enqueue_s: float
     drained: bool
+    cpu: h.CpuMeter | None = None
 
     @property
     def jobs_per_s(self) -> float:
@@ -163,6 +164,9 @@ def run_scenario(ctx: Context, sc: Scenario, index: int) -> Figures:
         start_s = first + 1
         end_s = start_s + sc.duration_s
         drained = False
+        cpu = _cpu_meter(ctx, fleet)
+        time.sleep(max(0.0, start_s - time.time()))
+        cpu.start()
         while time.time() < end_s + 0.3:
             if not fleet.alive():
                 raise RuntimeError(f"a worker process exited early; see {log_path}")
@@ -170,6 +174,7 @@ def run_scenario(ctx: Context, sc: Scenario, index: int) -> Figures:
                 drained = True
                 break
             time.sleep(POLL_S)
+        cpu.stop()
         fleet.stop()
         fleet = None
         windows = h.parse_windows(ctx.emulator.counters()["windows"])
@@ -179,12 +184,39 @@ def run_scenario(ctx: Context, sc: Scenario, index: int) -> Figures:
             end_s = min(end_s, last)
         stats = h.window_stats(windows, start_s, max(start_s, end_s))
         sql = h.sql_stats(db_url, start_s, end_s)
-        return Figures(scenario=sc, windows=stats, sql=sql, enqueue_s=enqueue_s, drained=drained)
+        return Figures(
+            scenario=sc, windows=stats, sql=sql, enqueue_s=enqueue_s, drained=drained, cpu=cpu
+        )
     finally:
         if fleet is not None:
             fleet.stop()
         if not args.keep:
             h.drop_database(args.pg_admin_url, db_url)
+
+
+def _cpu_meter(ctx: Context, fleet: h.Fleet) -> h.CpuMeter:
+    emulator_pid = ctx.emulator.proc.pid
+    return h.CpuMeter(
+        {
+            "workers": fleet.pids,
+            "emulator": lambda: [emulator_pid],
+            "postgres": lambda: h.pids_named("postgres"),
+            "redis": lambda: h.pids_named("redis-server"),
+        }
+    )
+
+
+def cpu_line(fig: Figures) -> str:
+    """Cores each part used in the steady window, and CPU ms per stored job."""
+    cpu = fig.cpu
+    if cpu is None or cpu.wall_s <= 0:
+        return "cpu: n/a"
+    jobs = fig.jobs_per_s * cpu.wall_s
+    parts = []
+    for name, used_s in [*cpu.used_s.items(), ("total", sum(cpu.used_s.values()))]:
+        per_job = f"{1000 * used_s / jobs:.2f} ms/job" if jobs > 0 else "n/a"
+        parts.append(f"{name} {100 * used_s / cpu.wall_s:.0f}% ({per_job})")
+    return f"cpu ({os.cpu_count()} cores = {100 * (os.cpu_count() or 1)}%): " + ", ".join(parts)
 
 
 def _wait_first_accepted(ctx: Context, fleet: h.Fleet, log_path: Path) -> int:
@@ -429,6 +461,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"enqueued in {fig.enqueue_s:.1f} s{extra}", flush=True)
             print(HEADER)
             print(row(fig), flush=True)
+            print(cpu_line(fig), flush=True)
             if args.verbose:
                 print(timeline(fig), flush=True)
             if sc.impl == "baseline":
