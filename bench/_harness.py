@@ -342,12 +342,13 @@ class Fleet:
 
 
 def _cpu_s(pid: int) -> float:
-    """User + system CPU seconds of one live process (0 if it is gone)."""
+    """User + system CPU seconds of one live process and of its children it has reaped (0 if
+    it is gone): PostgreSQL's postmaster thus carries the backends that ended meanwhile."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
 def pids_named(comm: str) -> list[int]:
@@ -365,8 +366,8 @@ def pids_named(comm: str) -> list[int]:
 class CpuMeter:
     """CPU used by each group of processes between `start()` and `stop()`.
 
-    Process lists are read at each end; a process that ends in between loses its share (the
-    scenario's postgres backends and workers live through the whole window)."""
+    Process lists are read at each end; a process that ends in between loses its share
+    unless its parent is in the group and reaps it (the postmaster reaps its backends)."""
 
     groups: Mapping[str, Callable[[], Sequence[int]]]
     _t0: float = 0.0
