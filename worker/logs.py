@@ -173,6 +173,10 @@ def _add_pid(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> Eve
     return event_dict
 
 
+# The loggers of Celery's per-task INFO lines (strategy: received; trace: succeeded/failed).
+CELERY_PER_TASK_LOGGERS = ("celery.worker.strategy", "celery.app.trace")
+
+
 def _level_number(level: int | str) -> int:
     if isinstance(level, int):
         return level
@@ -234,6 +238,11 @@ def configure_logging(
         lg = logging.getLogger(name)
         lg.handlers = []
         lg.propagate = True
+    # Celery's own two lines per task ("received", "succeeded in") repeat our api_call and
+    # job_* events and cost a worker about as much CPU as ours: shown at DEBUG only.
+    per_task = level_no if level_no <= logging.DEBUG else max(level_no, logging.WARNING)
+    for name in CELERY_PER_TASK_LOGGERS:
+        logging.getLogger(name).setLevel(per_task)
     logging.captureWarnings(True)
 
     structlog.configure(

@@ -36,8 +36,12 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 # Each transaction is short and never spans an API call, so a small pool serves many threads.
-DB_POOL_SIZE = 10
-DB_MAX_OVERFLOW = 10
+# No overflow: an overflow connection is closed as soon as it is returned, and under a busy
+# threads pool that meant a new PostgreSQL backend (fork, authentication, catalog caches)
+# every few jobs: 714 sessions for 6000 jobs in bench.quota's no-quota run. Threads wait
+# for one of these instead (pool_timeout below).
+DB_POOL_SIZE = 12
+DB_MAX_OVERFLOW = 0
 
 
 class LoopThread:

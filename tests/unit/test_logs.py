@@ -65,11 +65,25 @@ def test_structlog_event_is_one_json_line_with_fields(out: io.StringIO) -> None:
 
 
 def test_stdlib_records_share_the_renderer(out: io.StringIO) -> None:
-    logging.getLogger("celery.worker.strategy").info("Task %s[%s] received", "t", "abc")
+    logging.getLogger("celery.worker.consumer").info("Connected to %s", "redis://x")
     (event,) = lines(out)
-    assert event["event"] == "Task t[abc] received"
-    assert event["logger"] == "celery.worker.strategy"
+    assert event["event"] == "Connected to redis://x"
+    assert event["logger"] == "celery.worker.consumer"
     assert event["level"] == "info"
+
+
+@pytest.mark.parametrize(("level", "shown"), [("INFO", False), ("DEBUG", True)])
+def test_celery_per_task_lines_only_at_debug(
+    restore_logging: None, level: str, shown: bool
+) -> None:
+    stream = io.StringIO()
+    configure_logging(Settings(log_json=True, log_level=level), stream=stream)
+    logging.getLogger("celery.worker.strategy").info("Task %s[%s] received", "t", "abc")
+    logging.getLogger("celery.app.trace").info("Task %s[%s] succeeded", "t", "abc")
+    logging.getLogger("celery.app.trace").error("Task %s[%s] raised", "t", "abc")
+    events = [event["event"] for event in lines(stream)]
+    expected = ["Task t[abc] received", "Task t[abc] succeeded"] if shown else []
+    assert events == [*expected, "Task t[abc] raised"]
 
 
 def test_level_filters(restore_logging: None) -> None:
