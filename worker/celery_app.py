@@ -43,12 +43,21 @@ def longest_hold_s(settings: Settings) -> float:
     )
 
 
+def _transport_for(broker_url: str) -> str | None:
+    from worker.broker_transport import TRANSPORT
+
+    # rediss:// keeps kombu's own URL handling (TLS options); sentinel:// its own transport.
+    return TRANSPORT if broker_url.startswith("redis://") else None
+
+
 def create_app(settings: Settings) -> MacaoCelery:
     """A configured app with the `macao_ocr.process_job` task registered."""
     app = MacaoCelery("macao_ocr", broker=settings.broker_url, set_as_current=False)
     app.settings = settings
     app.conf.update(
         broker_url=settings.broker_url,
+        # kombu's Redis transport, one client object per pool (see worker.broker_transport).
+        broker_transport=_transport_for(settings.broker_url),
         # Results live in SQL. A backend would be one more place personal data could reach.
         result_backend=None,
         task_ignore_result=True,
