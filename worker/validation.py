@@ -130,6 +130,12 @@ def validate_request(request: OcrRequest) -> None:
         )
 
 
+class Base64Text(str):
+    """Text from base64.b64encode: its alphabet needs no JSON escaping (see encode_body)."""
+
+    __slots__ = ()
+
+
 def build_payload(request: OcrRequest, *, inline: bool = True) -> dict[str, str]:
     """The JSON object sent to the API. With `inline=False` base64 fields are left empty,
     which `body_size` uses to measure the body without encoding the images."""
@@ -142,7 +148,9 @@ def build_payload(request: OcrRequest, *, inline: bool = True) -> dict[str, str]
             payload[url_field] = image.url
         else:
             data = image.data or b""
-            payload[b64_field] = base64.b64encode(data).decode("ascii") if inline else ""
+            payload[b64_field] = Base64Text(
+                base64.b64encode(data).decode("ascii") if inline else ""
+            )
     config = request.config()
     if config:
         # The API wants Config as a JSON *string* inside the JSON body.
@@ -151,8 +159,19 @@ def build_payload(request: OcrRequest, *, inline: bool = True) -> dict[str, str]
 
 
 def encode_body(payload: dict[str, str]) -> bytes:
-    """The exact bytes that are signed and sent."""
-    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    """The exact bytes that are signed and sent: `json.dumps(payload, separators=(",", ":"),
+    ensure_ascii=False)` in UTF-8, with Base64Text values spliced in as they are (the JSON
+    encoder would scan 80 KB of an image to find nothing to escape, twice the cost of the
+    base64 encoding itself)."""
+    parts = []
+    for key, value in payload.items():
+        text = f'"{value}"' if type(value) is Base64Text else _json_text(value)
+        parts.append(f"{_json_text(key)}:{text}")
+    return ("{" + ",".join(parts) + "}").encode("utf-8")
+
+
+def _json_text(value: str) -> str:
+    return json.dumps(value, ensure_ascii=False)
 
 
 def body_size(request: OcrRequest) -> int:

@@ -6,6 +6,8 @@ import io
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from worker.errors import InputError
@@ -247,3 +249,27 @@ def test_error_carries_no_image_bytes() -> None:
         validate_request(OcrRequest(front=ImageInput(data=data)))
     assert "SENTINEL" not in str(exc.value) and "SENTINEL" not in repr(exc.value)
     assert exc.value.code == "Input.not_png_or_jpeg"
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    front=st.binary(min_size=1, max_size=3000),
+    back=st.one_of(st.none(), st.binary(min_size=1, max_size=300)),
+    url=st.one_of(st.none(), st.text(min_size=1, max_size=40)),
+    portrait=st.booleans(),
+)
+def test_encode_body_is_exactly_json_dumps(
+    front: bytes, back: bytes | None, url: str | None, portrait: bool
+) -> None:
+    # The base64 values are spliced in without the JSON encoder: the bytes (which are what
+    # is signed) must still be json.dumps's, whatever else the payload holds.
+    request = OcrRequest(
+        front=ImageInput(data=front),
+        back=ImageInput(url=url) if url is not None else ImageInput(data=back) if back else None,
+        portrait=portrait,
+    )
+    payload = build_payload(request)
+    payload["Extra"] = 'quote " backslash \\ newline \n 陳'
+    expected = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    assert encode_body(payload) == expected
+    assert json.loads(encode_body(payload)) == payload
