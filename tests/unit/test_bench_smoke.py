@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -99,3 +101,34 @@ def test_one_tiny_quota_scenario_end_to_end(
     assert fig.sql.calls_per_job >= 1.0
     assert fig.sql.latency_p50_s > 0
     assert "Q=5" in quota.row(fig)
+    # The workers were busy in the window: the meter saw their CPU.
+    assert fig.cpu is not None and fig.cpu.used_s["workers"] > 0
+    assert "workers" in quota.cpu_line(fig)
+
+
+def test_cpu_meter_counts_a_busy_child_and_what_its_parent_reaped() -> None:
+    busy = "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass"
+    meter = h.CpuMeter({"me": lambda: [os.getpid()]})
+    meter.start()
+    # A child that ends inside the window still counts: its parent (this process) reaps it.
+    subprocess.run([sys.executable, "-c", busy], check=True)
+    meter.stop()
+    assert meter.used_s["me"] >= 0.25
+    assert meter.wall_s >= 0.25
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(180)
+def test_floor_prints_every_layer(redis_url: str, pg_admin_url: str) -> None:
+    out = subprocess.run(
+        [
+            sys.executable, "-m", "bench.floor", "--tasks", "300", "--calls", "60",
+            "--sql-jobs", "30", "--processes", "1", "--concurrency", "20",
+            "--redis-url", redis_url, "--pg-admin-url", pg_admin_url,
+        ],
+        capture_output=True, text=True, timeout=170, cwd=h.REPO_ROOT,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    for part in ("celery workers", "http client", "emulator", "pipeline sql", "postgres"):
+        assert part in out.stdout
+    assert "jobs/s on" in out.stdout
