@@ -13,6 +13,7 @@ attempt's INSERT. PostgreSQL and SQLite (3.35+) both run it.
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -202,6 +203,12 @@ _LAST_ERROR = (
 
 _HAS_RESULT = select(RESULT.c.job_id).where(RESULT.c.job_id == _JID)
 _INSERT_RESULT = insert(RESULT)
+# Every result column but the key and the row's own timestamp is an OcrResult field of the
+# same name (checked here, so a column added without its field fails at import).
+_RESULT_FIELDS = tuple(c.name for c in RESULT.c if c.name not in ("job_id", "created_at"))
+_missing = set(_RESULT_FIELDS) - {f.name for f in dataclasses.fields(OcrResult)}
+if _missing:
+    raise RuntimeError(f"result columns without an OcrResult field: {sorted(_missing)}")
 _INSERT_WARNING = insert(WARNING)
 _INSERT_PORTRAIT = insert(PORTRAIT)
 
@@ -358,31 +365,8 @@ def insert_result(conn: Connection, job_id: uuid.UUID, result: OcrResult, portra
     """The result row, its warnings and (when asked for) the portrait.
 
     A second result for the job raises IntegrityError (the result's key is the job id)."""
-    conn.execute(
-        _INSERT_RESULT,
-        {
-            "job_id": job_id,
-            "request_id": result.request_id,
-            "cn_last_name": result.cn_last_name,
-            "en_last_name": result.en_last_name,
-            "last_name_code": result.last_name_code,
-            "cn_first_name": result.cn_first_name,
-            "en_first_name": result.en_first_name,
-            "first_name_code": result.first_name_code,
-            "id_number": result.id_number,
-            "birthday": result.birthday,
-            "sex": result.sex,
-            "first_issue_date": result.first_issue_date,
-            "current_issue_date": result.current_issue_date,
-            "validity_period": result.validity_period,
-            "validity_period_text": result.validity_period_text,
-            "symbol": result.symbol,
-            "height_m": result.height_m,
-            "angle": result.angle,
-            "resident_type": result.resident_type,
-            "warning_service_disabled": result.warning_service_disabled,
-        },
-    )
+    values = {name: getattr(result, name) for name in _RESULT_FIELDS}
+    conn.execute(_INSERT_RESULT, {"job_id": job_id, **values})
     if result.warnings:
         conn.execute(
             _INSERT_WARNING,
