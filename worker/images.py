@@ -40,16 +40,23 @@ def store_image(session: Session, tenant: str, data: bytes) -> Image:
     return image
 
 
-def _side(session: Session, url: str | None, image_id: object) -> ImageInput | None:
+def side_input(url: str | None, image_id: object, data: bytes | None) -> ImageInput | None:
+    """One side of a request from a job's URL or stored image (`data`: that image's bytes,
+    None if the row is gone: NotFoundError)."""
     if url is not None:
         return ImageInput(url=url)
     if image_id is None:
         return None
-    # Only the bytes, without an ORM object: this runs once per call on the worker.
-    data = session.execute(select(IMAGE.c.data).where(IMAGE.c.id == image_id)).scalar()
     if data is None:
         raise NotFoundError("the job's stored image is missing", code="ImageMissing")
     return ImageInput(data=data)
+
+
+def _side(session: Session, url: str | None, image_id: object) -> ImageInput | None:
+    data = None
+    if url is None and image_id is not None:
+        data = session.execute(select(IMAGE.c.data).where(IMAGE.c.id == image_id)).scalar()
+    return side_input(url, image_id, data)
 
 
 def load_request(session: Session, job: Job) -> OcrRequest:

@@ -55,8 +55,9 @@ from worker.errors import (
     TransportError,
     UnknownCodeError,
 )
+from worker.images import side_input
 from worker.limiter import RateLimiter
-from worker.ocr_types import ImageInput, OcrRequest, OcrResult
+from worker.ocr_types import OcrRequest, OcrResult
 from worker.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -245,19 +246,9 @@ def _with_db(deps: PipelineDeps, fn: Callable[[], T], *, job_id: uuid.UUID, clai
 
 def _request_from(claimed: job_sql.Claimed) -> OcrRequest:
     """The request to send, rebuilt from the claim's row (URLs or the stored bytes)."""
-
-    def side(url: str | None, image_id: uuid.UUID | None, data: bytes | None) -> ImageInput | None:
-        if url is not None:
-            return ImageInput(url=url)
-        if image_id is None:
-            return None
-        if data is None:
-            raise NotFoundError("the job's stored image is missing", code="ImageMissing")
-        return ImageInput(data=data)
-
     return OcrRequest(
-        front=side(claimed.front_url, claimed.front_image_id, claimed.front_data),
-        back=side(claimed.back_url, claimed.back_image_id, claimed.back_data),
+        front=side_input(claimed.front_url, claimed.front_image_id, claimed.front_data),
+        back=side_input(claimed.back_url, claimed.back_image_id, claimed.back_data),
         portrait=claimed.portrait,
     )
 
