@@ -21,6 +21,8 @@ from typing import Any
 
 from sqlalchemy import (
     Connection,
+    SmallInteger,
+    String,
     Table,
     and_,
     bindparam,
@@ -30,11 +32,13 @@ from sqlalchemy import (
     literal_column,
     or_,
     select,
+    true,
     update,
 )
+from sqlalchemy.dialects.postgresql import ARRAY
 
 from models import Attempt, Image, Job, JobStatus, Portrait, Result, Warning
-from models.base import UTCDateTime
+from models.base import UTCDateTime, utcnow
 from worker.ocr_types import OcrResult
 
 JOB: Table = Job.__table__  # type: ignore[assignment]
@@ -58,7 +62,8 @@ def _claim_statement() -> Any:
     now = _at("now")
     due = or_(JOB.c.next_attempt_at.is_(None), JOB.c.next_attempt_at <= now)
     claimable = or_(
-        and_(JOB.c.status.in_([JobStatus.queued, JobStatus.retrying]), due),
+        # Two equalities, not IN: an IN list is re-rendered at every execution (expanding).
+        and_(or_(JOB.c.status == JobStatus.queued, JOB.c.status == JobStatus.retrying), due),
         and_(JOB.c.status == JobStatus.running, JOB.c.lease_expires_at < now),
     )
     # The outer row is named literally: SQLite's compiler renders RETURNING columns without
@@ -213,6 +218,46 @@ _INSERT_WARNING = insert(WARNING)
 _INSERT_PORTRAIT = insert(PORTRAIT)
 
 
+def _succeed_statement() -> Any:
+    # PostgreSQL only: result, warnings, the attempt's close and the job's success in ONE
+    # statement (data-modifying CTEs always run to completion, referenced or not; the
+    # warnings' foreign key to the new result is checked at the end of the statement). A
+    # second result still raises IntegrityError, and nothing of the statement holds.
+    # Prefixed: a bindparam named like an INSERT's own column is reserved by SQLAlchemy.
+    values: dict[str, Any] = {
+        n: bindparam(f"r_{n}", type_=RESULT.c[n].type) for n in _RESULT_FIELDS
+    }
+    result = (
+        insert(RESULT)
+        .values(job_id=_JID, created_at=_at("r_created_at"), **values)
+        .returning(RESULT.c.job_id)
+        .cte("new_result")
+    )
+    rows = (
+        func.unnest(
+            bindparam("w_codes", type_=ARRAY(SmallInteger())),
+            bindparam("w_names", type_=ARRAY(String())),
+        )
+        .table_valued("code", "name")
+        .render_derived()
+    )
+    warnings = (
+        insert(WARNING)
+        .from_select(
+            ["job_id", "code", "name"],
+            select(result.c.job_id, rows.c.code, rows.c.name).select_from(
+                result.join(rows, true())
+            ),
+        )
+        .cte("new_warnings")
+    )
+    attempt = _CLOSE_ATTEMPT.cte("closed_attempt")
+    return _SUCCEEDED.add_cte(result, warnings, attempt)
+
+
+_SUCCEED_PG = _succeed_statement()
+
+
 @dataclass(frozen=True)
 class Claimed:
     """What the claim returned: the job's request inputs, its budget and its history."""
@@ -284,32 +329,63 @@ def drop_attempt(conn: Connection, job_id: uuid.UUID, number: int) -> None:
     conn.execute(_UNCOUNT_CALL, {"jid": job_id})
 
 
-def close_attempt(
+def close_attempt(conn: Connection, job_id: uuid.UUID, number: int, call: CallRecord) -> None:
+    """Record how one call went."""
+    conn.execute(_CLOSE_ATTEMPT, {"jid": job_id, "num": number, **call.params()})
+
+
+@dataclass(frozen=True)
+class CallRecord:
+    """How one call went, as its attempt row keeps it."""
+
+    started_at: datetime
+    finished_at: datetime
+    code: str
+    message: str | None
+    request_id: str | None
+    latency_ms: int
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "a_started": self.started_at,
+            "a_finished": self.finished_at,
+            "a_code": self.code,
+            "a_message": self.message,
+            "a_request_id": self.request_id,
+            "a_latency_ms": self.latency_ms,
+        }
+
+
+def store_success(
     conn: Connection,
     job_id: uuid.UUID,
     number: int,
-    *,
-    started_at: datetime,
-    finished_at: datetime,
-    code: str,
-    message: str | None,
-    request_id: str | None,
-    latency_ms: int,
+    call: CallRecord,
+    result: OcrResult,
+    portrait: bool,
 ) -> None:
-    """Record how one call went."""
-    conn.execute(
-        _CLOSE_ATTEMPT,
-        {
-            "jid": job_id,
-            "num": number,
-            "a_started": started_at,
-            "a_finished": finished_at,
-            "a_code": code,
-            "a_message": message,
-            "a_request_id": request_id,
-            "a_latency_ms": latency_ms,
-        },
-    )
+    """Result, warnings, portrait, attempt closed and job succeeded; the caller commits.
+
+    One statement on PostgreSQL (plus the portrait when asked for); three elsewhere. A second
+    result for the job raises IntegrityError and changes nothing."""
+    if conn.dialect.name != "postgresql":
+        insert_result(conn, job_id, result, portrait)
+        conn.execute(_CLOSE_ATTEMPT, {"jid": job_id, "num": number, **call.params()})
+        mark_succeeded(conn, job_id, call.finished_at)
+        return
+    params = {
+        "jid": job_id,
+        "num": number,
+        "done_at": call.finished_at,
+        "r_created_at": utcnow(),
+        "w_codes": [w.code for w in result.warnings],
+        "w_names": [w.name for w in result.warnings],
+        **call.params(),
+        **{f"r_{name}": getattr(result, name) for name in _RESULT_FIELDS},
+    }
+    conn.execute(_SUCCEED_PG, params)
+    if portrait and result.portrait is not None:
+        conn.execute(_INSERT_PORTRAIT, {"job_id": job_id, "data": result.portrait})
 
 
 def mark_succeeded(conn: Connection, job_id: uuid.UUID, done_at: datetime) -> None:

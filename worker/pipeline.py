@@ -443,11 +443,8 @@ def _open_attempt(deps: PipelineDeps, job_id: uuid.UUID, number: int) -> None:
         job_sql.count_call(conn, job_id, lease_until=_call_lease_until(deps, now))
 
 
-def _close_attempt(conn: Connection, job_id: uuid.UUID, number: int, call: _Call) -> None:
-    job_sql.close_attempt(
-        conn,
-        job_id,
-        number,
+def _record(call: _Call) -> job_sql.CallRecord:
+    return job_sql.CallRecord(
         started_at=call.started_at,
         finished_at=call.finished_at,
         code=call.code,
@@ -455,6 +452,10 @@ def _close_attempt(conn: Connection, job_id: uuid.UUID, number: int, call: _Call
         request_id=call.request_id,
         latency_ms=call.latency_ms,
     )
+
+
+def _close_attempt(conn: Connection, job_id: uuid.UUID, number: int, call: _Call) -> None:
+    job_sql.close_attempt(conn, job_id, number, _record(call))
 
 
 # -- step 4: outcomes, each one transaction
@@ -526,9 +527,7 @@ def _finalize_success(
         try:
             with deps.session_factory() as session, session.begin():
                 conn = session.connection()
-                job_sql.insert_result(conn, job_id, result, info.portrait)
-                _close_attempt(conn, job_id, number, call)
-                job_sql.mark_succeeded(conn, job_id, call.finished_at)
+                job_sql.store_success(conn, job_id, number, _record(call), result, info.portrait)
         except exc.IntegrityError:
             # A result is already stored: our own commit that went through before the
             # connection dropped, or another run that took over an expired lease. A result

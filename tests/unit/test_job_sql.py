@@ -1,4 +1,5 @@
-"""The worker's one-round-trip claim, on PostgreSQL and on SQLite (the demo's database).
+"""The worker's one-round-trip claim and one-statement success, on PostgreSQL and on SQLite
+(the demo's database).
 
 Its RETURNING clause reads the attempts, the result and the image bytes through correlated
 subqueries; SQLite's compiler renders those columns without their table, which once made a
@@ -7,6 +8,7 @@ images, so a wrong correlation changes the answer."""
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
@@ -17,10 +19,11 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
 import migrations
-from models import Attempt, Job, JobStatus, Result
+from models import Attempt, Job, JobStatus, Result, Warning
 from models.base import utcnow
 from worker import job_sql
 from worker.images import store_image
+from worker.ocr_types import CardWarning, OcrResult
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"front" * 10
 JPEG = b"\xff\xd8\xff" + b"back" * 10
@@ -135,3 +138,70 @@ def test_claim_leaves_a_job_that_is_not_due(sessions: sessionmaker[Session]) -> 
     with sessions() as session:
         assert session.get_one(Job, retrying).api_calls == 0
         assert session.get_one(Job, running).status is JobStatus.running
+
+
+def _ok_result(**values: object) -> OcrResult:
+    fields = {f.name: None for f in dataclasses.fields(OcrResult)}
+    fields.update(request_id="r-1", warnings=(), portrait=None, warning_service_disabled=False)
+    fields.update(values)
+    return OcrResult(**fields)  # type: ignore[arg-type]
+
+
+def _record(code: str = "OK") -> job_sql.CallRecord:
+    now = utcnow()
+    return job_sql.CallRecord(
+        started_at=now - timedelta(seconds=1),
+        finished_at=now,
+        code=code,
+        message=None,
+        request_id="r-1",
+        latency_ms=321,
+    )
+
+
+@pytest.mark.parametrize(
+    "warnings", [(), (CardWarning(-9102, "photocopy"), CardWarning(-9107, "glare"))]
+)
+def test_store_success_writes_result_warnings_attempt_and_job_together(
+    sessions: sessionmaker[Session], warnings: tuple[CardWarning, ...]
+) -> None:
+    job_id = _add(sessions, front_url="https://x.invalid/a.png")
+    other = _add(sessions, front_url="https://x.invalid/b.png")
+    for jid in (job_id, other):
+        assert _claim(sessions, jid) is not None
+        with sessions() as session, session.begin():
+            job_sql.insert_attempt(session.connection(), jid, 1, now=utcnow(), host="h1")
+    result = _ok_result(en_last_name="CHAN", id_number="1234567(8)", warnings=warnings)
+    with sessions() as session, session.begin():
+        job_sql.store_success(session.connection(), job_id, 1, _record(), result, False)
+    with sessions() as session:
+        job = session.get_one(Job, job_id)
+        assert (job.status, job.attempts, job.lease_expires_at) == (JobStatus.succeeded, 1, None)
+        stored = session.get_one(Result, job_id)
+        assert (stored.en_last_name, stored.id_number) == ("CHAN", "1234567(8)")
+        rows = session.scalars(sa.select(Warning).where(Warning.job_id == job_id)).all()
+        assert sorted((w.code, w.name) for w in rows) == sorted((w.code, w.name) for w in warnings)
+        [attempt] = session.scalars(sa.select(Attempt).where(Attempt.job_id == job_id)).all()
+        assert (attempt.outcome_code, attempt.latency_ms) == ("OK", 321)
+        assert attempt.finished_at is not None
+        # The other job, with its own open attempt, is untouched.
+        assert session.get_one(Job, other).status is JobStatus.running
+        [open_attempt] = session.scalars(sa.select(Attempt).where(Attempt.job_id == other)).all()
+        assert open_attempt.finished_at is None
+
+
+def test_store_success_twice_raises_and_changes_nothing(sessions: sessionmaker[Session]) -> None:
+    job_id = _add(sessions, front_url="https://x.invalid/a.png")
+    assert _claim(sessions, job_id) is not None
+    with sessions() as session, session.begin():
+        job_sql.insert_attempt(session.connection(), job_id, 1, now=utcnow(), host="h1")
+        session.add(Result(job_id=job_id, request_id="first"))
+    with pytest.raises(sa.exc.IntegrityError), sessions() as session, session.begin():
+        warned = _ok_result(warnings=(CardWarning(-9102, "photocopy"),))
+        job_sql.store_success(session.connection(), job_id, 1, _record(), warned, False)
+    with sessions() as session:
+        assert session.get_one(Result, job_id).request_id == "first"
+        assert session.get_one(Job, job_id).status is JobStatus.running
+        assert session.scalars(sa.select(Warning).where(Warning.job_id == job_id)).all() == []
+        [attempt] = session.scalars(sa.select(Attempt).where(Attempt.job_id == job_id)).all()
+        assert attempt.finished_at is None

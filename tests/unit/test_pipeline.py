@@ -559,8 +559,9 @@ def test_signature_expired_twice_is_clock_skew_and_pauses(harness: Harness) -> N
 def test_result_write_is_retried_without_buying_it_again(harness: Harness) -> None:
     failures = {"left": 3}
 
-    def fail_result_inserts(_conn: Any, statement: Any, *_args: Any) -> None:
-        if failures["left"] and statement.is_insert and statement.table.name == "result":
+    def fail_result_inserts(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        # The SQL text: on PostgreSQL the result's INSERT is a CTE of the job's UPDATE.
+        if failures["left"] and "INSERT INTO result " in statement:
             failures["left"] -= 1
             raise exc.OperationalError(
                 "INSERT INTO result", {}, Exception("server closed the connection")
@@ -568,7 +569,7 @@ def test_result_write_is_retried_without_buying_it_again(harness: Harness) -> No
 
     # The pipeline runs Core statements on the session's connection: fail them there.
     connection = harness.sessions.kw["bind"]
-    event.listen(connection, "before_execute", fail_result_inserts)
+    event.listen(connection, "before_cursor_execute", fail_result_inserts)
     deps = harness.deps
     job_id = harness.add_job()
     assert process_job(str(job_id), deps) is Outcome.succeeded
