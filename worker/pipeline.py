@@ -268,7 +268,12 @@ def _start(deps: PipelineDeps, job_id: uuid.UUID) -> _Started | Outcome:
     with deps.session_factory() as session, session.begin():
         conn = session.connection()
         claimed = job_sql.claim(
-            conn, job_id, now=now, lease_until=_call_lease_until(deps, now), host=host
+            conn,
+            job_id,
+            now=now,
+            lease_until=_call_lease_until(deps, now),
+            host=host,
+            open_attempt=True,
         )
         if claimed is None:
             return Outcome.not_claimed
@@ -287,12 +292,16 @@ def _start(deps: PipelineDeps, job_id: uuid.UUID) -> _Started | Outcome:
         except (InputError, NotFoundError) as err:
             # Rejected before any call: the producer validated, so this is rare (a stored
             # image gone, rules tightened since submit). Fail it with the rule's code.
-            job_sql.uncount_call(conn, job_id)
+            if claimed.opened:
+                job_sql.drop_attempt(conn, job_id, claimed.last_number + 1)
+            else:
+                job_sql.uncount_call(conn, job_id)
             job_sql.mark_failed(conn, job_id, now, err.code, err.message)
             refused = err
         else:
             number = claimed.last_number + 1
-            job_sql.insert_attempt(conn, job_id, number, now=now, host=host)
+            if not claimed.opened:
+                job_sql.insert_attempt(conn, job_id, number, now=now, host=host)
             info = _JobInfo(
                 age_from=claimed.started_at, attempts=attempts, portrait=claimed.portrait
             )

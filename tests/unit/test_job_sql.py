@@ -205,3 +205,59 @@ def test_store_success_twice_raises_and_changes_nothing(sessions: sessionmaker[S
         assert session.scalars(sa.select(Warning).where(Warning.job_id == job_id)).all() == []
         [attempt] = session.scalars(sa.select(Attempt).where(Attempt.job_id == job_id)).all()
         assert attempt.finished_at is None
+
+
+def _claim_open(sessions: sessionmaker[Session], job_id: uuid.UUID) -> job_sql.Claimed | None:
+    now = utcnow()
+    with sessions() as session, session.begin():
+        return job_sql.claim(
+            session.connection(),
+            job_id,
+            now=now,
+            lease_until=now + timedelta(seconds=60),
+            host="h1",
+            open_attempt=True,
+        )
+
+
+def _numbers(sessions: sessionmaker[Session], job_id: uuid.UUID) -> list[tuple[int, bool]]:
+    with sessions() as session:
+        rows = session.scalars(
+            sa.select(Attempt).where(Attempt.job_id == job_id).order_by(Attempt.number)
+        ).all()
+        return [(a.number, a.finished_at is None) for a in rows]
+
+
+def test_claim_opens_the_first_attempt_of_a_plain_start(sessions: sessionmaker[Session]) -> None:
+    job_id = _add(sessions, front_url="https://x.invalid/a.png")
+    other = _add(sessions, front_url="https://x.invalid/b.png")
+    claimed = _claim_open(sessions, job_id)
+    assert claimed is not None and claimed.opened and claimed.last_number == 0
+    assert _numbers(sessions, job_id) == [(1, True)]
+    assert _numbers(sessions, other) == []
+    with sessions() as session:
+        assert session.get_one(Job, job_id).api_calls == 1
+
+
+def test_claim_opens_nothing_past_a_lost_attempt_or_a_stored_result(
+    sessions: sessionmaker[Session],
+) -> None:
+    past = utcnow() - timedelta(minutes=5)
+    lost = _add(
+        sessions,
+        front_url="https://x.invalid/a.png",
+        status=JobStatus.running,
+        lease_expires_at=past,
+        started_at=past,
+    )
+    bought = _add(sessions, front_url="https://x.invalid/b.png")
+    with sessions() as session, session.begin():
+        session.add(Attempt(job_id=lost, number=1, started_at=past))
+        session.add(Result(job_id=bought, request_id="r"))
+    claimed = _claim_open(sessions, lost)
+    # The lost attempt is the caller's to close first (it spends budget); nothing opened.
+    assert claimed is not None and not claimed.opened and claimed.open_attempts == 1
+    assert _numbers(sessions, lost) == [(1, True)]
+    claimed = _claim_open(sessions, bought)
+    assert claimed is not None and not claimed.opened and claimed.bought
+    assert _numbers(sessions, bought) == []
