@@ -63,6 +63,10 @@ MISMATCH_MIN_FRACTION = 0.90
 MISMATCH_MAX_THROTTLED = 0.02
 NOQUOTA_MIN_JOBS_PER_S = 200.0
 NOQUOTA_MIN_RATIO = 30.0
+# No-quota backlog per second of steady window (plus the ramp): more than the fleet drains on
+# this machine (350-400 jobs/s at 4 processes), so the window is full length, not cut short.
+NOQUOTA_JOBS_PER_WINDOW_S = 450
+NOQUOTA_RAMP_S = 5
 
 
 @dataclass(frozen=True)
@@ -384,7 +388,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--duration-s", type=int, default=None, help="steady window (default 60)")
     parser.add_argument("--jobs", type=int, default=None, help="jobs per quota scenario")
     parser.add_argument(
-        "--noquota-jobs", type=int, default=None, help="jobs for the no-quota mode (default 8000)"
+        "--noquota-jobs",
+        type=int,
+        default=None,
+        help="jobs for the no-quota mode (default 450 per second of the window, plus 5 s)",
     )
     parser.add_argument("--quick", action="store_true", help="smoke run: 10 s, Q=5, 1 process")
     parser.add_argument("--no-baseline", dest="baseline", action="store_false")
@@ -408,7 +415,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.qps = args.qps or [5, 10, 20]
     args.processes = args.processes or [1, 4]
     args.duration_s = args.duration_s or 60
-    args.noquota_jobs = args.noquota_jobs or 8000
+    args.noquota_jobs = args.noquota_jobs or NOQUOTA_JOBS_PER_WINDOW_S * (
+        args.duration_s + NOQUOTA_RAMP_S
+    )
     if args.duration_s < 2:
         parser.error("--duration-s must be at least 2")
     return args
