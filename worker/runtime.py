@@ -15,7 +15,7 @@ import socket
 import threading
 from collections.abc import Coroutine
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import aiohttp
@@ -137,6 +137,9 @@ class WorkerRuntime:
     circuit: AccountCircuit
     limiter_key: str
     _parts: _AsyncParts
+    # One PipelineDeps per worker host name, built on first use: building it per task
+    # seeded a fresh random.Random from os.urandom every time.
+    _deps: dict[str, PipelineDeps] = field(default_factory=dict)
 
     @classmethod
     def start(cls, settings: Settings) -> WorkerRuntime:
@@ -180,17 +183,23 @@ class WorkerRuntime:
         )
 
     def deps(self, worker_host: str | None = None) -> PipelineDeps:
-        """The pipeline's dependencies for one task (cheap: built per task)."""
-        return PipelineDeps(
-            settings=self.settings,
-            session_factory=self.session_factory,
-            client=self.client,
-            limiter=self.limiter,
-            circuit=self.circuit,
-            limiter_key=self.limiter_key,
-            run=self.loop.run,
-            worker_host=worker_host or socket.gethostname(),
-        )
+        """The pipeline's dependencies for a task (shared by the process's task threads)."""
+        host = worker_host or socket.gethostname()
+        deps = self._deps.get(host)
+        if deps is None:
+            deps = PipelineDeps(
+                settings=self.settings,
+                session_factory=self.session_factory,
+                client=self.client,
+                limiter=self.limiter,
+                circuit=self.circuit,
+                limiter_key=self.limiter_key,
+                run=self.loop.run,
+                worker_host=host,
+            )
+            # Two threads may both build one: setdefault keeps the first, either would do.
+            deps = self._deps.setdefault(host, deps)
+        return deps
 
     def close(self) -> None:
         """Close the HTTP session and Redis client on their loop, then the loop and engine."""
