@@ -90,18 +90,54 @@ async def test_the_head_never_spins_when_its_deadline_is_near() -> None:
     assert spy.asks <= 20
 
 
-async def test_jobs_giving_up_together_are_told_turns_spread_by_their_place() -> None:
-    """Jobs queued behind a head that sleeps for its slot all give up at once: each must be
-    told about when its own turn would come, in queue order, not one shared instant, so they
-    come back spread and the queue never runs dry."""
+async def _come_backs(
+    limiter: HorizonLimiter, jobs: int, max_wait_s: float
+) -> tuple[list[tuple[int, float, float]], int]:
+    """Reserve for `jobs` at once: (place, answered at, told to come back at) of each
+    refusal, in arrival order, and how many were granted. Times from the burst's start."""
+    t0 = time.monotonic()
+
+    async def one(place: int) -> tuple[int, float, Reservation]:
+        answer = await limiter.reserve(KEY, max_wait_s=max_wait_s)
+        return place, time.monotonic() - t0, answer
+
+    answers = await asyncio.gather(*(one(i) for i in range(jobs)))
+    refused = [(i, at, at + a.wait_s) for i, at, a in answers if not a.granted]
+    return refused, sum(a.granted for _, _, a in answers)
+
+
+async def test_jobs_giving_up_are_told_turns_spread_by_their_place() -> None:
+    """Jobs queued behind a head that sleeps for its slot give up: each must be told about
+    when its own turn would come, in queue order, not one shared instant, so they come back
+    spread and the queue never runs dry."""
     spy = Spy(qps=4)
     limiter = HorizonLimiter(spy, horizon_s=0.05)
-    answers = await asyncio.gather(*(limiter.reserve(KEY, max_wait_s=1.0) for _ in range(30)))
-    turns = [a.wait_s for a in answers if not a.granted]
-    assert len(turns) >= 20
-    # Turns grow with the place in the queue, about 1/rate apart (4/s here): ~26 jobs need
-    # ~6.5 s, and that is how far apart the first and the last are told to come back.
-    assert turns == sorted(turns)
-    gaps = [b - a for a, b in itertools.pairwise(turns)]
+    refused, _ = await _come_backs(limiter, 30, max_wait_s=1.0)
+    assert len(refused) >= 20
+    # Come-backs grow with the place in the queue, about 1/rate apart (4/s here): ~26 jobs
+    # need ~6.5 s, and that is how far apart the first and the last are told to come back.
+    # (The first refusal may be the head's own, told its slot plus a slot of margin: within
+    # one slot of the next.)
+    first, *back = [at for _, _, at in refused]
+    assert back == sorted(back)
+    assert abs(first - back[0]) <= 0.3
+    gaps = [b - a for a, b in itertools.pairwise(back)]
     assert all(gap == pytest.approx(0.25, rel=0.5) for gap in gaps)
-    assert turns[-1] - turns[0] > 4.0
+    assert back[-1] - back[0] > 4.0
+
+
+async def test_a_burst_is_told_early_not_all_at_its_deadline() -> None:
+    """A fleet starting on a backlog: every job arrives at once. Those whose place is past
+    the wait must hear it as soon as the rate is known, so they come back while the ones
+    kept are still being served; had they all given up at the deadline, the queue would
+    stand empty until the first came back through the database."""
+    spy = Spy(qps=10)
+    limiter = HorizonLimiter(spy, horizon_s=0.05)
+    refused, granted = await _come_backs(limiter, 60, max_wait_s=2.0)
+    # The ones kept use every slot up to the deadline (10/s for 2 s, give or take an edge).
+    assert granted >= 18
+    answered = sorted(at for _, at, _ in refused)
+    # Told after the few grants the rate needs (~0.4 s), long before the 2-s deadline.
+    assert answered[len(answered) // 2] < 1.0
+    # The first told to come back is due before the kept ones run out.
+    assert min(back for _, _, back in refused) < 2.0 + 0.3
