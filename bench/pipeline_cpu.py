@@ -77,7 +77,7 @@ def main() -> None:
             session.add_all(jobs)
         deps = PipelineDeps(
             settings=settings,
-            session_factory=sessions,
+            transaction=engine.begin,
             client=InstantClient(),
             limiter=MemoryRateLimiter(0, 1),
             circuit=MemoryAccountCircuit(),

@@ -189,7 +189,7 @@ class WorkerRuntime:
         if deps is None:
             deps = PipelineDeps(
                 settings=self.settings,
-                session_factory=self.session_factory,
+                transaction=self.engine.begin,
                 client=self.client,
                 limiter=self.limiter,
                 circuit=self.circuit,

@@ -6,13 +6,14 @@ from __future__ import annotations
 import random
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from decimal import Decimal
 from typing import Any
 
 import pytest
-from sqlalchemy import event, exc, select
+from sqlalchemy import Connection, event, exc, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from models import Attempt, Job, JobStatus, Portrait, Result, Warning
@@ -210,7 +211,10 @@ class Harness:
 
 @pytest.fixture
 def harness(
-    session_factory: sessionmaker[Session], settings: Settings, loop_thread: LoopThread
+    session_factory: sessionmaker[Session],
+    transactions: Callable[[], AbstractContextManager[Connection]],
+    settings: Settings,
+    loop_thread: LoopThread,
 ) -> Harness:
     client = FakeClient()
     limiter = SpyLimiter()
@@ -218,7 +222,7 @@ def harness(
     sleeps: list[float] = []
     deps = PipelineDeps(
         settings=settings,
-        session_factory=session_factory,
+        transaction=transactions,
         client=client,
         limiter=limiter,
         circuit=circuit,
