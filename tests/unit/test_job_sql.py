@@ -49,7 +49,9 @@ def _add(sessions: sessionmaker[Session], **values: object) -> uuid.UUID:
         return job.id
 
 
-def _claim(sessions: sessionmaker[Session], job_id: uuid.UUID) -> job_sql.Claimed | None:
+def _claim(
+    sessions: sessionmaker[Session], job_id: uuid.UUID, *, open_attempt: bool = False
+) -> job_sql.Claimed | None:
     now = utcnow()
     with sessions() as session, session.begin():
         return job_sql.claim(
@@ -58,6 +60,7 @@ def _claim(sessions: sessionmaker[Session], job_id: uuid.UUID) -> job_sql.Claime
             now=now,
             lease_until=now + timedelta(seconds=60),
             host="h1",
+            open_attempt=open_attempt,
         )
 
 
@@ -207,19 +210,6 @@ def test_store_success_twice_raises_and_changes_nothing(sessions: sessionmaker[S
         assert attempt.finished_at is None
 
 
-def _claim_open(sessions: sessionmaker[Session], job_id: uuid.UUID) -> job_sql.Claimed | None:
-    now = utcnow()
-    with sessions() as session, session.begin():
-        return job_sql.claim(
-            session.connection(),
-            job_id,
-            now=now,
-            lease_until=now + timedelta(seconds=60),
-            host="h1",
-            open_attempt=True,
-        )
-
-
 def _numbers(sessions: sessionmaker[Session], job_id: uuid.UUID) -> list[tuple[int, bool]]:
     with sessions() as session:
         rows = session.scalars(
@@ -231,7 +221,7 @@ def _numbers(sessions: sessionmaker[Session], job_id: uuid.UUID) -> list[tuple[i
 def test_claim_opens_the_first_attempt_of_a_plain_start(sessions: sessionmaker[Session]) -> None:
     job_id = _add(sessions, front_url="https://x.invalid/a.png")
     other = _add(sessions, front_url="https://x.invalid/b.png")
-    claimed = _claim_open(sessions, job_id)
+    claimed = _claim(sessions, job_id, open_attempt=True)
     assert claimed is not None and claimed.opened and claimed.last_number == 0
     assert _numbers(sessions, job_id) == [(1, True)]
     assert _numbers(sessions, other) == []
@@ -254,10 +244,10 @@ def test_claim_opens_nothing_past_a_lost_attempt_or_a_stored_result(
     with sessions() as session, session.begin():
         session.add(Attempt(job_id=lost, number=1, started_at=past))
         session.add(Result(job_id=bought, request_id="r"))
-    claimed = _claim_open(sessions, lost)
+    claimed = _claim(sessions, lost, open_attempt=True)
     # The lost attempt is the caller's to close first (it spends budget); nothing opened.
     assert claimed is not None and not claimed.opened and claimed.open_attempts == 1
     assert _numbers(sessions, lost) == [(1, True)]
-    claimed = _claim_open(sessions, bought)
+    claimed = _claim(sessions, bought, open_attempt=True)
     assert claimed is not None and not claimed.opened and claimed.bought
     assert _numbers(sessions, bought) == []
