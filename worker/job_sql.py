@@ -59,6 +59,11 @@ def _at(name: str) -> Any:
 _JID = bindparam("jid", type_=JOB.c.id.type)
 
 
+def _job_update(**values: Any) -> Any:
+    """UPDATE of the job named by the `jid` parameter."""
+    return update(JOB).where(JOB.c.id == _JID).values(**values)
+
+
 def _claim_statement() -> Any:
     now = _at("now")
     due = or_(JOB.c.next_attempt_at.is_(None), JOB.c.next_attempt_at <= now)
@@ -138,19 +143,15 @@ _CLOSE_LOST = (
     .values(finished_at=_at("now"), outcome_code="WorkerLost", message="worker lost mid-call")
 )
 
-_SPEND = update(JOB).where(JOB.c.id == _JID).values(attempts=JOB.c.attempts + bindparam("n"))
+_SPEND = _job_update(attempts=JOB.c.attempts + bindparam("n"))
 
 _INSERT_ATTEMPT = insert(ATTEMPT).values(
     job_id=_JID, number=bindparam("num"), started_at=_at("now"), worker_host=bindparam("host")
 )
 
-_COUNT_CALL = (
-    update(JOB)
-    .where(JOB.c.id == _JID)
-    .values(api_calls=JOB.c.api_calls + 1, lease_expires_at=_at("lease_until"))
-)
+_COUNT_CALL = _job_update(api_calls=JOB.c.api_calls + 1, lease_expires_at=_at("lease_until"))
 
-_UNCOUNT_CALL = update(JOB).where(JOB.c.id == _JID).values(api_calls=JOB.c.api_calls - 1)
+_UNCOUNT_CALL = _job_update(api_calls=JOB.c.api_calls - 1)
 
 _DELETE_ATTEMPT = delete(ATTEMPT).where(
     ATTEMPT.c.job_id == _JID, ATTEMPT.c.number == bindparam("num")
@@ -169,65 +170,45 @@ _CLOSE_ATTEMPT = (
     )
 )
 
-_SUCCEEDED = (
-    update(JOB)
-    .where(JOB.c.id == _JID)
-    .values(
-        status=JobStatus.succeeded,
-        finished_at=_at("done_at"),
-        lease_expires_at=None,
-        next_attempt_at=None,
-        attempts=JOB.c.attempts + 1,
-    )
+_SUCCEEDED = _job_update(
+    status=JobStatus.succeeded,
+    finished_at=_at("done_at"),
+    lease_expires_at=None,
+    next_attempt_at=None,
+    attempts=JOB.c.attempts + 1,
 )
 
-_ALREADY_SUCCEEDED = (
-    update(JOB)
-    .where(JOB.c.id == _JID)
-    .values(
-        status=JobStatus.succeeded,
-        finished_at=func.coalesce(JOB.c.finished_at, _at("now")),
-        lease_expires_at=None,
-        next_attempt_at=None,
-        api_calls=JOB.c.api_calls - 1,
-    )
+_ALREADY_SUCCEEDED = _job_update(
+    status=JobStatus.succeeded,
+    finished_at=func.coalesce(JOB.c.finished_at, _at("now")),
+    lease_expires_at=None,
+    next_attempt_at=None,
+    api_calls=JOB.c.api_calls - 1,
 )
 
-_FAIL = (
-    update(JOB)
-    .where(JOB.c.id == _JID)
-    .values(
-        status=JobStatus.failed,
-        finished_at=_at("now"),
-        lease_expires_at=None,
-        next_attempt_at=None,
-        last_error_code=bindparam("code"),
-        last_error_message=bindparam("message"),
-    )
+_FAIL = _job_update(
+    status=JobStatus.failed,
+    finished_at=_at("now"),
+    lease_expires_at=None,
+    next_attempt_at=None,
+    last_error_code=bindparam("code"),
+    last_error_message=bindparam("message"),
 )
 
-_RETRY = (
-    update(JOB)
-    .where(JOB.c.id == _JID)
-    .values(
-        status=JobStatus.retrying,
-        next_attempt_at=_at("next_at"),
-        lease_expires_at=None,
-        last_error_code=bindparam("code"),
-        last_error_message=bindparam("message"),
-    )
+_RETRY = _job_update(
+    status=JobStatus.retrying,
+    next_attempt_at=_at("next_at"),
+    lease_expires_at=None,
+    last_error_code=bindparam("code"),
+    last_error_message=bindparam("message"),
 )
 
-_DEFER = (
-    update(JOB)
-    .where(JOB.c.id == _JID)
-    .values(status=JobStatus.retrying, next_attempt_at=_at("next_at"), lease_expires_at=None)
+_DEFER = _job_update(
+    status=JobStatus.retrying, next_attempt_at=_at("next_at"), lease_expires_at=None
 )
 
-_LAST_ERROR = (
-    update(JOB)
-    .where(JOB.c.id == _JID)
-    .values(last_error_code=bindparam("code"), last_error_message=bindparam("message"))
+_LAST_ERROR = _job_update(
+    last_error_code=bindparam("code"), last_error_message=bindparam("message")
 )
 
 _HAS_RESULT = select(RESULT.c.job_id).where(RESULT.c.job_id == _JID)
@@ -415,7 +396,7 @@ def store_success(
     result for the job raises IntegrityError and changes nothing."""
     if conn.dialect.name != "postgresql":
         insert_result(conn, job_id, result, portrait)
-        conn.execute(_CLOSE_ATTEMPT, {"jid": job_id, "num": number, **call.params()})
+        close_attempt(conn, job_id, number, call)
         mark_succeeded(conn, job_id, call.finished_at)
         return
     params = {
