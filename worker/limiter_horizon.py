@@ -141,7 +141,6 @@ class HorizonLimiter:
         queue.waiting.append(waiter)
         acquire = asyncio.ensure_future(queue.lock.acquire())
         futures: set[asyncio.Future[Any]] = {acquire, waiter.told}
-        ahead = 0
         try:
             await asyncio.wait(futures, timeout=max_wait_s, return_when=asyncio.FIRST_COMPLETED)
         except BaseException:
