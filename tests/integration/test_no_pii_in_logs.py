@@ -121,8 +121,10 @@ def test_no_personal_data_in_any_log_line(
     for specimen in specimens:
         assert leaks(json.dumps(specimen.truth, ensure_ascii=False), [specimen])
 
-    env = dict(worker_env) | {"MACAO_OCR_LOG_LEVEL": "DEBUG", "MACAO_OCR_MAX_ATTEMPTS": "8"}
-    # Faults exercise the retry and error paths' log lines as well.
+    # Faults exercise the retry and error paths' log lines as well. 44 % of calls fail, so
+    # a budget of 8 ran out for one of the 6 jobs about once in 120 runs (seen in CI); at 30
+    # that is about 1 in 10^10, and the test is about logs, not the budget.
+    env = dict(worker_env) | {"MACAO_OCR_LOG_LEVEL": "DEBUG", "MACAO_OCR_MAX_ATTEMPTS": "30"}
     emulator.configure(ocr_failed=0.3, download_error=0.2)
     group = celery_workers(env, n=2, concurrency=4, loglevel="DEBUG")
 
@@ -152,7 +154,10 @@ def test_no_personal_data_in_any_log_line(
     )
     assert status.returncode == 0, status.stderr.decode()
     # The jobs really carried the data we search for (else the search proves nothing).
-    results = [json.loads(line)["result"] for line in status.stdout.decode().splitlines()]
+    shown = [json.loads(line) for line in status.stdout.decode().splitlines()]
+    outcomes = [(s["status"], s.get("error_code"), s.get("attempts")) for s in shown]
+    assert all(s["status"] == "succeeded" for s in shown), outcomes
+    results = [s["result"] for s in shown]
     assert sorted(r["id_number"] for r in results) == sorted(s.truth["ID"] for s in specimens)
     group.stop()
 
