@@ -23,7 +23,7 @@ import sqlalchemy as sa
 import migrations
 from models import Job
 from worker.circuit_memory import MemoryAccountCircuit
-from worker.db import make_engine, make_sessionmaker
+from worker.db import make_autocommit_engine, make_engine, make_sessionmaker
 from worker.images import store_image
 from worker.limiter_memory import MemoryRateLimiter
 from worker.logs import configure_logging
@@ -68,6 +68,8 @@ def main() -> None:
         settings = Settings(database_url=url, qps=0, log_level="WARNING")
         configure_logging(settings)
         engine = make_engine(settings, pool_pre_ping=False)
+        autocommit = make_autocommit_engine(settings, pool_pre_ping=False)
+        assert autocommit is not None
         sessions = make_sessionmaker(engine)
         image = b"\xff\xd8\xff" + bytes(60_000)
         with sessions() as session, session.begin():
@@ -78,6 +80,7 @@ def main() -> None:
         deps = PipelineDeps(
             settings=settings,
             transaction=engine.begin,
+            statement=autocommit.begin,
             client=InstantClient(),
             limiter=MemoryRateLimiter(0, 1),
             circuit=MemoryAccountCircuit(),
@@ -104,6 +107,7 @@ def main() -> None:
             pstats.Stats(profile, stream=out).sort_stats("cumulative").print_stats(25)
             print(out.getvalue())
         engine.dispose()
+        autocommit.dispose()
     finally:
         loop.stop()
         with admin.connect() as conn:

@@ -79,6 +79,8 @@ def create_app(settings: Settings) -> MacaoCelery:
         broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
         # Flower and `celery events` see every task; messages carry only the job id.
         worker_send_task_events=True,
+        # ...in batches (worker.celery_consumer; a name, so producers never import it).
+        worker_consumer="worker.celery_consumer:Consumer",
         task_send_sent_event=True,
         # Workers outlive a Redis restart: keep reconnecting, at start and forever after.
         broker_connection_retry=True,

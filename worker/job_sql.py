@@ -22,11 +22,13 @@ from typing import Any
 
 from sqlalchemy import (
     Connection,
+    LargeBinary,
     SmallInteger,
     String,
     Table,
     and_,
     bindparam,
+    cast,
     delete,
     func,
     insert,
@@ -64,7 +66,7 @@ def _job_update(**values: Any) -> Any:
     return update(JOB).where(JOB.c.id == _JID).values(**values)
 
 
-def _claim_statement() -> Any:
+def _claim_statement(*, plain: bool = False) -> Any:
     now = _at("now")
     due = or_(JOB.c.next_attempt_at.is_(None), JOB.c.next_attempt_at <= now)
     claimable = or_(
@@ -84,9 +86,17 @@ def _claim_statement() -> Any:
     bought = select(func.count()).where(RESULT.c.job_id == job_id)
     front = select(IMAGE.c.data).where(IMAGE.c.id == literal_column(f"{JOB.name}.front_image_id"))
     back = select(IMAGE.c.data).where(IMAGE.c.id == literal_column(f"{JOB.name}.back_image_id"))
+    where = [JOB.c.id == _JID, claimable]
+    if plain:
+        # Only a start with nothing to sort out first: no attempt left open, no result.
+        lost = select(ATTEMPT.c.number).where(
+            ATTEMPT.c.job_id == job_id, ATTEMPT.c.finished_at.is_(None)
+        )
+        stored = select(RESULT.c.job_id).where(RESULT.c.job_id == job_id)
+        where += [~lost.exists(), ~stored.exists()]
     return (
         update(JOB)
-        .where(JOB.c.id == _JID, claimable)
+        .where(*where)
         .values(
             status=JobStatus.running,
             lease_expires_at=_at("lease_until"),
@@ -115,11 +125,11 @@ def _claim_statement() -> Any:
 _CLAIM = _claim_statement()
 
 
-def _claim_and_open_statement() -> Any:
+def _claim_and_open_statement(claim_statement: Any) -> Any:
     # PostgreSQL only: the claim and, for a plain start (no lost attempt to close first, no
     # result already bought), its first attempt, in one statement. The sub-statements share
     # one snapshot, so the claim's subqueries do not see the attempt being inserted.
-    claimed = _CLAIM.cte("claimed")
+    claimed = claim_statement.cte("claimed")
     opened = (
         insert(ATTEMPT)
         .from_select(
@@ -135,7 +145,8 @@ def _claim_and_open_statement() -> Any:
     return select(claimed, was_opened.label("opened"))
 
 
-_CLAIM_AND_OPEN = _claim_and_open_statement()
+_CLAIM_AND_OPEN = _claim_and_open_statement(_CLAIM)
+_CLAIM_PLAIN = _claim_and_open_statement(_claim_statement(plain=True))
 
 _CLOSE_LOST = (
     update(ATTEMPT)
@@ -256,8 +267,16 @@ def _succeed_statement() -> Any:
         )
         .cte("new_warnings")
     )
+    # The portrait only when asked for and returned: a NULL parameter selects no row. The
+    # cast types the parameter when it is NULL (a prepared statement keeps its first types).
+    data = cast(bindparam("p_data"), LargeBinary())
+    portrait = (
+        insert(PORTRAIT)
+        .from_select(["job_id", "data"], select(result.c.job_id, data).where(data.is_not(None)))
+        .cte("new_portrait")
+    )
     attempt = _CLOSE_ATTEMPT.cte("closed_attempt")
-    return _SUCCEEDED.add_cte(result, warnings, attempt)
+    return _SUCCEEDED.add_cte(result, warnings, portrait, attempt)
 
 
 _SUCCEED_PG = _succeed_statement()
@@ -308,6 +327,19 @@ def claim(
         insert_attempt(conn, job_id, claimed.last_number + 1, now=now, host=host)
         claimed = dataclasses.replace(claimed, opened=True)
     return claimed
+
+
+def claim_plain(
+    conn: Connection, job_id: uuid.UUID, *, now: datetime, lease_until: datetime, host: str
+) -> Claimed | None:
+    """PostgreSQL only: take the job if it is a plain start (due or its lease expired, no
+    attempt left open, no result stored) and open its first attempt, in ONE statement, so
+    it may run on its own, outside a transaction. None otherwise: `claim` sorts out why."""
+    params = {"jid": job_id, "now": now, "lease_until": lease_until, "host": host}
+    row = conn.execute(_CLAIM_PLAIN, params).first()
+    if row is None:
+        return None
+    return _claimed(row._mapping, opened=True)
 
 
 def _claimed(m: Any, *, opened: bool) -> Claimed:
@@ -392,8 +424,9 @@ def store_success(
 ) -> None:
     """Result, warnings, portrait, attempt closed and job succeeded; the caller commits.
 
-    One statement on PostgreSQL (plus the portrait when asked for); three elsewhere. A second
-    result for the job raises IntegrityError and changes nothing."""
+    One statement on PostgreSQL, so it may run on its own, outside a transaction (see
+    `worker.db.single_statements`); three or four elsewhere. A second result for the job
+    raises IntegrityError and changes nothing."""
     if conn.dialect.name != "postgresql":
         insert_result(conn, job_id, result, portrait)
         close_attempt(conn, job_id, number, call)
@@ -408,10 +441,9 @@ def store_success(
         "w_names": [w.name for w in result.warnings],
         **call.params(),
         **{f"r_{name}": getattr(result, name) for name in _RESULT_FIELDS},
+        "p_data": result.portrait if portrait else None,
     }
     conn.execute(_SUCCEED_PG, params)
-    if portrait and result.portrait is not None:
-        conn.execute(_INSERT_PORTRAIT, {"job_id": job_id, "data": result.portrait})
 
 
 def mark_succeeded(conn: Connection, job_id: uuid.UUID, done_at: datetime) -> None:

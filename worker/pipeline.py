@@ -2,10 +2,12 @@
 
 Plain code, no Celery: the task is a thin wrapper, and tests drive this with fakes.
 SQL work runs synchronously in the calling (task) thread, in short transactions that never
-span an API call; the awaitable part (circuit, limiter slot, sleep, the call) runs as ONE
-coroutine on the process's event loop through `deps.run`, so no SQL and no thread hop sits
-between the slot the shared limiter grants and the request leaving. The attempt row is
-therefore opened just before the slot is reserved, and dropped again if no call follows.
+span an API call (a plain start and a success are one statement each on PostgreSQL, run
+with no transaction around them); the awaitable part (circuit, limiter slot, sleep, the
+call) runs as ONE coroutine on the process's event loop through `deps.run`, so no SQL and
+no thread hop sits between the slot the shared limiter grants and the request leaving. The
+attempt row is therefore opened just before the slot is reserved, and dropped again if no
+call follows.
 
 State rules (all timestamps UTC):
 - A job is claimed atomically (queued/retrying and due, or running with an expired lease);
@@ -146,6 +148,10 @@ class PipelineDeps:
     sleep: Callable[[float], None] = time.sleep
     rng: random.Random = field(default_factory=random.Random)
     validate: Callable[[OcrRequest], None] = _default_validate
+    # PostgreSQL only: a connection with no transaction around its statements, for the units
+    # that are ONE statement there (job_sql.claim_plain, job_sql.store_success), which saves
+    # the BEGIN and COMMIT round trips (`worker.db.make_autocommit_engine`). None: `transaction`.
+    statement: Callable[[], AbstractContextManager[Connection]] | None = None
 
 
 @dataclass(frozen=True)
@@ -246,7 +252,7 @@ def _with_db(deps: PipelineDeps, fn: Callable[[], T], *, job_id: uuid.UUID, clai
         raise
 
 
-# -- step 1: claim and load, in one transaction with the first attempt
+# -- step 1: claim and load with the first attempt, in one statement or one transaction
 
 
 def _request_from(claimed: job_sql.Claimed) -> OcrRequest:
@@ -266,9 +272,48 @@ class _Started:
 
 
 def _start(deps: PipelineDeps, job_id: uuid.UUID) -> _Started | Outcome:
-    """Claim, load and open the first attempt in ONE transaction (one commit per job start):
-    if any part fails, none of it holds, and the message is simply delivered again."""
+    """Claim, load and open the first attempt. A plain start is ONE statement on PostgreSQL,
+    outside any transaction; any other start (or any on SQLite) is one transaction."""
     now = deps.clock()
+    if deps.statement is not None:
+        with deps.statement() as conn:
+            plain = job_sql.claim_plain(
+                conn,
+                job_id,
+                now=now,
+                lease_until=_call_lease_until(deps, now),
+                host=deps.worker_host,
+            )
+        if plain is not None:
+            return _started_plain(deps, job_id, plain, now)
+    return _start_in_transaction(deps, job_id, now)
+
+
+def _started_plain(
+    deps: PipelineDeps, job_id: uuid.UUID, claimed: job_sql.Claimed, now: datetime
+) -> _Started | Outcome:
+    number = claimed.last_number + 1
+    try:
+        request = _request_from(claimed)
+        deps.validate(request)
+    except (InputError, NotFoundError) as err:
+        # The claim and its attempt hold already: undo the attempt with the refusal. Were we
+        # to die in between, the sweeper closes the attempt as lost when the lease expires.
+        with deps.transaction() as conn:
+            job_sql.drop_attempt(conn, job_id, number)
+            job_sql.mark_failed(conn, job_id, now, err.code, err.message)
+        return _refused(job_id, err)
+    info = _JobInfo(
+        age_from=claimed.started_at, attempts=claimed.attempts, portrait=claimed.portrait
+    )
+    return _Started(request, info, number)
+
+
+def _start_in_transaction(
+    deps: PipelineDeps, job_id: uuid.UUID, now: datetime
+) -> _Started | Outcome:
+    """The claim and everything a start may need first in ONE transaction: if any part
+    fails, none of it holds, and the message is simply delivered again."""
     host = deps.worker_host
     with deps.transaction() as conn:
         claimed = job_sql.claim(
@@ -310,7 +355,11 @@ def _start(deps: PipelineDeps, job_id: uuid.UUID) -> _Started | Outcome:
                 age_from=claimed.started_at, attempts=attempts, portrait=claimed.portrait
             )
             return _Started(request, info, number)
-    log.warning("job_failed", job_id=str(job_id), error_code=refused.code, api_calls=0)
+    return _refused(job_id, refused)
+
+
+def _refused(job_id: uuid.UUID, err: InputError | NotFoundError) -> Outcome:
+    log.warning("job_failed", job_id=str(job_id), error_code=err.code, api_calls=0)
     metrics.job_finished(JobStatus.failed.value)
     return Outcome.failed
 
@@ -535,7 +584,7 @@ def _finalize_success(
 
     def write() -> None:
         try:
-            with deps.transaction() as conn:
+            with (deps.statement or deps.transaction)() as conn:
                 job_sql.store_success(conn, job_id, number, _record(call), result, info.portrait)
         except exc.IntegrityError:
             # A result is already stored: our own commit that went through before the

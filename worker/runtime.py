@@ -25,7 +25,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from worker.circuit import AccountCircuit
-from worker.db import make_engine, make_sessionmaker
+from worker.db import make_autocommit_engine, make_engine, make_sessionmaker
 from worker.limiter import RateLimiter, limiter_key
 from worker.pipeline import PipelineDeps
 from worker.settings import Settings
@@ -40,7 +40,11 @@ T = TypeVar("T")
 # threads pool that meant a new PostgreSQL backend (fork, authentication, catalog caches)
 # every few jobs: 714 sessions for 6000 jobs in bench.quota's no-quota run. Threads wait
 # for one of these instead (pool_timeout below).
-DB_POOL_SIZE = 12
+# Most of the pipeline's SQL is one statement per unit, on a pool of its own (see
+# `make_autocommit_engine`); transactions (retries, failures, rare starts, the sweeper) take
+# the other, smaller one.
+DB_POOL_SIZE = 10
+DB_TRANSACTION_POOL_SIZE = 4
 DB_MAX_OVERFLOW = 0
 
 
@@ -131,6 +135,8 @@ class WorkerRuntime:
     settings: Settings
     loop: LoopThread
     engine: Engine
+    # PostgreSQL only: the pool for one-statement units (`make_autocommit_engine`).
+    autocommit_engine: Engine | None
     session_factory: sessionmaker[Session]
     client: OcrClient
     limiter: RateLimiter
@@ -145,16 +151,20 @@ class WorkerRuntime:
     def start(cls, settings: Settings) -> WorkerRuntime:
         """Build everything; ConfigError (credentials, endpoint) before anything starts."""
         config = ClientConfig.from_settings(settings)
-        engine = make_engine(
-            settings,
-            pool_size=DB_POOL_SIZE,
-            max_overflow=DB_MAX_OVERFLOW,
+        pool: dict[str, Any] = {
+            "max_overflow": DB_MAX_OVERFLOW,
             # Wait for a connection rather than fail: threads outnumber connections.
-            pool_timeout=60,
+            "pool_timeout": 60,
             # No ping per checkout (a round trip per transaction, 10% of a busy worker's
             # samples): a connection that died with the server fails its statement as
             # invalidated, and the pipeline's retry_for takes a fresh one.
-            pool_pre_ping=False,
+            "pool_pre_ping": False,
+        }
+        autocommit = make_autocommit_engine(settings, pool_size=DB_POOL_SIZE, **pool)
+        engine = make_engine(
+            settings,
+            pool_size=DB_POOL_SIZE if autocommit is None else DB_TRANSACTION_POOL_SIZE,
+            **pool,
         )
         loop = LoopThread()
         try:
@@ -162,6 +172,8 @@ class WorkerRuntime:
         except BaseException:
             loop.stop()
             engine.dispose()
+            if autocommit is not None:
+                autocommit.dispose()
             raise
         key = limiter_key(config.secret_id, config.action, config.endpoint)
         log.info(
@@ -174,6 +186,7 @@ class WorkerRuntime:
             settings=settings,
             loop=loop,
             engine=engine,
+            autocommit_engine=autocommit,
             session_factory=make_sessionmaker(engine),
             client=OcrClient(parts.http, config),
             limiter=parts.limiter,
@@ -190,6 +203,7 @@ class WorkerRuntime:
             deps = PipelineDeps(
                 settings=self.settings,
                 transaction=self.engine.begin,
+                statement=None if self.autocommit_engine is None else self.autocommit_engine.begin,
                 client=self.client,
                 limiter=self.limiter,
                 circuit=self.circuit,
@@ -210,6 +224,8 @@ class WorkerRuntime:
                 log.warning("runtime_close_failed", error_type=type(err).__name__)
         self.loop.stop()
         self.engine.dispose()
+        if self.autocommit_engine is not None:
+            self.autocommit_engine.dispose()
         log.info("runtime_closed")
 
 

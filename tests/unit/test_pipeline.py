@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from models import Attempt, Job, JobStatus, Portrait, Result, Warning
 from models.base import utcnow
 from worker.circuit import Pause
+from worker.db import make_autocommit_engine, make_engine
 from worker.errors import (
     AccountError,
     ApiError,
@@ -209,13 +210,16 @@ class Harness:
         return process_job(str(job_id), self.deps)
 
 
-@pytest.fixture
+@pytest.fixture(params=["one-statement", "transaction-only"])
 def harness(
+    request: pytest.FixtureRequest,
     session_factory: sessionmaker[Session],
     transactions: Callable[[], AbstractContextManager[Connection]],
     settings: Settings,
     loop_thread: LoopThread,
 ) -> Harness:
+    """Each test runs both ways a worker may: plain starts and successes as single
+    statements (PostgreSQL's worker), and everything in transactions (what SQLite gets)."""
     client = FakeClient()
     limiter = SpyLimiter()
     circuit = FakeCircuit()
@@ -231,6 +235,7 @@ def harness(
         worker_host="test-host",
         sleep=sleeps.append,
         rng=random.Random(7),
+        statement=transactions if request.param == "one-statement" else None,
     )
     return Harness(deps, client, limiter, circuit, session_factory, sleeps)
 
@@ -276,6 +281,57 @@ def test_portrait_not_stored_unless_asked(harness: Harness) -> None:
     assert harness.run(job_id) is Outcome.succeeded
     with harness.sessions() as session:
         assert session.get(Portrait, job_id) is None
+
+
+def test_a_plain_job_is_two_statements_with_no_transaction_around_them(
+    fresh_migrated_database: Callable[[], str], settings: Settings, loop_thread: LoopThread
+) -> None:
+    # What a worker on PostgreSQL runs: the claim that opens the attempt, then the success
+    # (result, warnings, portrait, attempt, job), each committing on its own, so no BEGIN and
+    # COMMIT round trips; the transactions fixture cannot show this, a real engine can.
+    db_settings = Settings(database_url=fresh_migrated_database())
+    engine = make_engine(db_settings, pool_pre_ping=False)
+    autocommit = make_autocommit_engine(db_settings, pool_pre_ping=False)
+    assert autocommit is not None
+    try:
+        with Session(engine, expire_on_commit=False) as session, session.begin():
+            job = Job(front_url="https://cards.example.com/front.jpg", portrait=True)
+            session.add(job)
+        statements: list[tuple[str, bool]] = []
+
+        @event.listens_for(autocommit, "before_cursor_execute")
+        @event.listens_for(engine, "before_cursor_execute")
+        def spy(_conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+            statements.append((statement.split(None, 1)[0], cursor.connection.autocommit))
+
+        deps = PipelineDeps(
+            settings=settings,
+            transaction=engine.begin,
+            statement=autocommit.begin,
+            client=FakeClient(),
+            limiter=SpyLimiter(),
+            circuit=FakeCircuit(),
+            limiter_key=KEY,
+            run=loop_thread.run,
+        )
+        assert process_job(str(job.id), deps) is Outcome.succeeded
+        assert statements == [("WITH", True), ("WITH", True)]
+        with Session(engine) as session:
+            stored = session.get(Job, job.id)
+            assert stored is not None and stored.status is JobStatus.succeeded
+            assert (stored.attempts, stored.api_calls) == (1, 1)
+            assert session.get(Result, job.id) is not None
+            assert len(session.scalars(select(Warning).where(Warning.job_id == job.id)).all()) == 2
+            portrait = session.get(Portrait, job.id)
+            assert portrait is not None and portrait.data == b"\xff\xd8portrait"
+            [attempt] = session.scalars(select(Attempt).where(Attempt.job_id == job.id)).all()
+            assert attempt.outcome_code == "OK" and attempt.finished_at is not None
+        # A second delivery of the message: the plain claim finds nothing, the full one
+        # (in a transaction) finds the job done and leaves it alone.
+        assert process_job(str(job.id), deps) is Outcome.not_claimed
+    finally:
+        engine.dispose()
+        autocommit.dispose()
 
 
 # -- claim semantics

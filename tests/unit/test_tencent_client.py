@@ -297,9 +297,12 @@ async def test_error_message_drops_urls(fake, client_for) -> None:
 async def test_transport_failures(fake, client_for, mode, code) -> None:
     tencent, _ = fake
     tencent.mode = mode
+    # Only "slow" is meant to time out. The reset case failed once in a full run here (not
+    # reproduced alone, 75 runs under load): a 0.3-s budget is the one timing it depends on.
+    timeout_s = 0.3 if mode == "slow" else 10.0
     with pytest.raises(TransportError) as exc:
-        await client_for(total_timeout_s=0.3).recognize(REQUEST)
-    assert exc.value.code == code
+        await client_for(total_timeout_s=timeout_s).recognize(REQUEST)
+    assert exc.value.code == code, exc.value
     assert exc.value.retryable
     # Exactly one HTTP call, even for a dropped connection.
     assert len(tencent.hits) == 1
