@@ -1,8 +1,15 @@
-"""The broker transport reuses one Redis client per pool and follows a reconnect."""
+"""The broker transport reuses one Redis client per pool, follows a reconnect, and writes
+acks with the next delivery."""
 
 from __future__ import annotations
 
-from worker.broker_transport import Channel, Transport
+import time
+import uuid
+from typing import Any
+
+from kombu.asynchronous import Hub
+
+from worker.broker_transport import ACK_FLUSH_S, Channel, Transport
 from worker.celery_app import create_app
 from worker.settings import Settings
 
@@ -30,4 +37,47 @@ def test_redis_urls_use_our_transport_and_one_client_per_pool() -> None:
 def test_other_schemes_keep_kombus_transport() -> None:
     app = create_app(Settings(broker_url="rediss://127.0.0.1:6380/0"))
     assert app.conf.broker_transport is None
+    app.close()
+
+
+def test_an_ack_rides_on_the_next_delivery_or_goes_out_when_none_comes() -> None:
+    app = create_app(Settings(broker_url="redis://127.0.0.1:6379/9"))
+    queue = f"test-acks-{uuid.uuid4().hex[:8]}"
+    with app.connection_for_write() as conn:
+        channel = conn.channel()
+        client = channel.client
+        for n in range(5):
+            channel.basic_publish(channel.prepare_message(f"m{n}"), exchange="", routing_key=queue)
+
+        def unacked(*messages: Any) -> list[bool]:
+            return [bool(client.hexists(channel.unacked_key, m.delivery_tag)) for m in messages]
+
+        # No event loop to flush them: an ack goes out at once, as kombu's does.
+        m0 = channel.basic_get(queue)
+        assert unacked(m0) == [True]
+        channel.basic_ack(m0.delivery_tag)
+        assert unacked(m0) == [False]
+
+        hub = Hub()
+        conn.transport.register_with_event_loop(conn.connection, hub)
+        assert conn.transport._flush_waiting_acks in hub.on_tick
+        m1 = channel.basic_get(queue)
+        channel.basic_ack(m1.delivery_tag)
+        assert unacked(m1) == [True]  # held, not a round trip of its own
+        m2 = channel.basic_get(queue)
+        assert unacked(m1, m2) == [False, True]  # written with m2's delivery
+
+        channel.basic_ack(m2.delivery_tag)
+        conn.transport._flush_waiting_acks()
+        assert unacked(m2) == [True]  # too fresh to flush alone
+        time.sleep(ACK_FLUSH_S)
+        conn.transport._flush_waiting_acks()
+        assert unacked(m2) == [False]  # no delivery came: flushed by itself
+
+        m3 = channel.basic_get(queue)
+        channel.basic_ack(m3.delivery_tag)
+        channel.close()  # the close writes what is pending
+        assert unacked(m3) == [False]
+        hub.close()
+        client.delete(queue)
     app.close()
