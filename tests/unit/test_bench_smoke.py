@@ -132,3 +132,23 @@ def test_floor_prints_every_layer(redis_url: str, pg_admin_url: str) -> None:
     for part in ("celery workers", "http client", "emulator", "pipeline sql", "postgres"):
         assert part in out.stdout
     assert "jobs/s on" in out.stdout
+
+
+def test_noquota_is_judged_only_where_the_fleet_has_a_process_per_core(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    windows = h.window_stats({10: (225, 0), 11: (225, 0), 12: (225, 0)}, 10, 12)
+    sql = h.SqlStats(450, 450, 1.0, 1.0, 2.0, 0.5, 0.9, 12.0)  # 225 jobs/s over 2 s
+    base_sc = quota.Scenario("noquota", "baseline", 1, 0, 0, 100, 2)
+    base_sql = h.SqlStats(12, 12, 1.0, 1.0, 2.0, 0.5, 0.9, 12.0)  # 6 jobs/s
+    baseline = quota.Figures(base_sc, windows, base_sql, 0.0, False)
+    ctx = quota.Context(args=argparse.Namespace(), run_dir=Path("."), emulator=None, images=[])  # type: ignore[arg-type]
+    for processes in (1, 2):
+        sc = quota.Scenario("noquota", "ours", processes, 0, 0, 100, 2)
+        quota.judge(ctx, quota.Figures(sc, windows, sql, 0.0, False), baseline)
+    # 1 process on 2 cores: printed, not judged; 2 processes: both targets judged.
+    assert [line.split()[0] for line in ctx.infos] == ["INFO"]
+    assert "P=1" in ctx.infos[0] and "not judged" in ctx.infos[0]
+    assert [line.split()[0] for line in ctx.verdicts] == ["PASS", "PASS"]
+    assert all("P=2" in line for line in ctx.verdicts)
