@@ -60,7 +60,8 @@ class QoS(_BaseQoS):  # type: ignore[misc]
 
     def ack(self, delivery_tag: str) -> None:
         """Acknowledge now in memory; in Redis with the next delivery (see module doc)."""
-        if not self.channel.connection.flushes_acks:
+        if self.channel.closed or not self.channel.connection.flushes_acks:
+            # As kombu's (a closed channel's pending acks would never be flushed).
             super().ack(delivery_tag)
             return
         if not self._acked:
@@ -124,7 +125,7 @@ class Transport(_BaseTransport):  # type: ignore[misc]
 
     def _flush_waiting_acks(self) -> None:
         for channel in self.channels:
-            if channel._qos is not None:
+            if not channel.closed and channel._qos is not None:
                 channel._qos.flush_acks(older_than_s=ACK_FLUSH_S)
 
 
