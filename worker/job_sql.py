@@ -425,7 +425,7 @@ def store_success(
     """Result, warnings, portrait, attempt closed and job succeeded; the caller commits.
 
     One statement on PostgreSQL, so it may run on its own, outside a transaction (see
-    `worker.db.single_statements`); three or four elsewhere. A second result for the job
+    `worker.db.make_autocommit_engine`); three or four elsewhere. A second result for the job
     raises IntegrityError and changes nothing."""
     if conn.dialect.name != "postgresql":
         insert_result(conn, job_id, result, portrait)

@@ -275,18 +275,15 @@ def _start(deps: PipelineDeps, job_id: uuid.UUID) -> _Started | Outcome:
     """Claim, load and open the first attempt. A plain start is ONE statement on PostgreSQL,
     outside any transaction; any other start (or any on SQLite) is one transaction."""
     now = deps.clock()
+    lease_until = _call_lease_until(deps, now)
     if deps.statement is not None:
         with deps.statement() as conn:
             plain = job_sql.claim_plain(
-                conn,
-                job_id,
-                now=now,
-                lease_until=_call_lease_until(deps, now),
-                host=deps.worker_host,
+                conn, job_id, now=now, lease_until=lease_until, host=deps.worker_host
             )
         if plain is not None:
             return _started_plain(deps, job_id, plain, now)
-    return _start_in_transaction(deps, job_id, now)
+    return _start_in_transaction(deps, job_id, now, lease_until)
 
 
 def _started_plain(
@@ -310,19 +307,14 @@ def _started_plain(
 
 
 def _start_in_transaction(
-    deps: PipelineDeps, job_id: uuid.UUID, now: datetime
+    deps: PipelineDeps, job_id: uuid.UUID, now: datetime, lease_until: datetime
 ) -> _Started | Outcome:
     """The claim and everything a start may need first in ONE transaction: if any part
     fails, none of it holds, and the message is simply delivered again."""
     host = deps.worker_host
     with deps.transaction() as conn:
         claimed = job_sql.claim(
-            conn,
-            job_id,
-            now=now,
-            lease_until=_call_lease_until(deps, now),
-            host=host,
-            open_attempt=True,
+            conn, job_id, now=now, lease_until=lease_until, host=host, open_attempt=True
         )
         if claimed is None:
             return Outcome.not_claimed
