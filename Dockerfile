@@ -12,6 +12,7 @@ COPY worker ./worker
 COPY models ./models
 COPY migrations ./migrations
 COPY emulator ./emulator
+COPY demo ./demo
 RUN pip wheel --wheel-dir /wheels .
 
 # -- runtime
@@ -21,7 +22,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 COPY --from=build /wheels /wheels
-RUN pip install --no-index --find-links=/wheels macao-ocr \
+RUN pip install --no-index --find-links=/wheels 'macao-ocr[emulator]' \
     && rm -rf /wheels
 
 # A fixed non-root uid/gid so mounted volumes can be chowned to it on the host.

@@ -198,9 +198,9 @@ def enqueue(
     settings_env: Mapping[str, str], images: Sequence[bytes], n_jobs: int, *, baseline: bool
 ) -> float:
     """Submit `n_jobs` through the real producer (commit, then publish); returns seconds taken."""
-    from worker.db import make_engine, make_sessionmaker
     from worker.producer import JobSpec, submit_many
     from worker.settings import Settings
+    from worker.store.engine import make_engine, make_sessionmaker
 
     settings = Settings(**_settings_kwargs(settings_env))
     engine = make_engine(settings)
@@ -211,8 +211,8 @@ def enqueue(
         app: Any = create_baseline_app(settings)
         publisher: Any = BaselinePublisher(app)
     else:
-        from worker.celery_app import create_app
-        from worker.publish import CeleryPublisher
+        from worker.app import create_app
+        from worker.broker.publish import CeleryPublisher
 
         app = create_app(settings)
         publisher = CeleryPublisher(app)

@@ -4,8 +4,8 @@ What a first version would look like: one task per job, default prefork pool (co
 cores), a BLOCKING HTTP client (requests) so each call holds a whole process, Celery's own
 `rate_limit=f"{Q}/s"` (a token bucket per worker instance, not shared), a throttled answer
 retried with Celery's retry/countdown, and the result row written directly. It reads the same
-job rows and stored images as our pipeline and sends the same signed body (worker.signing,
-worker.validation), so the emulator sees identical calls.
+job rows and stored images as our pipeline and sends the same signed body (worker.tencent.signing,
+worker.tencent.validation), so the emulator sees identical calls.
 
     celery -A bench.baseline_app worker -Q macao-ocr-baseline      # env: MACAO_OCR_*
 
@@ -29,13 +29,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from models import Job, JobStatus
 from models.base import utcnow
-from worker.db import make_engine, make_sessionmaker
-from worker.images import load_request
-from worker.pipeline import store_result
-from worker.response import parse_response
 from worker.settings import Settings, load_settings
-from worker.tencent_client import ClientConfig, signed_headers
-from worker.validation import build_payload, encode_body
+from worker.store import job_sql
+from worker.store.engine import make_engine, make_sessionmaker
+from worker.store.images import load_request
+from worker.tencent.client import ClientConfig, signed_headers
+from worker.tencent.response import parse_response
+from worker.tencent.validation import build_payload, encode_body
 
 TASK_NAME = "macao_ocr_bench.baseline_job"
 QUEUE = "macao-ocr-baseline"
@@ -114,7 +114,8 @@ def run_job(task: Any, settings: Settings, job_id_text: str) -> str:
     with state.sessions() as session, session.begin():
         _count_call(session, job_id)
         if error is None:
-            store_result(session, job_id, parse_response(response), portrait=False)
+            # The result row, its warnings; a second result raises IntegrityError.
+            job_sql.insert_result(session.connection(), job_id, parse_response(response), False)
             session.execute(
                 update(Job)
                 .where(Job.id == job_id)
@@ -156,7 +157,7 @@ def create_app(settings: Settings) -> Celery:
 
 
 class BaselinePublisher:
-    """`worker.publish.Publisher` for the baseline queue (the producer is shared)."""
+    """`worker.broker.publish.Publisher` for the baseline queue (the producer is shared)."""
 
     def __init__(self, app: Celery) -> None:
         self.app = app

@@ -69,9 +69,7 @@ def celery_floor(args: argparse.Namespace, run_dir: Path) -> tuple[float, dict[s
             if not fleet.alive():
                 raise RuntimeError(f"floor worker exited; see {run_dir}")
             time.sleep(0.05)
-        meter = h.CpuMeter(
-            {"workers": fleet.pids, "redis": lambda: h.pids_named("redis-server")}
-        )
+        meter = h.CpuMeter({"workers": fleet.pids, "redis": lambda: h.pids_named("redis-server")})
         start_backlog = _backlog(client, QUEUE)
         meter.start()
         while (left := _backlog(client, QUEUE)) > stop_at:
@@ -88,9 +86,9 @@ async def _calls(
     args: argparse.Namespace, emulator: h.Emulator, images: list[bytes]
 ) -> tuple[int, float]:
     from worker.logs import configure_logging
-    from worker.ocr_types import ImageInput, OcrRequest
     from worker.settings import Settings
-    from worker.tencent_client import ClientConfig, OcrClient, make_session
+    from worker.tencent.client import ClientConfig, OcrClient, make_session
+    from worker.tencent.types import ImageInput, OcrRequest
 
     # The layer alone: the client's own per-call log line is the pipeline's cost, not this.
     settings = Settings(**h._settings_kwargs(emulator.env()), qps=0, log_level="WARNING")

@@ -38,8 +38,8 @@ SHARED_CONF = (
 
 
 def create_app() -> Celery:
-    """The floor app: our configuration (read off `worker.celery_app.create_app`), one task."""
-    from worker.celery_app import create_app as create_ours
+    """The floor app: our configuration (read off `worker.app.create_app`), one task."""
+    from worker.app import create_app as create_ours
     from worker.settings import load_settings
 
     ours = create_ours(load_settings())

@@ -22,15 +22,15 @@ import sqlalchemy as sa
 
 import migrations
 from models import Job
-from worker.circuit_memory import MemoryAccountCircuit
-from worker.db import make_autocommit_engine, make_engine, make_sessionmaker
-from worker.images import store_image
-from worker.limiter_memory import MemoryRateLimiter
 from worker.logs import configure_logging
-from worker.ocr_types import CardWarning, OcrRequest, OcrResult
 from worker.pipeline import Outcome, PipelineDeps, process_job
+from worker.quota.circuit_memory import MemoryAccountCircuit
+from worker.quota.limiter_memory import MemoryRateLimiter
 from worker.runtime import LoopThread
 from worker.settings import Settings
+from worker.store.engine import make_autocommit_engine, make_engine, make_sessionmaker
+from worker.store.images import store_image
+from worker.tencent.types import CardWarning, OcrRequest, OcrResult
 
 RESULT = OcrResult(
     request_id="req",

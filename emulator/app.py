@@ -24,7 +24,7 @@ from emulator.config import EmulatorConfig, KnobError, Knobs, apply_knobs
 from emulator.counters import HTTP_502, OK, RESET, Counters
 from emulator.envelope import CallError, bad_gateway, error_response, success_response
 from emulator.specimen import make_specimen, read_embedded
-from worker.ocr_types import WARNING_SERVICE_DISABLED
+from worker.tencent.types import WARNING_SERVICE_DISABLED
 
 # Far above the API's 10 MB so that an oversized body gets Tencent's answer, not aiohttp's 413.
 CLIENT_MAX_SIZE_BYTES = 64 * 1024 * 1024

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from emulator.envelope import CallError
-from worker.signing import SIGNED_HEADERS, sign, utc_date
+from worker.tencent.signing import SIGNED_HEADERS, sign, utc_date
 
 ACTION: Final = "RecognizeMacaoIDCardOCR"
 VERSION: Final = "2018-11-19"

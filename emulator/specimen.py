@@ -22,7 +22,7 @@ from typing import Any, Final
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
-from worker.ocr_types import WARNING_CODES, WARNING_NAMES
+from worker.tencent.types import WARNING_CODES, WARNING_NAMES
 
 # ID-1 card proportions (85.60 x 53.98 mm) at about 254 dpi.
 CARD_W: Final = 856

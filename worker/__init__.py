@@ -11,7 +11,7 @@ from typing import Any
 
 def __getattr__(name: str) -> Any:
     if name in ("app", "celery"):
-        from worker.celery_app import get_app
+        from worker.app import get_app
 
         return get_app()
     raise AttributeError(f"module 'worker' has no attribute {name!r}")

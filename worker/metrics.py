@@ -357,8 +357,8 @@ def backlog_collector(settings: Settings) -> BacklogCollector:
     """A BacklogCollector reading the broker's Redis and the jobs database."""
     import redis
 
-    from worker.db import make_engine
-    from worker.publish import QUEUE
+    from worker.broker.publish import QUEUE
+    from worker.store.engine import make_engine
 
     client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=2, socket_timeout=2)
     # One connection is plenty for one COUNT per scrape (SQLite ignores pool sizes).

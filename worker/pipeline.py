@@ -38,13 +38,11 @@ from typing import Any, Protocol, TypeVar
 
 import structlog
 from sqlalchemy import Connection, exc
-from sqlalchemy.orm import Session
 
 from models import JobStatus
 from models.base import utcnow
-from worker import job_sql, metrics
+from worker import metrics
 from worker.backoff import full_jitter_s, retry_for
-from worker.circuit import AccountCircuit
 from worker.errors import (
     AccountError,
     ApiError,
@@ -58,10 +56,13 @@ from worker.errors import (
     TransportError,
     UnknownCodeError,
 )
-from worker.images import side_input
-from worker.limiter import RateLimiter
-from worker.ocr_types import OcrRequest, OcrResult
+from worker.quota.circuit import AccountCircuit
+from worker.quota.limiter import RateLimiter
 from worker.settings import Settings
+from worker.store import job_sql
+from worker.store.images import side_input
+from worker.store.start import NotStarted, refuse_start, start_job
+from worker.tencent.types import OcrRequest, OcrResult
 
 log = structlog.get_logger(__name__)
 
@@ -95,7 +96,7 @@ class CoroutineRunner(Protocol):
 
 
 class OcrApi(Protocol):
-    """What the pipeline needs of `worker.tencent_client.OcrClient`."""
+    """What the pipeline needs of `worker.tencent.client.OcrClient`."""
 
     async def recognize(self, request: OcrRequest) -> OcrResult: ...
 
@@ -123,7 +124,7 @@ class DatabaseUnavailable(Exception):
 
 
 def _default_validate(request: OcrRequest) -> None:
-    from worker.validation import validate_request
+    from worker.tencent.validation import validate_request
 
     validate_request(request)
 
@@ -150,7 +151,8 @@ class PipelineDeps:
     validate: Callable[[OcrRequest], None] = _default_validate
     # PostgreSQL only: a connection with no transaction around its statements, for the units
     # that are ONE statement there (job_sql.claim_plain, job_sql.store_success), which saves
-    # the BEGIN and COMMIT round trips (`worker.db.make_autocommit_engine`). None: `transaction`.
+    # the BEGIN and COMMIT round trips (`worker.store.engine.make_autocommit_engine`).
+    # None: `transaction`.
     statement: Callable[[], AbstractContextManager[Connection]] | None = None
 
 
@@ -272,82 +274,33 @@ class _Started:
 
 
 def _start(deps: PipelineDeps, job_id: uuid.UUID) -> _Started | Outcome:
-    """Claim, load and open the first attempt. A plain start is ONE statement on PostgreSQL,
-    outside any transaction; any other start (or any on SQLite) is one transaction."""
+    """Claim, load and open the next attempt (`worker.store.start`), then check the input.
+
+    Rejected before any call: the producer validated, so this is rare (a stored image gone,
+    rules tightened since submit). The job fails with the rule's code; no call is made."""
     now = deps.clock()
-    lease_until = _call_lease_until(deps, now)
-    if deps.statement is not None:
-        with deps.statement() as conn:
-            plain = job_sql.claim_plain(
-                conn, job_id, now=now, lease_until=lease_until, host=deps.worker_host
-            )
-        if plain is not None:
-            return _started_plain(deps, job_id, plain, now)
-    return _start_in_transaction(deps, job_id, now, lease_until)
-
-
-def _started_plain(
-    deps: PipelineDeps, job_id: uuid.UUID, claimed: job_sql.Claimed, now: datetime
-) -> _Started | Outcome:
-    number = claimed.last_number + 1
+    started = start_job(
+        job_id,
+        statement=deps.statement,
+        transaction=deps.transaction,
+        now=now,
+        lease_until=_call_lease_until(deps, now),
+        host=deps.worker_host,
+    )
+    if isinstance(started, NotStarted):
+        return Outcome(started.value)
+    claimed = started.claimed
     try:
         request = _request_from(claimed)
         deps.validate(request)
     except (InputError, NotFoundError) as err:
-        # The claim and its attempt hold already: undo the attempt with the refusal. Were we
-        # to die in between, the sweeper closes the attempt as lost when the lease expires.
         with deps.transaction() as conn:
-            job_sql.drop_attempt(conn, job_id, number)
-            job_sql.mark_failed(conn, job_id, now, err.code, err.message)
+            refuse_start(conn, job_id, started.number, now, err.code, err.message)
         return _refused(job_id, err)
     info = _JobInfo(
-        age_from=claimed.started_at, attempts=claimed.attempts, portrait=claimed.portrait
+        age_from=claimed.started_at, attempts=started.attempts, portrait=claimed.portrait
     )
-    return _Started(request, info, number)
-
-
-def _start_in_transaction(
-    deps: PipelineDeps, job_id: uuid.UUID, now: datetime, lease_until: datetime
-) -> _Started | Outcome:
-    """The claim and everything a start may need first in ONE transaction: if any part
-    fails, none of it holds, and the message is simply delivered again."""
-    host = deps.worker_host
-    with deps.transaction() as conn:
-        claimed = job_sql.claim(
-            conn, job_id, now=now, lease_until=lease_until, host=host, open_attempt=True
-        )
-        if claimed is None:
-            return Outcome.not_claimed
-        attempts = claimed.attempts
-        if claimed.open_attempts:
-            # We took a dead worker's expired lease: close its call as the sweeper would,
-            # spending budget so a poison job ends.
-            attempts += job_sql.close_lost_attempts(conn, job_id, now)
-        if claimed.bought:
-            # Bought already (a crash between finalize and ack, or a replayed message).
-            job_sql.mark_already_succeeded(conn, job_id, now)
-            return Outcome.already_succeeded
-        try:
-            request = _request_from(claimed)
-            deps.validate(request)
-        except (InputError, NotFoundError) as err:
-            # Rejected before any call: the producer validated, so this is rare (a stored
-            # image gone, rules tightened since submit). Fail it with the rule's code.
-            if claimed.opened:
-                job_sql.drop_attempt(conn, job_id, claimed.last_number + 1)
-            else:
-                job_sql.uncount_call(conn, job_id)
-            job_sql.mark_failed(conn, job_id, now, err.code, err.message)
-            refused = err
-        else:
-            number = claimed.last_number + 1
-            if not claimed.opened:
-                job_sql.insert_attempt(conn, job_id, number, now=now, host=host)
-            info = _JobInfo(
-                age_from=claimed.started_at, attempts=attempts, portrait=claimed.portrait
-            )
-            return _Started(request, info, number)
-    return _refused(job_id, refused)
+    return _Started(request, info, started.number)
 
 
 def _refused(job_id: uuid.UUID, err: InputError | NotFoundError) -> Outcome:
@@ -557,13 +510,6 @@ def _message(call: _Call) -> str | None:
     if call.error is not None:
         return call.error.message
     return call.input_error.message if call.input_error is not None else None
-
-
-def store_result(session: Session, job_id: uuid.UUID, result: OcrResult, portrait: bool) -> None:
-    """Insert the result row, its warnings and (when asked for) the portrait; caller commits.
-
-    A second result for the job raises IntegrityError (the result's key is the job id)."""
-    job_sql.insert_result(session.connection(), job_id, result, portrait)
 
 
 def _finalize_success(

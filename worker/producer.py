@@ -19,12 +19,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from models import Job, JobStatus
 from models.base import utcnow
+from worker.broker.publish import Publisher
 from worker.errors import InputError
-from worker.images import store_image
-from worker.ocr_types import ImageInput, OcrRequest
-from worker.publish import Publisher
 from worker.settings import Settings
-from worker.validation import validate_request
+from worker.store.images import store_image
+from worker.tencent.types import ImageInput, OcrRequest
+from worker.tencent.validation import validate_request
 
 log = structlog.get_logger(__name__)
 

@@ -24,8 +24,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from models import Job, JobEvent, JobStatus, Portrait, Result, Warning
 from models.base import utcnow
+from worker.broker.publish import Publisher
 from worker.errors import InputError
-from worker.publish import Publisher
 from worker.settings import Settings
 
 log = structlog.get_logger(__name__)

@@ -24,12 +24,12 @@ import structlog
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from worker.circuit import AccountCircuit
-from worker.db import make_autocommit_engine, make_engine, make_sessionmaker
-from worker.limiter import RateLimiter, limiter_key
 from worker.pipeline import PipelineDeps
+from worker.quota.circuit import AccountCircuit
+from worker.quota.limiter import RateLimiter, limiter_key
 from worker.settings import Settings
-from worker.tencent_client import ClientConfig, OcrClient, make_session
+from worker.store.engine import make_autocommit_engine, make_engine, make_sessionmaker
+from worker.tencent.client import ClientConfig, OcrClient, make_session
 
 log = structlog.get_logger(__name__)
 
@@ -109,9 +109,9 @@ class _AsyncParts:
 
 async def _open_async(settings: Settings) -> _AsyncParts:
     """Built inside the loop: aiohttp sessions and asyncio Redis clients bind to it."""
-    from worker.circuit_redis import RedisAccountCircuit
-    from worker.limiter_horizon import HorizonLimiter
-    from worker.limiter_redis import RedisRateLimiter, state_redis
+    from worker.quota.circuit_redis import RedisAccountCircuit
+    from worker.quota.horizon import HorizonLimiter
+    from worker.quota.limiter_redis import RedisRateLimiter, state_redis
 
     http = make_session(settings)
     # Short timeouts (fail closed fast); the default key prefix is what `status` reads.

@@ -44,9 +44,7 @@ class Settings(BaseSettings):
     api_language: str | None = None
     secret_id: SecretStr | None = Field(default=None, validation_alias=_tc("SECRET_ID"))
     secret_key: SecretStr | None = Field(default=None, validation_alias=_tc("SECRET_KEY"))
-    session_token: SecretStr | None = Field(
-        default=None, validation_alias=_tc("SESSION_TOKEN")
-    )
+    session_token: SecretStr | None = Field(default=None, validation_alias=_tc("SESSION_TOKEN"))
     connect_timeout_s: PositiveFloat = 3.0
     # Tencent gives a URL image 3 s to download, then recognition; 30 s bounds a stuck call.
     total_timeout_s: PositiveFloat = 30.0
@@ -59,7 +57,7 @@ class Settings(BaseSettings):
     # of holding its broker message. Short, because a rate decrease after throttling only
     # affects slots booked after it: slots booked far ahead would keep overshooting.
     max_quota_wait_s: PositiveFloat = 10.0
-    # Slots are booked at most this far ahead (worker.limiter_horizon): after a throttle,
+    # Slots are booked at most this far ahead (worker.quota.horizon): after a throttle,
     # at most qps x horizon calls still go out at the old rate.
     quota_horizon_s: PositiveFloat = 0.5
     rate_min_fraction: float = Field(default=0.2, gt=0, le=1)

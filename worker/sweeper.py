@@ -43,7 +43,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from models import Attempt, Job, JobEvent, JobStatus
-from worker.publish import QUEUE, Publisher
+from worker.broker.publish import QUEUE, Publisher
 from worker.settings import Settings
 
 log = structlog.get_logger(__name__)

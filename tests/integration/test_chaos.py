@@ -30,11 +30,11 @@ from celery import Celery
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from demo.embedded_broker import free_port, wait_for_ping
 from emulator.specimen import make_specimen
 from models import Attempt, Job, JobStatus, Result
-from worker.embedded_broker import free_port, wait_for_ping
+from worker.broker.publish import CeleryPublisher
 from worker.producer import JobSpec, submit_many
-from worker.publish import CeleryPublisher
 from worker.settings import Settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]

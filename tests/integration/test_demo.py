@@ -25,8 +25,8 @@ import redis.asyncio
 import sqlalchemy as sa
 from typer.testing import CliRunner
 
-from worker.cli import app as cli_app
-from worker.demo import (
+from demo.embedded_broker import BrokerError, start_broker
+from demo.run import (
     RUN_MARKER_VAR,
     DemoError,
     DemoPlan,
@@ -36,7 +36,7 @@ from worker.demo import (
     specimen_cards,
     wants_real_service,
 )
-from worker.embedded_broker import BrokerError, start_broker
+from worker.cli import app as cli_app
 
 pytestmark = pytest.mark.integration
 
@@ -364,7 +364,7 @@ def test_fakeredis_keeps_the_connection_after_an_error_reply(fakeredis_broker: s
 
 
 def test_limiter_script_runs_on_fakeredis(fakeredis_broker: str) -> None:
-    from worker.limiter_redis import RedisRateLimiter, state_redis
+    from worker.quota.limiter_redis import RedisRateLimiter, state_redis
 
     async def reserve_three() -> list[float]:
         client = state_redis(fakeredis_broker)

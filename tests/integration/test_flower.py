@@ -26,8 +26,8 @@ import sqlalchemy as sa
 
 from emulator.specimen import Specimen, make_specimen
 from tests.fixtures.workers import StartWorkers, cli_env
+from worker.broker.publish import QUEUE, TASK_NAME
 from worker.cli.ops_cmd import flower_command
-from worker.publish import QUEUE, TASK_NAME
 from worker.settings import Settings
 
 pytestmark = pytest.mark.integration

@@ -12,7 +12,7 @@ from collections import Counter
 
 import pytest
 
-from worker.limiter import limiter_key
+from worker.quota.limiter import limiter_key
 
 pytestmark = pytest.mark.integration
 
@@ -24,7 +24,7 @@ RUN_S = 6.0
 # the wall time, which is the clock Redis TIME reads on this host), until the end.
 CHILD = """
 import asyncio, json, sys, time
-from worker.limiter_redis import RedisRateLimiter, state_redis
+from worker.quota.limiter_redis import RedisRateLimiter, state_redis
 
 async def main(url, key, qps, start_at, end_at):
     client = state_redis(url)

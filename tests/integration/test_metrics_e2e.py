@@ -247,7 +247,7 @@ def test_queue_depth_counts_waiting_messages(launcher_env: dict[str, str], tmp_p
 
     import redis.asyncio
 
-    from worker.circuit_redis import RedisAccountCircuit
+    from worker.quota.circuit_redis import RedisAccountCircuit
 
     async def pause() -> None:
         client = redis.asyncio.Redis.from_url(launcher_env["MACAO_OCR_BROKER_URL"])

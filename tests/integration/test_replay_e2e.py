@@ -22,8 +22,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from emulator.specimen import make_specimen
 from models import Attempt, Job, JobEvent, JobStatus, Result
 from tests.fixtures.workers import cli_env
+from worker.broker.publish import CeleryPublisher
 from worker.producer import JobSpec, submit_many
-from worker.publish import CeleryPublisher
 from worker.settings import Settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]

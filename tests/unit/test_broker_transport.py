@@ -9,8 +9,8 @@ from typing import Any
 
 from kombu.asynchronous import Hub
 
-from worker.broker_transport import ACK_FLUSH_S, Channel, Transport
-from worker.celery_app import create_app
+from worker.app import create_app
+from worker.broker.transport import ACK_FLUSH_S, Channel, Transport
 from worker.settings import Settings
 
 

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from worker import celery_consumer
-from worker.celery_consumer import EVENT_FLUSH_S, Consumer
+from worker.broker import consumer as celery_consumer
+from worker.broker.consumer import EVENT_FLUSH_S, Consumer
 
 
 class FakeHub:
@@ -75,7 +75,7 @@ def test_shutdown_publishes_what_is_still_buffered(monkeypatch: pytest.MonkeyPat
 
 
 def test_the_app_runs_this_consumer() -> None:
-    from worker.celery_app import create_app
+    from worker.app import create_app
     from worker.settings import Settings
 
     app = create_app(Settings(database_url="sqlite:///unused.db"))

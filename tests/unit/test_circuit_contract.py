@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 
-from worker.circuit import AccountCircuit
-from worker.circuit_memory import MemoryAccountCircuit
-from worker.circuit_redis import RedisAccountCircuit, read_pause_sync
 from worker.errors import StateUnavailable
-from worker.limiter_redis import state_redis
+from worker.quota.circuit import AccountCircuit
+from worker.quota.circuit_memory import MemoryAccountCircuit
+from worker.quota.circuit_redis import RedisAccountCircuit, read_pause_sync
+from worker.quota.limiter_redis import state_redis
 
 
 @dataclass

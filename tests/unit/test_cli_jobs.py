@@ -23,8 +23,8 @@ from typer.testing import CliRunner, Result
 
 from models import Attempt, Job, JobStatus, Warning
 from models import Result as ResultRow
+from worker.broker.publish import QUEUE
 from worker.cli import app
-from worker.publish import QUEUE
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 
@@ -286,7 +286,7 @@ def test_status_shows_the_account_pause(
 
     import redis.asyncio
 
-    from worker.circuit_redis import RedisAccountCircuit
+    from worker.quota.circuit_redis import RedisAccountCircuit
 
     ids = _seed(factory)
 

@@ -14,9 +14,9 @@ from emulator.app import create_app
 from emulator.config import EmulatorConfig, Knobs
 from emulator.specimen import Specimen, make_specimen
 from worker.errors import PermanentError, ThrottledError
-from worker.ocr_types import ImageInput, OcrRequest, OcrResult
 from worker.settings import Settings
-from worker.tencent_client import ClientConfig, OcrClient, make_session
+from worker.tencent.client import ClientConfig, OcrClient, make_session
+from worker.tencent.types import ImageInput, OcrRequest, OcrResult
 
 SECRET_ID = "AKIDemulatortest"
 SECRET_KEY = "emulator-test-key-0001"

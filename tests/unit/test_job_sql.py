@@ -21,9 +21,9 @@ from sqlalchemy.orm import Session, sessionmaker
 import migrations
 from models import Attempt, Job, JobStatus, Result, Warning
 from models.base import utcnow
-from worker import job_sql
-from worker.images import store_image
-from worker.ocr_types import CardWarning, OcrResult
+from worker.store import job_sql
+from worker.store.images import store_image
+from worker.tencent.types import CardWarning, OcrResult
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"front" * 10
 JPEG = b"\xff\xd8\xff" + b"back" * 10

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from worker.limiter_memory import MemoryRateLimiter
+from worker.quota.limiter_memory import MemoryRateLimiter
 
 KEY = "macao-ocr:quota:AKIDSIM:RecognizeMacaoIDCardOCR:https://ocr.example"
 START_S = 1_000_000.0

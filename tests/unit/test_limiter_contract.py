@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 
 from worker.errors import StateUnavailable
-from worker.limiter import RateLimiter, limiter_key
-from worker.limiter_memory import MemoryRateLimiter
-from worker.limiter_redis import RedisRateLimiter, state_redis
+from worker.quota.limiter import RateLimiter, limiter_key
+from worker.quota.limiter_memory import MemoryRateLimiter
+from worker.quota.limiter_redis import RedisRateLimiter, state_redis
 
 KEY = limiter_key("AKIDCONTRACT", "RecognizeMacaoIDCardOCR", "https://ocr.test")
 OTHER_KEY = limiter_key("AKIDOTHER", "RecognizeMacaoIDCardOCR", "https://ocr.test")

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from worker.limiter import Reservation
-from worker.limiter_horizon import HorizonLimiter
-from worker.limiter_memory import MemoryRateLimiter
+from worker.quota.horizon import HorizonLimiter
+from worker.quota.limiter import Reservation
+from worker.quota.limiter_memory import MemoryRateLimiter
 
 KEY = "k"
 

@@ -12,8 +12,8 @@ import fakeredis
 import fakeredis.commands_mixins.server_mixin as server_mixin
 import pytest
 
-from worker import aimd
-from worker.limiter_redis import ARGV_CONTROL_FIELDS, lua_source
+from worker.quota import aimd
+from worker.quota.limiter_redis import ARGV_CONTROL_FIELDS, lua_source
 
 KEY = "macao-ocr:quota:AKIDTWIN:RecognizeMacaoIDCardOCR:https://ocr.test"
 
@@ -78,9 +78,7 @@ def test_script_and_twin_agree_step_by_step(
                 window, window_cap = 0, 0
             evidence = (window, window_cap) if window_cap else (None, 0)
             state, rate = aimd.throttled(state, ctl, now, *evidence)
-            lua_rate = script(
-                keys=[KEY], args=["throttled", *control_args, 0, window, window_cap]
-            )
+            lua_rate = script(keys=[KEY], args=["throttled", *control_args, 0, window, window_cap])
             assert float(lua_rate) == pytest.approx(rate, abs=1e-9), where
         else:
             lua_rate = script(keys=[KEY], args=["rate"])

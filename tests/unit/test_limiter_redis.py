@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from worker.limiter import limiter_key
-from worker.limiter_redis import (
+from worker.quota.limiter import limiter_key
+from worker.quota.limiter_redis import (
     ARGV_CONTROL_FIELDS,
     RedisRateLimiter,
     effective_rate_sync,

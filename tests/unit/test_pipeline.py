@@ -18,8 +18,6 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from models import Attempt, Job, JobStatus, Portrait, Result, Warning
 from models.base import utcnow
-from worker.circuit import Pause
-from worker.db import make_autocommit_engine, make_engine
 from worker.errors import (
     AccountError,
     ApiError,
@@ -31,12 +29,14 @@ from worker.errors import (
     TransportError,
     UnknownCodeError,
 )
-from worker.limiter import Reservation
-from worker.limiter_memory import MemoryRateLimiter
-from worker.ocr_types import CardWarning, OcrRequest, OcrResult
 from worker.pipeline import Outcome, PipelineDeps, process_job
+from worker.quota.circuit import Pause
+from worker.quota.limiter import Reservation
+from worker.quota.limiter_memory import MemoryRateLimiter
 from worker.runtime import LoopThread
 from worker.settings import Settings
+from worker.store.engine import make_autocommit_engine, make_engine
+from worker.tencent.types import CardWarning, OcrRequest, OcrResult
 
 KEY = "macao-ocr:quota:test"
 
@@ -661,8 +661,9 @@ def test_long_account_pause_spaces_out_the_waiting_jobs(harness: Harness) -> Non
 def test_task_hides_crash_details_and_requeues_when_the_database_is_down(
     monkeypatch: pytest.MonkeyPatch, settings: Settings
 ) -> None:
-    from worker import pipeline, runtime, tasks
-    from worker.celery_app import create_app
+    from worker import app as tasks
+    from worker import pipeline, runtime
+    from worker.app import create_app
 
     class _Runtime:
         def deps(self, worker_host: str | None = None) -> str:
@@ -695,8 +696,8 @@ def test_task_hides_crash_details_and_requeues_when_the_database_is_down(
 
 
 def test_celery_app_is_configured_for_late_acks_and_no_backend(settings: Settings) -> None:
-    from worker.celery_app import create_app, longest_hold_s
-    from worker.publish import QUEUE, TASK_NAME
+    from worker.app import create_app, longest_hold_s
+    from worker.broker.publish import QUEUE, TASK_NAME
 
     app = create_app(settings)
     conf = app.conf

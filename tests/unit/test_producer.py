@@ -17,11 +17,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from structlog.testing import capture_logs
 
 from models import Image, Job, JobStatus
+from worker.broker.publish import QUEUE, TASK_NAME, CeleryPublisher, RecordingPublisher
 from worker.errors import InputError
-from worker.images import load_request, store_image
 from worker.producer import JobSpec, ManifestError, read_manifest, submit, submit_many
-from worker.publish import QUEUE, TASK_NAME, CeleryPublisher, RecordingPublisher
 from worker.settings import Settings
+from worker.store.images import load_request, store_image
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -303,7 +303,7 @@ def test_celery_publisher_sends_only_the_job_id(clean_redis: str) -> None:
 
 def test_sqlite_embedded_default(tmp_path: Path) -> None:
     import migrations
-    from worker.db import make_engine, make_sessionmaker
+    from worker.store.engine import make_engine, make_sessionmaker
 
     settings = Settings(database_url=f"sqlite:///{tmp_path / 'jobs.db'}", tenant="solo")
     migrations.upgrade(settings.database_url)

@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from worker import signing
 from worker.cli.read_cmd import result_json
-from worker.ocr_types import CardWarning, OcrResult
+from worker.tencent import signing
+from worker.tencent.types import CardWarning, OcrResult
 
 SECRET_ID = "AKIDcli"
 SECRET_KEY = "cli-SECRET-key-never-printed"

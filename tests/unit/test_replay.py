@@ -14,9 +14,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from typer.testing import CliRunner
 
 from models import Attempt, Job, JobEvent, JobStatus, Portrait, Result, Warning
+from worker.broker.publish import RecordingPublisher
 from worker.cli import app as cli_app
 from worker.errors import InputError
-from worker.publish import RecordingPublisher
 from worker.replay import FORCED_NOTE, replay
 from worker.settings import Settings
 from worker.sweeper import sweep_once

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import structlog
 
-from worker.ocr_types import WARNING_NAMES, CardWarning
-from worker.response import parse_response, warning_name
+from worker.tencent.response import parse_response, warning_name
+from worker.tencent.types import WARNING_NAMES, CardWarning
 
 PORTRAIT = b"\xff\xd8\xffportrait-jpeg"
 

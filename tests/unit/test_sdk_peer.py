@@ -1,6 +1,6 @@
 """Tencent's official SDK as a peer: it talks to the emulator subprocess over real HTTP.
 
-If the emulator (or worker.signing, which it verifies with) spoke a different protocol from
+If the emulator (or worker.tencent.signing, which it verifies with) spoke a different protocol from
 Tencent's, these calls would fail.
 """
 
@@ -114,8 +114,8 @@ def test_sdk_misses_errors_under_a_charset_content_type(emulator: EmulatorProces
 
 
 async def test_sdk_and_our_client_read_the_same_fields(emulator: EmulatorProcess) -> None:
-    tencent_client = pytest.importorskip("worker.tencent_client")
-    from worker.ocr_types import ImageInput, OcrRequest
+    tencent_client = pytest.importorskip("worker.tencent.client")
+    from worker.tencent.types import ImageInput, OcrRequest
 
     spec = make_specimen(49, warnings=["glare"], no_expiry=True)
     sdk = sdk_fields(sdk_client(emulator).RecognizeMacaoIDCardOCR(sdk_request(spec, portrait=True)))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from worker import signing
+from worker.tencent import signing
 
 # Vector A: Tencent's documented CVM example (backslash escapes are literal bytes).
 A_BODY = rb'{"Limit": 1, "Filters": [{"Values": ["\u672a\u547d\u540d"], "Name": "instance-name"}]}'

@@ -1,4 +1,4 @@
-"""worker.signing agrees with the official SDK's own TC3 construction on any input.
+"""worker.tencent.signing agrees with the official SDK's own TC3 construction on any input.
 
 The SDK side is its real code path (`_build_req_with_tc3_signature` and `_get_tc3_signature`
 with `Sign.sign_tc3`), not a re-implementation, so a divergence in either direction shows.
@@ -21,7 +21,7 @@ from tencentcloud.common.profile.http_profile import HttpProfile
 from tencentcloud.common.sign import Sign
 from tencentcloud.ocr.v20181119 import ocr_client
 
-from worker.signing import sign
+from worker.tencent.signing import sign
 
 ACTION = "RecognizeMacaoIDCardOCR"
 
@@ -117,7 +117,7 @@ def test_key_chain_matches_sign_tc3(
     secret_key: str, string_to_sign_tail: str, timestamp: int, service: str
 ) -> None:
     """The derivation alone: our sign() over a body vs Sign.sign_tc3 over the same string."""
-    from worker.signing import ALGORITHM, canonical_request, sha256_hex, utc_date
+    from worker.tencent.signing import ALGORITHM, canonical_request, sha256_hex, utc_date
 
     date = utc_date(timestamp)
     body = string_to_sign_tail.encode("utf-8")

@@ -17,7 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from models import Attempt, Job, JobEvent, JobStatus
-from worker.publish import QUEUE, CeleryPublisher, RecordingPublisher
+from worker.broker.publish import QUEUE, CeleryPublisher, RecordingPublisher
 from worker.settings import Settings
 from worker.sweeper import (
     EPOCH_KEY,
@@ -475,7 +475,7 @@ def test_sweep_once_cli_publishes_to_the_broker(
 def test_sweeper_thread_outlives_a_broker_outage(
     session_factory: sessionmaker[Session],
 ) -> None:
-    from worker.embedded_broker import free_port
+    from demo.embedded_broker import free_port
 
     # Nothing listens there: every tick fails to reach Redis, and the loop keeps going.
     settings = Settings(broker_url=f"redis://127.0.0.1:{free_port()}/0", sweep_interval_s=0.05)

@@ -20,7 +20,6 @@ from aiohttp.test_utils import TestServer
 from PIL import Image
 from pydantic import SecretStr
 
-from worker import signing
 from worker.errors import (
     AccountError,
     ConfigError,
@@ -30,9 +29,10 @@ from worker.errors import (
     TransportError,
     UnknownCodeError,
 )
-from worker.ocr_types import ImageInput, OcrRequest
 from worker.settings import Settings
-from worker.tencent_client import ClientConfig, OcrClient, make_session
+from worker.tencent import signing
+from worker.tencent.client import ClientConfig, OcrClient, make_session
+from worker.tencent.types import ImageInput, OcrRequest
 
 SECRET_ID = "AKIDtestclient"
 SECRET_KEY = "sk-TOPSECRET-do-not-leak-9f3a"

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from worker.errors import InputError
-from worker.ocr_types import ImageInput, OcrRequest
-from worker.validation import (
+from worker.tencent.types import ImageInput, OcrRequest
+from worker.tencent.validation import (
     MAX_BODY_BYTES,
     MAX_IMAGE_BASE64_BYTES,
     base64_size,

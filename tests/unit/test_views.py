@@ -9,7 +9,7 @@ from decimal import Decimal
 from sqlalchemy.orm import Session
 
 from models import Attempt, Job, JobEvent, JobStatus, Result, Warning
-from worker.views import job_view, not_found_view, result_view
+from worker.store.views import job_view, not_found_view, result_view
 
 RESULT_KEYS = {
     "cn_last_name",

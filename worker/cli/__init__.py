@@ -1,12 +1,15 @@
-"""`macao-ocr`: the command line. Each command group lives in its own module and registers."""
+"""`macao-ocr`: the command line. Each command group lives in its own module and registers.
+
+The composition root: the one place outside `demo/` and `emulator/` that imports them (their
+commands load fakeredis, Pillow or aiohttp's server only when run)."""
 
 from __future__ import annotations
 
 import typer
 
+from demo import cli as demo_cmd
 from worker.cli import (
     db_cmd,
-    demo_cmd,
     emulator_cmd,
     jobs_cmd,
     ops_cmd,
@@ -23,7 +26,14 @@ app = typer.Typer(
     add_completion=False,
 )
 for _module in (
-    db_cmd, jobs_cmd, worker_cmd, replay_cmd, demo_cmd, emulator_cmd, read_cmd, ops_cmd
+    db_cmd,
+    jobs_cmd,
+    worker_cmd,
+    replay_cmd,
+    demo_cmd,
+    emulator_cmd,
+    read_cmd,
+    ops_cmd,
 ):
     _module.register(app)
 

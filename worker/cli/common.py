@@ -10,8 +10,8 @@ import typer
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from worker.broker.publish import CeleryPublisher, Publisher
 from worker.errors import ConfigError
-from worker.publish import CeleryPublisher, Publisher
 from worker.settings import Settings, load_settings
 
 
@@ -36,7 +36,7 @@ def load_or_exit() -> Settings:
 @contextmanager
 def database(settings: Settings) -> Iterator[sessionmaker[Session]]:
     """A session factory for the command's lifetime; database errors exit with their reason."""
-    from worker.db import make_engine, make_sessionmaker
+    from worker.store.engine import make_engine, make_sessionmaker
 
     engine = make_engine(settings)
     try:
@@ -50,7 +50,7 @@ def database(settings: Settings) -> Iterator[sessionmaker[Session]]:
 
 def make_publisher(settings: Settings) -> tuple[Publisher, Any]:
     """The Celery publisher and the app to close afterwards (imported late: an entry point)."""
-    from worker.celery_app import create_app
+    from worker.app import create_app
 
     app = create_app(settings)
     return CeleryPublisher(app), app

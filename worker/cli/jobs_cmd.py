@@ -1,4 +1,4 @@
-"""`macao-ocr submit | status | jobs`: thin faces on worker.producer and worker.views."""
+"""`macao-ocr submit | status | jobs`: thin faces on worker.producer and worker.store.views."""
 
 from __future__ import annotations
 
@@ -16,13 +16,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from models import Job, JobStatus
+from worker.broker.publish import Publisher
 from worker.cli.common import database, fail, load_or_exit, make_publisher
 from worker.errors import InputError, StateUnavailable
 from worker.producer import JobSpec, ManifestError, read_manifest, submit_many
 from worker.producer import submit as submit_one
-from worker.publish import Publisher
 from worker.settings import Settings
-from worker.views import job_view, not_found_view
+from worker.store.views import job_view, not_found_view
 
 stderr = Console(stderr=True)
 
@@ -154,7 +154,7 @@ def _submit(
 
 def read_pause(settings: Settings) -> tuple[dict[str, Any] | None, bool]:
     """(the account pause or None, whether the pause state could be read)."""
-    from worker.circuit_redis import read_pause_sync
+    from worker.quota.circuit_redis import read_pause_sync
 
     try:
         pause = read_pause_sync(settings.state_redis_url)

@@ -15,7 +15,7 @@ from rich.table import Table
 from worker.cli.common import database, fail, load_or_exit
 from worker.errors import ConfigError
 from worker.settings import Settings, env_name
-from worker.stats import DEFAULT_WINDOW_MIN, Stats
+from worker.store.stats import DEFAULT_WINDOW_MIN, Stats
 
 # Flower's own variables: when the user set one, it wins over ours.
 FLOWER_AUTH_VARS = ("FLOWER_BASIC_AUTH", "FLOWER_AUTH")
@@ -146,7 +146,7 @@ def stats(
     ] = DEFAULT_WINDOW_MIN,
 ) -> None:
     """Jobs by status, dead letters, queue depth, rate vs quota, circuit, recent calls."""
-    from worker.stats import gather
+    from worker.store.stats import gather
 
     settings = load_or_exit()
     with database(settings) as session_factory, session_factory() as session:

@@ -14,10 +14,10 @@ from rich.table import Table
 
 from worker.errors import ApiError, ConfigError, InputError, MacaoOcrError
 from worker.logs import configure_logging
-from worker.ocr_types import ImageInput, OcrRequest, OcrResult
 from worker.settings import Settings, load_settings
-from worker.tencent_client import ClientConfig, OcrClient, make_session
-from worker.views import result_view
+from worker.store.views import result_view
+from worker.tencent.client import ClientConfig, OcrClient, make_session
+from worker.tencent.types import ImageInput, OcrRequest, OcrResult
 
 EXIT_API_ERROR = 1
 EXIT_USAGE = 2

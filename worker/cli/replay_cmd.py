@@ -22,7 +22,7 @@ from worker.settings import Settings
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
 
-    from worker.publish import Publisher
+    from worker.broker.publish import Publisher
 
 
 def default_actor() -> str:

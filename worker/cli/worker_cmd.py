@@ -20,8 +20,8 @@ from typing import Annotated
 import structlog
 import typer
 
+from worker.broker.publish import QUEUE
 from worker.errors import ConfigError
-from worker.publish import QUEUE
 from worker.settings import Settings, load_settings
 
 log = structlog.get_logger(__name__)
@@ -133,7 +133,7 @@ def _child_env(settings: Settings, concurrency: int, metrics_dir: str | None) ->
 
 def run_workers(settings: Settings, *, processes: int, concurrency: int, loglevel: str) -> int:
     """Start and supervise the worker processes until a signal stops them."""
-    from worker.tencent_client import ClientConfig
+    from worker.tencent.client import ClientConfig
 
     ClientConfig.from_settings(settings)  # no workers at all beats workers that cannot call
     metrics_dir: str | None = None

@@ -1,5 +1,5 @@
-"""The shared-quota limiter interface. Backends: `worker.limiter_redis` (production, shared by
-every worker on every host) and `worker.limiter_memory` (unit tests, one process). Both pass
+"""The shared-quota limiter interface. Backends: `worker.quota.limiter_redis` (production, shared by
+every worker on every host) and `worker.quota.limiter_memory` (unit tests, one process). Both pass
 one contract suite (tests/unit/test_limiter_contract.py)."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The in-memory twin of the Redis limiter: one process, same schedule, injectable clock.
 
-For unit tests and simulations; a fleet must share `worker.limiter_redis.RedisRateLimiter`.
+For unit tests and simulations; a fleet must share `worker.quota.limiter_redis.RedisRateLimiter`.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from worker import aimd
-from worker.limiter import Reservation
+from worker.quota import aimd
+from worker.quota.limiter import Reservation
 
 
 class MemoryRateLimiter:
@@ -20,7 +20,7 @@ class MemoryRateLimiter:
 
     The default clock is wall time rather than monotonic so that windows line up with
     whole seconds, as the API's do (the Redis backend uses Redis TIME for the same reason).
-    `tuning` overrides `worker.aimd.RateControl` constants (simulations, tests)."""
+    `tuning` overrides `worker.quota.aimd.RateControl` constants (simulations, tests)."""
 
     def __init__(
         self,

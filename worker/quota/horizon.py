@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from worker.limiter import RateLimiter, Reservation
+from worker.quota.limiter import RateLimiter, Reservation
 
 # Grants remembered to estimate this process's share of the quota.
 RECENT_GRANTS = 64

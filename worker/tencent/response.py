@@ -17,7 +17,7 @@ from typing import Any
 
 import structlog
 
-from worker.ocr_types import WARNING_NAMES, WARNING_SERVICE_DISABLED, CardWarning, OcrResult
+from worker.tencent.types import WARNING_NAMES, WARNING_SERVICE_DISABLED, CardWarning, OcrResult
 
 log = structlog.get_logger(__name__)
 

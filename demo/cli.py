@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from worker.demo import DemoReport
+    from demo.run import DemoReport
 
 EXIT_OK = 0
 EXIT_UNEXPECTED = 1
@@ -127,14 +127,14 @@ def demo(
     With TENCENTCLOUD_SECRET_ID/KEY set (and MACAO_OCR_API_ENDPOINT unset) it reads YOUR images,
     given as arguments, through the real Tencent Cloud service instead.
     """
-    from worker.demo import (
+    from demo.embedded_broker import BrokerError
+    from demo.run import (
         DemoError,
         DemoPlan,
         run_demo,
         sigterm_as_interrupt,
         wants_real_service,
     )
-    from worker.embedded_broker import BrokerError
     from worker.errors import ConfigError
     from worker.logs import configure_logging
     from worker.settings import Settings

@@ -1,6 +1,6 @@
 """The shared quota limiter: one schedule in Redis for every worker process on every host.
 
-Each call is ONE round trip: EVALSHA of `worker/ratelimit.lua` (redis-py's registered script
+Each call is ONE round trip: EVALSHA of `worker/quota/ratelimit.lua` (redis-py's registered script
 falls back to SCRIPT LOAD on NOSCRIPT). The script reads Redis TIME, so hosts' clocks do not
 matter. Fails closed: if Redis cannot be reached, `StateUnavailable` is raised and no call
 may go out.
@@ -19,9 +19,9 @@ import redis.asyncio
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from worker import aimd
 from worker.errors import StateUnavailable
-from worker.limiter import Reservation
+from worker.quota import aimd
+from worker.quota.limiter import Reservation
 
 if TYPE_CHECKING:
     from worker.settings import Settings
@@ -33,7 +33,7 @@ STATE_SOCKET_TIMEOUT_S = 1.0
 @functools.cache
 def lua_source() -> str:
     """The limiter script (shipped as package data)."""
-    return importlib.resources.files("worker").joinpath("ratelimit.lua").read_text("utf-8")
+    return importlib.resources.files("worker.quota").joinpath("ratelimit.lua").read_text("utf-8")
 
 
 def state_redis_kwargs() -> dict[str, Any]:

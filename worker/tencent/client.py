@@ -19,12 +19,12 @@ import structlog
 import yarl
 from pydantic import SecretStr
 
-from worker import signing
 from worker.errors import ApiError, ConfigError, TransportError, api_error
-from worker.ocr_types import OcrRequest, OcrResult
-from worker.response import parse_response
 from worker.settings import Settings, env_name
-from worker.validation import build_payload, encode_body, validate_request
+from worker.tencent import signing
+from worker.tencent.response import parse_response
+from worker.tencent.types import OcrRequest, OcrResult
+from worker.tencent.validation import build_payload, encode_body, validate_request
 
 log = structlog.get_logger(__name__)
 

@@ -8,7 +8,7 @@ that publish carries every event of the spell; Flower and `celery events` see ea
 most that much later. The dispatcher still flushes by itself whenever a buffer reaches its
 limit (24 events), and the consumer flushes what is left when it shuts down.
 
-Selected by `worker_consumer` (`worker.celery_app`).
+Selected by `worker_consumer` (`worker.app`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """`macao-ocr demo`: the whole pipeline on a bare machine, then a table of what happened.
 
 Everything it needs it starts itself and stops at the end: a SQLite file migrated with the
-project's Alembic revisions, a private broker (worker.embedded_broker), the Tencent emulator
+project's Alembic revisions, a private broker (demo.embedded_broker), the Tencent emulator
 with a one-off credential pair, and a real Celery worker. Every child is configured from ONE
 environment dict, so the producer (this process), the worker and the emulator agree.
 
@@ -36,10 +36,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from worker.embedded_broker import EmbeddedBroker, die_with_parent, free_port, start_broker
+from demo.embedded_broker import EmbeddedBroker, die_with_parent, free_port, start_broker
 from worker.errors import ConfigError, InputError
-from worker.ocr_types import WARNING_SERVICE_DISABLED
 from worker.settings import ENV_PREFIX, Settings
+from worker.tencent.types import WARNING_SERVICE_DISABLED
 
 # Fields of Settings whose variable is the Tencent SDK's, not ours.
 _TENCENT_FIELDS = ("secret_id", "secret_key", "session_token")
@@ -346,7 +346,7 @@ def emulator_args(port: int, qps: float) -> list[str]:
 
 def worker_args(concurrency: int) -> list[str]:
     """One real Celery worker process with the threads pool, consuming the project's queue."""
-    from worker.publish import QUEUE
+    from worker.broker.publish import QUEUE
 
     return [
         sys.executable,
@@ -537,10 +537,10 @@ def _qps_text(qps: float) -> str:
 
 
 def _submit(parts: _Parts, cards: Sequence[DemoCard], batch: str) -> list[DemoRow]:
-    from worker.celery_app import create_app
-    from worker.db import make_engine, make_sessionmaker
+    from worker.app import create_app
+    from worker.broker.publish import CeleryPublisher
     from worker.producer import submit
-    from worker.publish import CeleryPublisher
+    from worker.store.engine import make_engine, make_sessionmaker
 
     engine = make_engine(parts.settings)
     session_factory = make_sessionmaker(engine)
@@ -573,8 +573,8 @@ def _poll(
     from sqlalchemy import select
 
     from models import Job
-    from worker.db import make_engine, make_sessionmaker
-    from worker.views import job_view
+    from worker.store.engine import make_engine, make_sessionmaker
+    from worker.store.views import job_view
 
     by_id = {row.job_id: row for row in rows if row.job_id is not None}
     worker = parts.children[-1]

@@ -14,8 +14,8 @@ from datetime import UTC, datetime
 import redis
 import redis.asyncio
 
-from worker.circuit import Pause
-from worker.limiter_redis import STATE_ERRORS, state_redis_kwargs, unavailable
+from worker.quota.circuit import Pause
+from worker.quota.limiter_redis import STATE_ERRORS, state_redis_kwargs, unavailable
 
 DEFAULT_KEY_PREFIX = "macao-ocr:circuit"
 

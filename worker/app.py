@@ -1,4 +1,4 @@
-"""The Celery app: Redis broker, no result backend, one task, late acks.
+"""The Celery app and its one task: Redis broker, no result backend, late acks.
 
 `create_app(settings)` is the only constructor; `get_app()` builds one from the environment
 on first use (what `celery -A worker worker` reaches through `worker.app`). Building an app
@@ -7,14 +7,17 @@ starts nothing: producers build one just to publish.
 
 from __future__ import annotations
 
+import socket
 import sys
 import threading
 from typing import TYPE_CHECKING, Any
 
 import structlog
 from celery import Celery, signals
+from celery.exceptions import Reject
 
-from worker.publish import QUEUE, TASK_NAME, CeleryPublisher
+from worker.broker.publish import QUEUE, TASK_NAME, CeleryPublisher
+from worker.logs import bind_job, clear_job
 from worker.settings import Settings, load_settings
 
 if TYPE_CHECKING:
@@ -44,7 +47,7 @@ def longest_hold_s(settings: Settings) -> float:
 
 
 def _transport_for(broker_url: str) -> str | None:
-    from worker.broker_transport import TRANSPORT
+    from worker.broker.transport import TRANSPORT
 
     # rediss:// keeps kombu's own URL handling (TLS options); sentinel:// its own transport.
     return TRANSPORT if broker_url.startswith("redis://") else None
@@ -56,7 +59,7 @@ def create_app(settings: Settings) -> MacaoCelery:
     app.settings = settings
     app.conf.update(
         broker_url=settings.broker_url,
-        # kombu's Redis transport, one client object per pool (see worker.broker_transport).
+        # kombu's Redis transport, one client object per pool (see worker.broker.transport).
         broker_transport=_transport_for(settings.broker_url),
         # Results live in SQL. A backend would be one more place personal data could reach.
         result_backend=None,
@@ -79,8 +82,8 @@ def create_app(settings: Settings) -> MacaoCelery:
         broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
         # Flower and `celery events` see every task; messages carry only the job id.
         worker_send_task_events=True,
-        # ...in batches (worker.celery_consumer; a name, so producers never import it).
-        worker_consumer="worker.celery_consumer:Consumer",
+        # ...in batches (worker.broker.consumer; a name, so producers never import it).
+        worker_consumer="worker.broker.consumer:Consumer",
         task_send_sent_event=True,
         # Workers outlive a Redis restart: keep reconnecting, at start and forever after.
         broker_connection_retry=True,
@@ -103,12 +106,74 @@ def create_app(settings: Settings) -> MacaoCelery:
             longest_hold_s=hold_s,
         )
     from worker.logs import install_celery_logging
-    from worker.tasks import register_tasks
 
     install_celery_logging(settings)
     register_tasks(app)
     _connect_worker_signals(app)
     return app
+
+
+# -- the one task, thin: `macao_ocr.process_job(job_id)` runs the pipeline in this process.
+#
+# It never raises for job-level outcomes (they are recorded in SQL), never uses Celery's
+# retry/ETA (ETA messages sit unacked in worker memory and outlive the visibility timeout;
+# retries are scheduled in the database and republished by the sweeper), and never lets an
+# exception's text (which could carry SQL parameters) reach task events or Flower.
+
+
+class TaskCrashed(Exception):
+    """The pipeline hit a bug; the job's lease brings it back. Carries no detail by design."""
+
+
+def run_job(app: MacaoCelery, job_id: str, hostname: str | None) -> str:
+    """The task body (separate so it reads plainly and is typed)."""
+    from worker.errors import ConfigError
+    from worker.pipeline import DatabaseUnavailable, process_job
+    from worker.runtime import get_runtime
+
+    bind_job(job_id=job_id)
+    try:
+        runtime = get_runtime(app.settings)
+        outcome = process_job(job_id, runtime.deps(worker_host=hostname or socket.gethostname()))
+        return outcome.value
+    except ConfigError as err:
+        # Not the job's fault: leave the message for a worker that can run it.
+        log.error("worker_misconfigured", error=str(err))
+        raise Reject("worker misconfigured", requeue=True) from None
+    except DatabaseUnavailable as err:
+        if not err.claimed:
+            log.error("job_requeued_db_unavailable")
+            raise Reject("database unavailable", requeue=True) from None
+        # We hold the job: its lease expires and the sweeper hands it out again.
+        log.error("job_abandoned_db_unavailable")
+        return "db_unavailable"
+    except Exception as err:
+        log.error("job_crashed", error_type=type(err).__name__)
+        raise TaskCrashed(type(err).__name__) from None
+    finally:
+        clear_job()
+
+
+def register_tasks(app: MacaoCelery) -> Any:
+    """Register `macao_ocr.process_job` on `app` and return the task."""
+
+    @app.task(  # type: ignore[untyped-decorator,misc]
+        name=TASK_NAME,
+        # Not shared: a shared task would be registered on every app finalized later in this
+        # process, bound to THIS app's settings (tests and the demo build several apps).
+        shared=False,
+        bind=True,
+        queue=QUEUE,
+        acks_late=True,
+        reject_on_worker_lost=True,
+        ignore_result=True,
+        # Retries are scheduled in the database, never by Celery.
+        max_retries=0,
+    )
+    def process_job_task(self: Any, job_id: str) -> str:
+        return run_job(app, str(job_id), getattr(self.request, "hostname", None))
+
+    return process_job_task
 
 
 _app: MacaoCelery | None = None
@@ -139,7 +204,7 @@ def _connect_worker_signals(app: MacaoCelery) -> None:
         if _sender_app(sender) is not app:
             return
         from worker.errors import ConfigError
-        from worker.tencent_client import ClientConfig
+        from worker.tencent.client import ClientConfig
 
         try:
             ClientConfig.from_settings(app.settings)

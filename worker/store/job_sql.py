@@ -42,7 +42,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 
 from models import Attempt, Image, Job, JobStatus, Portrait, Result, Warning
 from models.base import UTCDateTime, utcnow
-from worker.ocr_types import OcrResult
+from worker.tencent.types import OcrResult
 
 JOB: Table = Job.__table__  # type: ignore[assignment]
 ATTEMPT: Table = Attempt.__table__  # type: ignore[assignment]
@@ -425,8 +425,8 @@ def store_success(
     """Result, warnings, portrait, attempt closed and job succeeded; the caller commits.
 
     One statement on PostgreSQL, so it may run on its own, outside a transaction (see
-    `worker.db.make_autocommit_engine`); three or four elsewhere. A second result for the job
-    raises IntegrityError and changes nothing."""
+    `worker.store.engine.make_autocommit_engine`); three or four elsewhere. A second result for
+    the job raises IntegrityError and changes nothing."""
     if conn.dialect.name != "postgresql":
         insert_result(conn, job_id, result, portrait)
         close_attempt(conn, job_id, number, call)

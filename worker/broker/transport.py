@@ -15,7 +15,7 @@ process only leaves its message to come back after the visibility timeout, and t
 not the broker, decides that a finished job is not run again. Without an event loop
 (nothing would flush them) acks go out at once, as kombu's do.
 
-Selected by `broker_transport` for redis:// URLs (`worker.celery_app`).
+Selected by `broker_transport` for redis:// URLs (`worker.app`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The quota schedule and its adaptive rate, as pure functions over a small state.
 
-`worker/ratelimit.lua` runs the same algorithm inside Redis (shared by every process);
-`worker.limiter_memory` runs this module in one process. One contract suite holds them to
+`worker/quota/ratelimit.lua` runs the same algorithm inside Redis (shared by every process);
+`worker.quota.limiter_memory` runs this module in one process. One contract suite holds them to
 the same behaviour; the constants below reach the Lua script as ARGV, so they live here.
 
 Schedule. Tencent counts calls in fixed 1-second windows at arrival. Window k gets a whole

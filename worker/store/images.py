@@ -9,8 +9,8 @@ from sqlalchemy.orm import Session
 
 from models import Image, Job
 from worker.errors import InputError, NotFoundError
-from worker.ocr_types import ImageInput, OcrRequest
-from worker.validation import sniff_image_type
+from worker.tencent.types import ImageInput, OcrRequest
+from worker.tencent.validation import sniff_image_type
 
 IMAGE: Table = Image.__table__  # type: ignore[assignment]
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg"}

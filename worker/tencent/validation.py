@@ -16,7 +16,7 @@ from typing import Final
 import yarl
 
 from worker.errors import InputError
-from worker.ocr_types import PORTRAIT_CONFIG, ImageInput, OcrRequest
+from worker.tencent.types import PORTRAIT_CONFIG, ImageInput, OcrRequest
 
 # Tencent's limits are stated in MB; we read them as MiB, the SDK's and console's unit.
 MAX_IMAGE_BASE64_BYTES: Final = 7 * 1024 * 1024

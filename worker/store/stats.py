@@ -128,8 +128,8 @@ def queue_depth(redis_url: str) -> int:
     """Messages waiting in the broker queue (every kombu priority list)."""
     import redis
 
+    from worker.broker.publish import QUEUE
     from worker.metrics import queue_keys
-    from worker.publish import QUEUE
 
     client = redis.Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=2)
     try:
@@ -143,9 +143,9 @@ def queue_depth(redis_url: str) -> int:
 
 def effective_rate(settings: Settings) -> float | None:
     """The shared limiter's current rate (None when it has none stored yet)."""
-    from worker.limiter import limiter_key
-    from worker.limiter_redis import effective_rate_sync
-    from worker.tencent_client import ClientConfig
+    from worker.quota.limiter import limiter_key
+    from worker.quota.limiter_redis import effective_rate_sync
+    from worker.tencent.client import ClientConfig
 
     config = ClientConfig.from_settings(settings)
     key = limiter_key(config.secret_id, config.action, config.endpoint)
@@ -154,7 +154,7 @@ def effective_rate(settings: Settings) -> float | None:
 
 def circuit_state(settings: Settings) -> CircuitState:
     """Whether the account circuit pauses every call, and why."""
-    from worker.circuit_redis import read_pause_sync
+    from worker.quota.circuit_redis import read_pause_sync
 
     pause = read_pause_sync(settings.state_redis_url)
     if pause is None:

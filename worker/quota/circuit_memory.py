@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from worker.circuit import Pause
+from worker.quota.circuit import Pause
 
 
 class MemoryAccountCircuit:

@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from models import Attempt, Job, JobEvent, Result, Warning
-from worker.ocr_types import CardWarning, OcrResult
+from worker.tencent.types import CardWarning, OcrResult
 
 
 def _iso(value: date | datetime | None) -> str | None:
