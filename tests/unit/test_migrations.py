@@ -10,6 +10,7 @@ import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy.orm import Session
 
 import migrations
@@ -115,7 +116,8 @@ def test_cli_db_commands(fresh_migrated_database: Callable[[], str]) -> None:
     env = {"MACAO_OCR_DATABASE_URL": url}
     runner = CliRunner()
     current = runner.invoke(app, ["db", "current"], env=env)
-    assert current.exit_code == 0 and "0001 (head)" in current.stdout
+    head = ScriptDirectory.from_config(migrations.config()).get_current_head()
+    assert current.exit_code == 0 and f"{head} (head)" in current.stdout
     assert runner.invoke(app, ["db", "downgrade", "base"], env=env).exit_code == 0
     assert _tables(url) == set()
     assert runner.invoke(app, ["db", "current"], env=env).stdout.strip() == ""

@@ -15,6 +15,7 @@ from worker.cli import (
     ops_cmd,
     read_cmd,
     replay_cmd,
+    tenants_cmd,
     worker_cmd,
 )
 
@@ -34,6 +35,7 @@ for _module in (
     emulator_cmd,
     read_cmd,
     ops_cmd,
+    tenants_cmd,
 ):
     _module.register(app)
 
