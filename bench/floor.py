@@ -31,7 +31,7 @@ import redis
 from bench import _harness as h
 from bench.floor_app import QUEUE, TASK_NAME
 from bench.quota import DEFAULT_PG_ADMIN_URL, DEFAULT_REDIS_URL, NOQUOTA_LATENCY
-from worker.metrics import queue_keys
+from worker.broker.queue import queue_keys
 
 WARM_FRACTION = 0.15
 

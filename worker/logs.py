@@ -1,7 +1,7 @@
 """Structured logs: one JSON object per line, personal data redacted as defence in depth.
 
-`configure_logging(settings)` routes structlog events AND stdlib records (Celery's, kombu's,
-aiohttp's) through one formatter, so every line has the same shape and passes the same
+`configure_logging(settings)` routes structlog events AND stdlib records (Celery's, the
+transport's, aiohttp's) through one formatter, so every line has the same shape and passes the same
 redaction. Code logs with `structlog.get_logger(__name__)` and keyword fields (job_id, attempt,
 outcome_code, request_id, latency_ms). The first guarantee is that code never logs personal
 data; the redactor exists for the mistakes: it masks personal and secret keys, strips URL query

@@ -35,6 +35,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from worker.broker.queue import queue_depth
 from worker.errors import POLICY
 
 if TYPE_CHECKING:
@@ -273,17 +274,6 @@ def remove_multiproc_dir(path: str) -> None:
 # -- the serving side
 
 
-# kombu's Redis transport keeps one list per priority step (kombu.transport.redis
-# PRIORITY_STEPS and Channel.sep); step 0 is the bare queue name.
-KOMBU_PRIORITY_STEPS = (0, 3, 6, 9)
-KOMBU_PRIORITY_SEP = "\x06\x16"
-
-
-def queue_keys(queue: str) -> list[str]:
-    """The Redis lists that hold a kombu queue's waiting messages."""
-    return [queue] + [f"{queue}{KOMBU_PRIORITY_SEP}{p}" for p in KOMBU_PRIORITY_STEPS if p]
-
-
 class BacklogCollector(Collector):
     """Queue depth and dead letters, read at scrape time (both are cheap reads)."""
 
@@ -303,10 +293,7 @@ class BacklogCollector(Collector):
             labels=["source"],
         )
         try:
-            pipe = self._redis.pipeline(transaction=False)
-            for key in queue_keys(self._queue):
-                pipe.llen(key)
-            depth = sum(int(n) for n in pipe.execute())
+            depth = queue_depth(self._redis, self._queue)
         except Exception as exc:
             log.warning("metrics_source_down", source="redis", error=type(exc).__name__)
             up.add_metric(["redis"], 0.0)

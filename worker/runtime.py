@@ -111,7 +111,8 @@ async def _open_async(settings: Settings) -> _AsyncParts:
     """Built inside the loop: aiohttp sessions and asyncio Redis clients bind to it."""
     from worker.quota.circuit_redis import RedisAccountCircuit
     from worker.quota.horizon import HorizonLimiter
-    from worker.quota.limiter_redis import RedisRateLimiter, state_redis
+    from worker.quota.limiter_redis import RedisRateLimiter
+    from worker.quota.state import state_redis
 
     http = make_session(settings)
     # Short timeouts (fail closed fast); the default key prefix is what `status` reads.

@@ -364,7 +364,8 @@ def test_fakeredis_keeps_the_connection_after_an_error_reply(fakeredis_broker: s
 
 
 def test_limiter_script_runs_on_fakeredis(fakeredis_broker: str) -> None:
-    from worker.quota.limiter_redis import RedisRateLimiter, state_redis
+    from worker.quota.limiter_redis import RedisRateLimiter
+    from worker.quota.state import state_redis
 
     async def reserve_three() -> list[float]:
         client = state_redis(fakeredis_broker)

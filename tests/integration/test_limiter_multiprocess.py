@@ -24,7 +24,8 @@ RUN_S = 6.0
 # the wall time, which is the clock Redis TIME reads on this host), until the end.
 CHILD = """
 import asyncio, json, sys, time
-from worker.quota.limiter_redis import RedisRateLimiter, state_redis
+from worker.quota.limiter_redis import RedisRateLimiter
+from worker.quota.state import state_redis
 
 async def main(url, key, qps, start_at, end_at):
     client = state_redis(url)

@@ -17,7 +17,7 @@ from worker.errors import StateUnavailable
 from worker.quota.circuit import AccountCircuit
 from worker.quota.circuit_memory import MemoryAccountCircuit
 from worker.quota.circuit_redis import RedisAccountCircuit, read_pause_sync
-from worker.quota.limiter_redis import state_redis
+from worker.quota.state import state_redis
 
 
 @dataclass

@@ -21,7 +21,8 @@ import pytest
 from worker.errors import StateUnavailable
 from worker.quota.limiter import RateLimiter, limiter_key
 from worker.quota.limiter_memory import MemoryRateLimiter
-from worker.quota.limiter_redis import RedisRateLimiter, state_redis
+from worker.quota.limiter_redis import RedisRateLimiter
+from worker.quota.state import state_redis
 
 KEY = limiter_key("AKIDCONTRACT", "RecognizeMacaoIDCardOCR", "https://ocr.test")
 OTHER_KEY = limiter_key("AKIDOTHER", "RecognizeMacaoIDCardOCR", "https://ocr.test")

@@ -14,8 +14,8 @@ from worker.quota.limiter_redis import (
     RedisRateLimiter,
     effective_rate_sync,
     lua_source,
-    state_redis,
 )
+from worker.quota.state import state_redis
 from worker.settings import Settings
 
 KEY = limiter_key("AKIDREDIS", "RecognizeMacaoIDCardOCR", "https://ocr.test")

@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from models import Base, Job, JobStatus
 from worker import metrics
+from worker.broker.queue import queue_keys
 from worker.settings import Settings
 
 
@@ -178,15 +179,6 @@ def test_prepare_makes_a_directory_when_none_is_configured(
     assert not os.path.exists(path)
 
 
-def test_queue_keys_match_kombu() -> None:
-    from kombu.transport import redis as kombu_redis
-
-    assert tuple(kombu_redis.PRIORITY_STEPS) == metrics.KOMBU_PRIORITY_STEPS
-    assert kombu_redis.Channel.sep == metrics.KOMBU_PRIORITY_SEP
-    keys = metrics.queue_keys("q")
-    assert keys[0] == "q" and len(keys) == 4
-
-
 @pytest.fixture
 def sqlite_engine(tmp_path: Path) -> sa.Engine:
     engine = sa.create_engine(f"sqlite:///{tmp_path / 'jobs.db'}")
@@ -204,7 +196,7 @@ def add_jobs(engine: sa.Engine, status: JobStatus, n: int) -> None:
 def test_backlog_collector_reads_queue_and_dead_letters(sqlite_engine: sa.Engine) -> None:
     client = fakeredis.FakeRedis()
     client.rpush("macao-ocr", b"m1", b"m2", b"m3")
-    client.rpush(metrics.queue_keys("macao-ocr")[2], b"m4")
+    client.rpush(queue_keys("macao-ocr")[2], b"m4")
     client.rpush("other-queue", b"x")
     add_jobs(sqlite_engine, JobStatus.failed, 4)
     add_jobs(sqlite_engine, JobStatus.succeeded, 2)

@@ -18,14 +18,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from models import Attempt, Job, JobEvent, JobStatus
 from worker.broker.publish import QUEUE, CeleryPublisher, RecordingPublisher
+from worker.broker.queue import broker_job_ids, broker_message_count, job_id_of_message
 from worker.settings import Settings
 from worker.sweeper import (
     EPOCH_KEY,
     WORKER_LOST,
     SweeperLeader,
-    broker_job_ids,
-    broker_message_count,
-    job_id_of_message,
     start_sweeper_thread,
     sweep_if_leader,
     sweep_once,

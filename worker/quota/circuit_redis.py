@@ -15,7 +15,7 @@ import redis
 import redis.asyncio
 
 from worker.quota.circuit import Pause
-from worker.quota.limiter_redis import STATE_ERRORS, state_redis_kwargs, unavailable
+from worker.quota.state import STATE_ERRORS, state_redis_kwargs, unavailable
 
 DEFAULT_KEY_PREFIX = "macao-ocr:circuit"
 

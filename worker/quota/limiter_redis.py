@@ -1,7 +1,7 @@
 """The shared quota limiter: one schedule in Redis for every worker process on every host.
 
-Each call is ONE round trip: EVALSHA of `worker/quota/ratelimit.lua` (redis-py's registered script
-falls back to SCRIPT LOAD on NOSCRIPT). The script reads Redis TIME, so hosts' clocks do not
+Each call is ONE round trip: EVALSHA of `worker/quota/ratelimit.lua` (redis-py's registered
+script falls back to SCRIPT LOAD on NOSCRIPT). The script reads Redis TIME, so hosts' clocks do not
 matter. Fails closed: if Redis cannot be reached, `StateUnavailable` is raised and no call
 may go out.
 """
@@ -16,18 +16,13 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 import redis.asyncio
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
-from worker.errors import StateUnavailable
 from worker.quota import aimd
 from worker.quota.limiter import Reservation
+from worker.quota.state import STATE_ERRORS, state_redis_kwargs, unavailable
 
 if TYPE_CHECKING:
     from worker.settings import Settings
-
-# Short: a Redis that does not answer within this is treated as down (fail closed).
-STATE_SOCKET_TIMEOUT_S = 1.0
 
 
 @functools.cache
@@ -35,28 +30,6 @@ def lua_source() -> str:
     """The limiter script (shipped as package data)."""
     return importlib.resources.files("worker.quota").joinpath("ratelimit.lua").read_text("utf-8")
 
-
-def state_redis_kwargs() -> dict[str, Any]:
-    """Connection options for limiter/circuit state: short timeouts, one quick retry."""
-    return {
-        "socket_timeout": STATE_SOCKET_TIMEOUT_S,
-        "socket_connect_timeout": STATE_SOCKET_TIMEOUT_S,
-        "retry": Retry(NoBackoff(), 1),
-        "health_check_interval": 30,
-    }
-
-
-def state_redis(url: str) -> redis.asyncio.Redis:
-    """An asyncio client for the shared state at `url` (settings.state_redis_url)."""
-    return redis.asyncio.Redis.from_url(url, **state_redis_kwargs())
-
-
-def unavailable(exc: BaseException, what: str) -> StateUnavailable:
-    """The fail-closed error; names the failure's type only (a URL may hold a password)."""
-    return StateUnavailable(f"{what} in Redis is unreachable ({type(exc).__name__})")
-
-
-STATE_ERRORS = (redis.RedisError, OSError)
 
 # ARGV[2..] of ratelimit.lua, in order (its header documents the same list).
 ARGV_CONTROL_FIELDS = (

@@ -125,18 +125,14 @@ def percentile(sorted_values: list[float], q: float) -> float | None:
 
 
 def queue_depth(redis_url: str) -> int:
-    """Messages waiting in the broker queue (every kombu priority list)."""
+    """Messages waiting in the broker queue (every priority list; `worker.broker.queue`)."""
     import redis
 
-    from worker.broker.publish import QUEUE
-    from worker.metrics import queue_keys
+    from worker.broker.queue import queue_depth as broker_queue_depth
 
     client = redis.Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=2)
     try:
-        pipe = client.pipeline(transaction=False)
-        for key in queue_keys(QUEUE):
-            pipe.llen(key)
-        return sum(int(n) for n in pipe.execute())
+        return broker_queue_depth(client)
     finally:
         client.close()
 
