@@ -180,7 +180,7 @@ def figures(engine: sa.Engine, emulator: h.Emulator, jobs: int) -> tuple[list[st
         open_attempts = q("select count(*) from attempt where finished_at is null")
         worker_lost = q("select count(*) from attempt where outcome_code = 'WorkerLost'")
         recovered = q("select count(*) from job_event where kind = 'recovered'")
-        failed_codes = dict(conn.execute(sa.text(
+        failed_codes: dict[str, int] = dict(conn.execute(sa.text(
             "select last_error_code, count(*) from job where status = 'failed' "
             "group by last_error_code")).all())  # fmt: skip
     counters = emulator.counters()

@@ -26,6 +26,44 @@ PG_ADMIN_URL = os.environ.get(
 )
 
 
+# Fixtures that reach a real Redis, PostgreSQL or worker fleet: only integration tests use them.
+SERVER_FIXTURES = frozenset(
+    {
+        "redis_url",
+        "clean_redis",
+        "pg_admin_url",
+        "migrated_pg_url",
+        "db_engine",
+        "db_connection",
+        "session_factory",
+        "transactions",
+        "db_session",
+        "fresh_migrated_database",
+        "celery_workers",
+        "worker_env",
+    }
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests under tests/integration are marked `integration`; a test under tests/unit that
+    needs a server is a mistake of placement, reported before anything runs."""
+    misplaced = []
+    for item in items:
+        parts = item.path.parts
+        if "integration" in parts:
+            item.add_marker(pytest.mark.integration)
+        elif "unit" in parts:
+            needs = SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+            if needs:
+                misplaced.append(f"{item.nodeid} uses {', '.join(sorted(needs))}")
+    if misplaced:
+        raise pytest.UsageError(
+            "unit tests must not need a server; move these to tests/integration:\n"
+            + "\n".join(misplaced)
+        )
+
+
 def require_service(name: str, problem: str) -> None:
     """Fail under CI (a missing service is a broken run), skip on a developer's laptop."""
     message = f"{name} is not reachable: {problem}"

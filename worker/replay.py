@@ -27,6 +27,7 @@ from models.base import utcnow
 from worker.broker.publish import Publisher
 from worker.errors import InputError
 from worker.settings import Settings
+from worker.store.filters import JobFilter
 
 log = structlog.get_logger(__name__)
 
@@ -91,21 +92,16 @@ def _select(
     since: datetime | None,
     until: datetime | None,
 ) -> Any:
-    query = select(Job).where(Job.tenant == settings.tenant)
-    if job_ids is not None:
-        query = query.where(Job.id.in_(job_ids))
-    if status is not None:
-        query = query.where(Job.status == status)
-    if error_code is not None:
-        query = query.where(Job.last_error_code == error_code)
-    if batch is not None:
-        query = query.where(Job.batch == batch)
-    # The window is on when the job finished: "what failed during the outage".
-    if since is not None:
-        query = query.where(Job.finished_at >= since)
-    if until is not None:
-        query = query.where(Job.finished_at < until)
-    return query.order_by(Job.created_at, Job.id)
+    matching = JobFilter(
+        tenant=settings.tenant,
+        job_ids=job_ids,
+        status=status,
+        error_code=error_code,
+        batch=batch,
+        finished_since=since,
+        finished_until=until,
+    )
+    return matching.select().order_by(Job.created_at, Job.id)
 
 
 def replay(

@@ -106,7 +106,7 @@ def wait_workers(env: Mapping[str, str], launcher: Launcher, n: int) -> None:
         while True:
             if launcher.proc.poll() is not None:
                 pytest.fail(f"launcher exited:\n{launcher.log.read_text()[-3000:]}")
-            replies = app.control.ping(timeout=1.0)
+            replies = app.control.ping(timeout=1.0) or []
             if len(replies) >= n:
                 return
             if time.monotonic() > deadline:

@@ -72,7 +72,7 @@ def test_three_processes_never_exceed_the_shared_quota(
         if line.startswith("{") and '"api_call"' in line
     )
     busy = {k: w for k, w in counters["windows"].items() if w["throttled"]}
-    diagnostics = (busy, late_ms[-10:], os.getloadavg())
+    diagnostics: tuple[object, ...] = (busy, late_ms[-10:], os.getloadavg())
     if busy:
         # Everything needed to tell who sent what when (attempt starts are taken on the loop
         # right after the slot wait; windows are the emulator's).

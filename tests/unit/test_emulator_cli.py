@@ -210,7 +210,7 @@ def test_serve_in_thread() -> None:
             url=running.url,
             secret_id="AKIDthread",
             secret_key="thread-key",
-            process=None,
+            process=None,  # type: ignore[arg-type]
             log_path=Path("/dev/null"),
         )  # type: ignore[arg-type]
         assert call(emu, "AKIDthread", "thread-key")["ID"] == CARD.truth["ID"]

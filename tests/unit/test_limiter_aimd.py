@@ -103,7 +103,7 @@ async def simulate(
                     result.ok_at.append(at - START_S)
         else:
             if not ok:
-                window, window_cap = slot_of[worker] if evidence else (None, 0)
+                window, window_cap = slot_of[worker] if evidence else (None, 0)  # type: ignore[assignment]
                 await limiter.throttled(KEY, window=window, window_cap=window_cap)
             push(at, "ready", worker)
     return result

@@ -226,7 +226,7 @@ def test_celery_setup_logging_signal_uses_our_configuration(
     install_celery_logging(Settings(log_json=True, log_level="INFO"))
     app = Celery("t", set_as_current=False)
     # What `celery worker` does at start: with a receiver connected, Celery leaves logging alone.
-    app.log.already_setup = False
+    app.log.already_setup = False  # type: ignore[misc]
     handled = app.log.setup_logging_subsystem(loglevel="INFO")
     assert handled
     logging.getLogger("celery.worker").warning("connected to %s", "redis://:pw@h:1/0")

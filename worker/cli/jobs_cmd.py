@@ -22,6 +22,7 @@ from worker.errors import InputError, StateUnavailable
 from worker.producer import JobSpec, ManifestError, read_manifest, submit_many
 from worker.producer import submit as submit_one
 from worker.settings import Settings
+from worker.store.filters import JobFilter
 from worker.store.views import job_view, not_found_view
 
 stderr = Console(stderr=True)
@@ -263,16 +264,10 @@ def jobs(
 ) -> None:
     """List this tenant's jobs, newest first."""
     settings = load_or_exit()
-    query = select(Job).where(Job.tenant == settings.tenant)
-    if status_ is not None:
-        query = query.where(Job.status == status_)
-    if error_code is not None:
-        query = query.where(Job.last_error_code == error_code)
-    if batch is not None:
-        query = query.where(Job.batch == batch)
-    if tag is not None:
-        query = query.where(Job.tag == tag)
-    query = query.order_by(Job.created_at.desc(), Job.id).limit(limit)
+    matching = JobFilter(
+        tenant=settings.tenant, status=status_, error_code=error_code, batch=batch, tag=tag
+    )
+    query = matching.select().order_by(Job.created_at.desc(), Job.id).limit(limit)
     with database(settings) as factory, factory() as session:
         rows = session.scalars(query).all()
         views = [job_view(session, job) for job in rows]

@@ -7,6 +7,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 import redis
@@ -277,7 +278,8 @@ def test_message_parser_reads_celery_messages(
 
     # A delivered, unacknowledged message moves to kombu's `unacked` hash: still present.
     with Connection(broker_url(client)) as conn:
-        message = conn.default_channel.basic_get(QUEUE, no_ack=False)
+        channel: Any = conn.default_channel
+        message = channel.basic_get(QUEUE, no_ack=False)
         assert message is not None
         assert client.hlen("unacked") == 1
         assert broker_message_count(client) == 4
@@ -366,14 +368,22 @@ def test_message_held_by_a_dead_consumer_is_republished(
         # A consumer takes `held` (oldest, at the right end) and is SIGKILLed: kombu keeps the
         # message in `unacked` until the visibility timeout, an hour away. (The connection
         # stays open: closing it would hand the message back, as a warm shutdown does.)
-        assert conn.default_channel.basic_get(QUEUE, no_ack=False) is not None
+        taker: Any = conn.default_channel
+        assert taker.basic_get(QUEUE, no_ack=False) is not None
         (tag,) = client.zrange("unacked_index", 0, -1)
 
         fresh = sweep_once(session_factory, recorder, settings, redis=client, now=NOW)
         assert not fresh.broker_scanned  # counts match and the delivery is recent
 
         seconds, _ = client.time()
-        client.zadd("unacked_index", {tag: seconds - settings.republish_after_s - 5})
+        client.zadd(
+            "unacked_index",
+            {
+                tag.decode() if isinstance(tag, bytes) else str(tag): seconds
+                - settings.republish_after_s
+                - 5
+            },
+        )
         report = sweep_once(session_factory, recorder, settings, redis=client, now=NOW)
 
         assert report.broker_scanned

@@ -689,7 +689,7 @@ def test_task_hides_crash_details_and_requeues_when_the_database_is_down(
 
     with pytest.raises(Reject) as rejected:
         tasks.run_job(app, str(uuid.uuid4()), "host")
-    assert rejected.value.requeue is True
+    assert rejected.value.requeue is True  # type: ignore[attr-defined]
 
     monkeypatch.setattr(pipeline, "process_job", lambda job_id, deps: Outcome.deferred)
     assert tasks.run_job(app, str(uuid.uuid4()), "host") == "deferred"

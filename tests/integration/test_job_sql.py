@@ -144,7 +144,7 @@ def test_claim_leaves_a_job_that_is_not_due(sessions: sessionmaker[Session]) -> 
 
 
 def _ok_result(**values: object) -> OcrResult:
-    fields = {f.name: None for f in dataclasses.fields(OcrResult)}
+    fields: dict[str, object] = {f.name: None for f in dataclasses.fields(OcrResult)}
     fields.update(request_id="r-1", warnings=(), portrait=None, warning_service_disabled=False)
     fields.update(values)
     return OcrResult(**fields)  # type: ignore[arg-type]

@@ -44,7 +44,7 @@ def test_an_ack_rides_on_the_next_delivery_or_goes_out_when_none_comes() -> None
     app = create_app(Settings(broker_url="redis://127.0.0.1:6379/9"))
     queue = f"test-acks-{uuid.uuid4().hex[:8]}"
     with app.connection_for_write() as conn:
-        channel = conn.channel()
+        channel: Any = conn.channel()
         client = channel.client
         for n in range(5):
             channel.basic_publish(channel.prepare_message(f"m{n}"), exchange="", routing_key=queue)
@@ -59,8 +59,9 @@ def test_an_ack_rides_on_the_next_delivery_or_goes_out_when_none_comes() -> None
         assert unacked(m0) == [False]
 
         hub = Hub()
-        conn.transport.register_with_event_loop(conn.connection, hub)
-        assert conn.transport._flush_waiting_acks in hub.on_tick
+        transport: Any = conn.transport
+        transport.register_with_event_loop(conn.connection, hub)
+        assert transport._flush_waiting_acks in hub.on_tick
         m1 = channel.basic_get(queue)
         channel.basic_ack(m1.delivery_tag)
         assert unacked(m1) == [True]  # held, not a round trip of its own
@@ -68,10 +69,10 @@ def test_an_ack_rides_on_the_next_delivery_or_goes_out_when_none_comes() -> None
         assert unacked(m1, m2) == [False, True]  # written with m2's delivery
 
         channel.basic_ack(m2.delivery_tag)
-        conn.transport._flush_waiting_acks()
+        transport._flush_waiting_acks()
         assert unacked(m2) == [True]  # too fresh to flush alone
         time.sleep(ACK_FLUSH_S)
-        conn.transport._flush_waiting_acks()
+        transport._flush_waiting_acks()
         assert unacked(m2) == [False]  # no delivery came: flushed by itself
 
         m3 = channel.basic_get(queue)
