@@ -1,0 +1,94 @@
+"""The Celery and kombu internals we copy, override or rely on, pinned by their source.
+
+`worker.broker` is the one place that reaches into them (see its modules' docs, and
+bench/README.md for what each buys). An upgrade that changes any of these methods fails
+here, naming it: read the new upstream source, port our override (or drop it), re-measure,
+and only then record the new digest. pyproject.toml pins celery and kombu to the minor
+versions these digests were taken from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from typing import Any
+
+import celery
+import kombu
+import pytest
+from celery.worker.consumer import consumer as celery_consumer
+from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
+
+# What we do with each: copied (our code is a line-for-line copy plus a change), overridden
+# (our method replaces it and calls it), relied on (we call it or depend on its behaviour).
+GUARDED: dict[str, tuple[Any, str, str]] = {
+    "kombu.transport.redis.QoS.append": (kombu_redis.QoS.append, "copied", "35c655f6ecc62fe6"),
+    "kombu.transport.redis.QoS.ack": (kombu_redis.QoS.ack, "overridden", "1bc15a4ddf541af6"),
+    "kombu.transport.redis.QoS.pipe_or_acquire": (
+        kombu_redis.QoS.pipe_or_acquire,
+        "relied on",
+        "ad7f549d96c81107",
+    ),
+    "kombu.transport.virtual.QoS.append": (virtual.QoS.append, "relied on", "b388f0cd6485c28a"),
+    "kombu.transport.virtual.QoS.ack": (virtual.QoS.ack, "relied on", "0714292b916fecb2"),
+    "kombu.transport.redis.Channel._create_client": (
+        kombu_redis.Channel._create_client,
+        "overridden",
+        "dae92bc4075dafb9",
+    ),
+    "kombu.transport.redis.Channel.close": (
+        kombu_redis.Channel.close,
+        "overridden",
+        "101e9b9cdad44b88",
+    ),
+    "kombu.transport.redis.Transport.register_with_event_loop": (
+        kombu_redis.Transport.register_with_event_loop,
+        "overridden",
+        "4b835642e4a99425",
+    ),
+    "celery.worker.consumer.Consumer.on_send_event_buffered": (
+        celery_consumer.Consumer.on_send_event_buffered,
+        "overridden",
+        "0429cadc8bf9dc54",
+    ),
+    "celery.worker.consumer.Consumer._flush_events": (
+        celery_consumer.Consumer._flush_events,
+        "relied on",
+        "2f39dd2416515bf0",
+    ),
+    "celery.worker.consumer.Consumer.shutdown": (
+        celery_consumer.Consumer.shutdown,
+        "overridden",
+        "a081dc7db4a98b33",
+    ),
+}
+
+
+def source_digest(obj: Any) -> str:
+    """The first 16 hex digits of the SHA-256 of the object's source text."""
+    return hashlib.sha256(inspect.getsource(obj).encode()).hexdigest()[:16]
+
+
+@pytest.mark.parametrize("name", sorted(GUARDED))
+def test_upstream_source_is_the_one_we_reviewed(name: str) -> None:
+    obj, use, digest = GUARDED[name]
+    assert source_digest(obj) == digest, (
+        f"{name} ({use} by worker.broker) changed upstream in celery {celery.__version__} / "
+        f"kombu {kombu.__version__}: review worker/broker/ against it, then update the digest"
+    )
+
+
+def test_the_installed_versions_are_the_pinned_minors() -> None:
+    assert celery.__version__.startswith("5.7."), celery.__version__
+    assert kombu.__version__.startswith("5.7."), kombu.__version__
+
+
+def test_the_digest_notices_a_change() -> None:
+    def one() -> int:
+        return 1
+
+    def two() -> int:
+        return 2
+
+    assert source_digest(one) != source_digest(two)
