@@ -36,7 +36,8 @@ def test_every_priority_lands_in_a_list_we_read(clean_redis: str) -> None:
                 declare=[queue],
                 priority=priority,
             )
-    lists = {key.decode() for key in client.keys("*") if client.type(key) == b"list"}
+    keys: list[Any] = client.keys("*")
+    lists = {key.decode() for key in keys if client.type(key) == b"list"}
     assert lists <= set(layout.queue_keys()), lists - set(layout.queue_keys())
     assert layout.queue_depth(client) == 10
     assert layout.broker_message_count(client) == 10

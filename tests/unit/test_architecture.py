@@ -86,7 +86,7 @@ def test_no_circle() -> None:
         path.append(node)
         for nxt in sorted(internal[node]):
             if state.get(nxt) == 1:
-                return path[path.index(nxt) :] + [nxt]
+                return [*path[path.index(nxt) :], nxt]
             if nxt not in state and (circle := visit(nxt)):
                 return circle
         path.pop()

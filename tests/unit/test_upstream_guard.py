@@ -11,14 +11,19 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+from importlib.metadata import version
 from typing import Any
 
-import celery
-import kombu
 import pytest
-from celery.worker.consumer import consumer as celery_consumer
-from kombu.transport import redis as kombu_redis
+from celery.worker.consumer import consumer as _celery_consumer
+from kombu.transport import redis as _kombu_redis
 from kombu.transport import virtual
+
+# Neither ships types for these internals.
+celery_consumer: Any = _celery_consumer
+kombu_redis: Any = _kombu_redis
+CELERY_VERSION = version("celery")
+KOMBU_VERSION = version("kombu")
 
 # What we do with each: copied (our code is a line-for-line copy plus a change), overridden
 # (our method replaces it and calls it), relied on (we call it or depend on its behaviour).
@@ -74,14 +79,14 @@ def source_digest(obj: Any) -> str:
 def test_upstream_source_is_the_one_we_reviewed(name: str) -> None:
     obj, use, digest = GUARDED[name]
     assert source_digest(obj) == digest, (
-        f"{name} ({use} by worker.broker) changed upstream in celery {celery.__version__} / "
-        f"kombu {kombu.__version__}: review worker/broker/ against it, then update the digest"
+        f"{name} ({use} by worker.broker) changed upstream in celery {CELERY_VERSION} / "
+        f"kombu {KOMBU_VERSION}: review worker/broker/ against it, then update the digest"
     )
 
 
 def test_the_installed_versions_are_the_pinned_minors() -> None:
-    assert celery.__version__.startswith("5.7."), celery.__version__
-    assert kombu.__version__.startswith("5.7."), kombu.__version__
+    assert CELERY_VERSION.startswith("5.7."), CELERY_VERSION
+    assert KOMBU_VERSION.startswith("5.7."), KOMBU_VERSION
 
 
 def test_the_digest_notices_a_change() -> None:
