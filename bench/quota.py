@@ -144,6 +144,7 @@ def _scenario_env(ctx: Context, sc: Scenario, db_url: str, tag: str) -> dict[str
         # Production-like (the launcher serves /metrics), on a port nobody else uses.
         "MACAO_OCR_METRICS_PORT": str(_free_port()),
         "MACAO_OCR_PROMETHEUS_MULTIPROC_DIR": str(ctx.run_dir / f"metrics-{tag}"),
+        "MACAO_OCR_BROKER_TWEAKS": "true" if ctx.args.broker_tweaks else "false",
     }
     env.update(ctx.emulator.env())
     return env
@@ -418,6 +419,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="smoke run: 10 s, Q=5, 1 process")
     parser.add_argument("--no-baseline", dest="baseline", action="store_false")
+    parser.add_argument(
+        "--no-broker-tweaks",
+        dest="broker_tweaks",
+        action="store_false",
+        help="ours with kombu's transport and Celery's consumer as shipped",
+    )
     parser.add_argument("--concurrency", type=int, default=None, help="ours: threads/process")
     parser.add_argument("--loglevel", default="INFO", help="workers' log level (default INFO)")
     parser.add_argument("--redis-url", default=DEFAULT_REDIS_URL)

@@ -46,11 +46,12 @@ def longest_hold_s(settings: Settings) -> float:
     )
 
 
-def _transport_for(broker_url: str) -> str | None:
+def _transport_for(settings: Settings) -> str | None:
     from worker.broker.transport import TRANSPORT
 
     # rediss:// keeps kombu's own URL handling (TLS options); sentinel:// its own transport.
-    return TRANSPORT if broker_url.startswith("redis://") else None
+    tuned = settings.broker_tweaks and settings.broker_url.startswith("redis://")
+    return TRANSPORT if tuned else None
 
 
 def create_app(settings: Settings) -> MacaoCelery:
@@ -60,7 +61,7 @@ def create_app(settings: Settings) -> MacaoCelery:
     app.conf.update(
         broker_url=settings.broker_url,
         # kombu's Redis transport, one client object per pool (see worker.broker.transport).
-        broker_transport=_transport_for(settings.broker_url),
+        broker_transport=_transport_for(settings),
         # Results live in SQL. A backend would be one more place personal data could reach.
         result_backend=None,
         task_ignore_result=True,
@@ -83,7 +84,11 @@ def create_app(settings: Settings) -> MacaoCelery:
         # Flower and `celery events` see every task; messages carry only the job id.
         worker_send_task_events=True,
         # ...in batches (worker.broker.consumer; a name, so producers never import it).
-        worker_consumer="worker.broker.consumer:Consumer",
+        worker_consumer=(
+            "worker.broker.consumer:Consumer"
+            if settings.broker_tweaks
+            else "celery.worker.consumer.consumer:Consumer"
+        ),
         task_send_sent_event=True,
         # Workers outlive a Redis restart: keep reconnecting, at start and forever after.
         broker_connection_retry=True,

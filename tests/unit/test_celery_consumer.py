@@ -80,3 +80,16 @@ def test_the_app_runs_this_consumer() -> None:
 
     app = create_app(Settings(database_url="sqlite:///unused.db"))
     assert app.conf.worker_consumer == f"{Consumer.__module__}:{Consumer.__name__}"
+
+
+def test_broker_tweaks_off_runs_celery_and_kombu_as_shipped() -> None:
+    from celery.worker.consumer import Consumer as CeleryConsumer
+
+    from worker.app import create_app
+    from worker.settings import Settings
+
+    app = create_app(Settings(database_url="sqlite:///unused.db", broker_tweaks=False))
+    assert app.conf.worker_consumer == f"{CeleryConsumer.__module__}:{CeleryConsumer.__name__}"
+    assert app.conf.broker_transport is None
+    tuned = create_app(Settings(database_url="sqlite:///unused.db"))
+    assert tuned.conf.broker_transport == "worker.broker.transport:Transport"
