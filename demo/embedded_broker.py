@@ -255,10 +255,10 @@ def _fakeredis_server() -> Any:
 
 def start_fakeredis() -> FakeRedisBroker:
     """Serve an in-memory fakeredis over TCP on a free loopback port."""
-    if not lua_available():
+    if importlib.util.find_spec("fakeredis") is None or not lua_available():
         raise BrokerError(
-            "the fakeredis broker needs the 'lupa' package for Lua (the rate limiter's script): "
-            "pip install lupa, or install redis-server"
+            "the embedded broker needs fakeredis and lupa (Lua for the rate limiter's script), "
+            "the demo's extras: pip install 'macao-ocr[demo]', or install redis-server"
         )
     server = _fakeredis_server()
     port = int(server.server_address[1])

@@ -8,8 +8,8 @@ environment dict, so the producer (this process), the worker and the emulator ag
 With the user's own Tencent credentials (and no MACAO_OCR_API_ENDPOINT), the demo reads the
 user's images through the real service instead; the emulator and generated cards stay out.
 
-This is the one module of `worker` that may import `emulator` (lazily, for the specimen cards):
-the demo is the emulator's showcase, and the worker path never runs it.
+The demo lives outside `worker`: it imports `emulator` (lazily, for the specimen cards) and
+fakeredis (the `[demo]` extra); worker code never imports either (tests/unit/test_architecture.py).
 """
 
 from __future__ import annotations

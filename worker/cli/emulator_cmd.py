@@ -1,7 +1,7 @@
 """`macao-ocr emulator` and `macao-ocr specimen`: the local Tencent stand-in (dev/test tooling).
 
-The commands live in the emulator package; this is the one place the CLI reaches into it
-(the worker's processing code never imports `emulator`).
+The commands live in the emulator package; the CLI, the composition root, registers them
+here (and the demo's in `worker.cli`); no other worker code imports `emulator` or `demo`.
 """
 
 from __future__ import annotations
