@@ -1,6 +1,6 @@
 """The shared-quota limiter interface. Backends: `worker.quota.limiter_redis` (production, shared by
 every worker on every host) and `worker.quota.limiter_memory` (unit tests, one process). Both pass
-one contract suite (tests/unit/test_limiter_contract.py)."""
+one contract suite (tests/integration/test_limiter_contract.py)."""
 
 from __future__ import annotations
 
