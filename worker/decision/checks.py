@@ -7,6 +7,7 @@ effects are in `worker.decision.codes`.
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -94,7 +95,7 @@ def age_on(birthday: date, day: date) -> int:
 
 
 def sex_of(text: str | None) -> str | None:
-    """"M" or "F" when every token of Sex agrees on one; None when it is not a known value."""
+    """ "M" or "F" when every token of Sex agrees on one; None when it is not a known value."""
     if text is None:
         return None
     tokens = [t for t in re.split(r"[\s/|,]+", text.strip().upper()) if t]
@@ -113,9 +114,8 @@ def _has(value: object) -> bool:
 def field_missing(card: CardFacts, reading_day: date, limits: Limits) -> Iterator[Finding]:
     """The fields a card always carries: a name, the number, birth, sex, issue and validity."""
     missing = []
-    if not any(
-        _has(n) for n in (card.cn_last_name, card.en_last_name, card.cn_first_name, card.en_first_name)
-    ):
+    names = (card.cn_last_name, card.en_last_name, card.cn_first_name, card.en_first_name)
+    if not any(_has(n) for n in names):
         missing.append("name")
     for name in ("id_number", "sex", "resident_type", *DATE_FIELDS):
         # An unreadable date is reported as such, not as missing as well.
@@ -153,7 +153,7 @@ def dates_out_of_order(card: CardFacts, reading_day: date, limits: Limits) -> It
     ]
     problems = [
         f"{later} before {earlier}"
-        for (earlier, a), (later, b) in zip(chain, chain[1:], strict=False)
+        for (earlier, a), (later, b) in itertools.pairwise(chain)
         if b < a
     ]
     problems += [
@@ -197,7 +197,7 @@ def sex_value(card: CardFacts, reading_day: date, limits: Limits) -> Iterator[Fi
 
 
 def _resident_type_known(text: str) -> bool:
-    value = " ".join(text.strip().lower().replace("‐", "-").split())
+    value = " ".join(text.strip().lower().replace("\u2010", "-").split())
     for prefix in _RESIDENT_PREFIXES:
         value = value.removeprefix(prefix)
     return value.strip() in RESIDENT_TYPES

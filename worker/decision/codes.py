@@ -69,7 +69,9 @@ CATALOGUE: Final[tuple[CodeInfo, ...]] = (
         "-9109: the account has no warning service (not a card defect; no warning was checked)",
     ),
     CodeInfo("field_missing", _C, _K, "a mandatory field was not read"),
-    CodeInfo("id_number_format", _C, _K, "ID number not XNNNNNN(Y) or X/NNNNNN/Y with X in 1, 5, 7"),
+    CodeInfo(
+        "id_number_format", _C, _K, "ID number not XNNNNNN(Y) or X/NNNNNN/Y with X in 1, 5, 7"
+    ),
     CodeInfo("date_unreadable", _C, _K, "a date field was read but is not a DD-MM-YYYY date"),
     CodeInfo(
         "dates_out_of_order",

@@ -125,7 +125,8 @@ def policy_for(
     tenant: str, stored: Mapping[str, Effect] | None, env: Mapping[str, Effect] | None
 ) -> Policy:
     """The tenant's policy: MACAO_OCR_WARNING_POLICY applies to the tenant `default` only."""
-    return Policy(env=dict(env or {}) if tenant == DEFAULT_TENANT else {}, stored=dict(stored or {}))
+    applied_env = dict(env or {}) if tenant == DEFAULT_TENANT else {}
+    return Policy(env=applied_env, stored=dict(stored or {}))
 
 
 def stored_overrides(raw: object) -> dict[str, Effect]:
