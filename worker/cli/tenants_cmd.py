@@ -13,4 +13,6 @@ tenants_app = typer.Typer(
 
 def register(app: typer.Typer) -> None:
     """Add the `tenants` group (with every concern's subcommands) to the CLI."""
+    from worker.cli import policy_cmd  # noqa: F401  (registers `tenants policy`)
+
     app.add_typer(tenants_app, name="tenants")
