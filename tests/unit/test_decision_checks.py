@@ -221,6 +221,7 @@ def test_age_on_agrees_with_the_calendar(birthday: date, day: date) -> None:
     years = age_on(birthday, day)
     if day >= birthday:
         assert years >= 0
+
         # The birthday of year `years` has passed, that of `years + 1` has not.
         def anniversary(n: int) -> date:
             try:

@@ -165,7 +165,7 @@ def test_policy_text_round_trips(overrides: dict[str, Effect]) -> None:
 
 def test_setting_names_the_variable_on_a_bad_value(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MACAO_OCR_WARNING_POLICY", "reject=nonsense")
-    with pytest.raises(ConfigError, match="MACAO_OCR_WARNING_POLICY: .*unknown code 'nonsense'"):
+    with pytest.raises(ConfigError, match=r"MACAO_OCR_WARNING_POLICY: .*unknown code 'nonsense'"):
         load_settings()
     monkeypatch.setenv("MACAO_OCR_WARNING_POLICY", "ignore=glare")
     monkeypatch.setenv("MACAO_OCR_EXPIRY_WARNING_DAYS", "7")
