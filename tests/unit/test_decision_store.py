@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 from datetime import date
 from pathlib import Path
@@ -23,13 +23,8 @@ from typer.testing import CliRunner
 import migrations
 from models import DecisionReason, Job, JobEvent, JobStatus, Result
 from models.base import utcnow
-from tests.unit.test_pipeline import (  # noqa: F401  (fixtures)
-    Harness,
-    harness,
-    loop_thread,
-    ok_result,
-    settings,
-)
+from tests.unit import test_pipeline
+from tests.unit.test_pipeline import Harness, ok_result
 from worker.cli import app
 from worker.decision.codes import Effect
 from worker.decision.policy import Policy
@@ -38,6 +33,11 @@ from worker.decision.store import load_overrides, save_overrides
 from worker.pipeline import Outcome
 from worker.store import job_sql
 from worker.store.views import job_view
+
+# The pipeline's harness (fixtures of test_pipeline, shared by name).
+harness = test_pipeline.harness
+loop_thread = test_pipeline.loop_thread
+settings = test_pipeline.settings
 
 
 def stored(sessions: sessionmaker[Session], job_id: uuid.UUID) -> tuple[str | None, list[str]]:
@@ -329,6 +329,3 @@ def test_decide_command_needs_a_selection(cli_db: tuple[dict[str, str], sa.Engin
     out = invoke(env, "decide", "--since", "2026-01-01T00:00:00")
     assert out.exit_code == 2 and "time zone" in out.output
     engine.dispose()
-
-
-_: Callable[..., object] = harness  # keep the imported fixture referenced
