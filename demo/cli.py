@@ -34,10 +34,20 @@ def _status_markup(status: str, as_expected: bool) -> str:
     return f"[{colour}]{status}[/]{mark}"
 
 
+def _decision_markup(view: dict[str, Any]) -> str:
+    decision = view.get("decision")
+    if not decision:
+        return ""
+    colour = {"clear": "green", "consider": "yellow", "reject": "red"}.get(decision, "magenta")
+    reasons = ", ".join(r["code"] for r in view.get("reasons", []))
+    return f"[{colour}]{decision}[/]" + (f" ({reasons})" if reasons else "")
+
+
 def render_report(console: Console, report: DemoReport) -> None:
     """The result table, one row per card, then the one-line summary."""
     table = Table(title="macao-ocr demo results", show_lines=False)
-    for column in ("job", "card", "status", "name", "ID number", "valid until", "warnings"):
+    columns = ("job", "card", "status", "decision", "name", "ID number", "valid until", "warnings")
+    for column in columns:
         table.add_column(column, overflow="fold", no_wrap=column in ("job", "ID number"))
     table.add_column("detail", overflow="fold", ratio=1)
     for row in report.rows:
@@ -56,6 +66,7 @@ def render_report(console: Console, report: DemoReport) -> None:
             str(row.job_id)[:8] if row.job_id else "-",
             row.card.label,
             _status_markup(row.status, row.as_expected),
+            _decision_markup(view),
             _name(result),
             result.get("id_number") or "",
             result.get("validity_period") or "",

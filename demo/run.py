@@ -29,7 +29,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -78,6 +78,8 @@ class DemoCard:
     expect_code: str | None = None
     truth: Mapping[str, Any] | None = field(default=None, repr=False)
     note: str = ""
+    # The decision the default policy gives this card (None: not checked).
+    expect_decision: str | None = None
 
 
 def _plain_jpeg() -> bytes:
@@ -111,16 +113,29 @@ def specimen_cards(count: int, *, seed: int = 853) -> list[DemoCard]:
 
     extras = 2 if count >= 4 else 0
     cards: list[DemoCard] = []
+    today = date.today()
     for index in range(count - extras):
         warnings = _WARNING_SETS[index % len(_WARNING_SETS)]
         no_expiry = index == 3
         fmt = "PNG" if index == 5 else "JPEG"
-        specimen = make_specimen(seed + index, warnings=warnings, fmt=fmt, no_expiry=no_expiry)
+        # Valid today, so the decision shows the warnings; one card expired three days ago.
+        expired = index == len(_WARNING_SETS)
+        fields = {"ValidityPeriod": (today - timedelta(days=3)).strftime("%d-%m-%Y")}
+        specimen = make_specimen(
+            seed + index,
+            warnings=warnings,
+            fmt=fmt,
+            no_expiry=no_expiry,
+            valid_on=today,
+            fields=fields if expired else None,
+        )
         notes = []
         if no_expiry:
             notes.append("no expiry")
         if fmt == "PNG":
             notes.append("PNG")
+        if expired:
+            notes.append("expired")
         cards.append(
             DemoCard(
                 label=f"specimen-{index + 1:02d}",
@@ -128,6 +143,7 @@ def specimen_cards(count: int, *, seed: int = 853) -> list[DemoCard]:
                 expect="succeeded",
                 truth=specimen.truth,
                 note="; ".join(notes),
+                expect_decision=_default_decision(warnings, expired=expired),
             )
         )
     if extras:
@@ -142,6 +158,16 @@ def specimen_cards(count: int, *, seed: int = 853) -> list[DemoCard]:
         )
         cards.append(DemoCard(label="card.gif", source=_gif(), expect="refused", note="GIF"))
     return cards
+
+
+def _default_decision(warnings: Sequence[str], *, expired: bool) -> str:
+    """What the default policy makes of a valid specimen with these warnings."""
+    from worker.decision.codes import DEFAULTS, Effect
+
+    effects = {DEFAULTS[w] for w in warnings}
+    if expired or Effect.reject in effects:
+        return "reject"
+    return "consider" if effects else "clear"
 
 
 def user_cards(images: Sequence[Path]) -> list[DemoCard]:
@@ -451,7 +477,12 @@ def check_outcome(row: DemoRow) -> str | None:
     codes = truth.get("WarnCardInfos", [])
     want = sorted(int(c) for c in codes if int(c) != WARNING_SERVICE_DISABLED)
     got = sorted(int(w["code"]) for w in view.get("warnings", []))
-    return None if got == want else f"warnings {got} differ from the card's {want}"
+    if got != want:
+        return f"warnings {got} differ from the card's {want}"
+    decision = view.get("decision")
+    if card.expect_decision is not None and decision != card.expect_decision:
+        return f"decision {decision}, expected {card.expect_decision}"
+    return None
 
 
 ProgressFn = Callable[[int, int, Mapping[str, int]], None]

@@ -137,17 +137,37 @@ def specimen(
     truth: Annotated[
         bool, typer.Option("--truth", help="Print the fields Tencent would return, as JSON.")
     ] = False,
+    field: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--field",
+            help="NAME=VALUE: answer this field as given, e.g. ID=9234567(8) (repeatable).",
+        ),
+    ] = None,
+    valid_today: Annotated[
+        bool, typer.Option("--valid-today", help="Dates moved so the card is valid today.")
+    ] = False,
 ) -> None:
     """Write a specimen Macao ID card image (invented person, marked SPECIMEN)."""
+    from datetime import date
+
     from emulator.specimen import make_specimen
 
     try:
+        fields = {}
+        for item in field or ():
+            name, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"--field takes NAME=VALUE, not {item[:40]!r}")
+            fields[name.strip()] = value
         spec = make_specimen(
             seed,
             warnings=warn or (),
             fmt="PNG" if png else "JPEG",
             no_expiry=no_expiry,
             permanent=not non_permanent,
+            valid_on=date.today() if valid_today else None,
+            fields=fields,
         )
     except ValueError as exc:
         typer.echo(f"specimen: {exc}", err=True)

@@ -12,9 +12,9 @@ import io
 import json
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Final
@@ -138,8 +138,16 @@ def make_specimen(
     no_expiry: bool = False,
     permanent: bool = True,
     portuguese_name: bool = False,
+    valid_on: date | None = None,
+    fields: Mapping[str, Any] | None = None,
 ) -> Specimen:
-    """Draw one specimen card. The same seed and options always give the same bytes."""
+    """Draw one specimen card. The same seed and options always give the same bytes.
+
+    `valid_on`: move the card's dates (birth included, so the age at issue stays) by whole
+    years so that it is valid, and not about to expire, on that day. `fields`: any answer
+    field set as given, after the rest is invented (API names, e.g. `{"ID": "9234567(8)"}`;
+    `WarnCardInfos` replaces the drawn warnings' codes, so unlisted codes can be answered):
+    a card that trips any check."""
     fmt = fmt.upper()
     if fmt == "JPG":
         fmt = "JPEG"
@@ -151,8 +159,18 @@ def make_specimen(
     rng = random.Random(seed)
     truth = _invent_fields(rng, no_expiry=no_expiry, permanent=permanent, pt=portuguese_name)
     truth["WarnCardInfos"] = codes
+    if valid_on is not None:
+        _shift_years(truth, valid_on.year - _REFERENCE_DAY.year)
+    for name, value in (fields or {}).items():
+        if name not in _FIELD_NAMES:
+            raise ValueError(f"unknown field {name!r}: use one of {', '.join(_FIELD_NAMES)}")
+        truth[name] = value
 
-    card = _draw_card(rng, truth)
+    # Drawn as text whatever a caller set a field to (None: left blank).
+    shown = {
+        k: v if isinstance(v, list) else ("" if v is None else str(v)) for k, v in truth.items()
+    }
+    card = _draw_card(rng, shown)
     card = _apply_warnings(card, codes, rng)
     portrait = _encode_jpeg(card.crop(PORTRAIT_BOX), quality=80)
     payload = json.dumps(
@@ -265,6 +283,37 @@ def _invent_fields(
         "Angle": None,
         "ResidentType": PERMANENT if permanent else NON_PERMANENT,
     }
+
+
+_FIELD_NAMES: Final = (
+    "CnLastName",
+    "EnLastName",
+    "LastNameCode",
+    "CnFirstName",
+    "EnFirstName",
+    "FirstNameCode",
+    "ID",
+    "Birthday",
+    "Sex",
+    "FirstIssueDate",
+    "CurrentIssueDate",
+    "ValidityPeriod",
+    "Symbol",
+    "Height",
+    "Angle",
+    "ResidentType",
+    "WarnCardInfos",
+)
+
+
+def _shift_years(truth: dict[str, Any], years: int) -> None:
+    """Move every date of the answer key by `years` (a no-expiry text stays as it is)."""
+    for name in ("Birthday", "FirstIssueDate", "CurrentIssueDate", "ValidityPeriod"):
+        try:
+            day = datetime.strptime(truth[name], "%d-%m-%Y").date()
+        except ValueError:
+            continue
+        truth[name] = _dmy(_add_years(day, years))
 
 
 # ---------------------------------------------------------------- drawing

@@ -1,6 +1,7 @@
 """Typed SQLAlchemy 2 models: the database is the source of truth for every job."""
 
 from models.base import Base
+from models.decision import DecisionReason, WarningPolicy
 from models.job import TERMINAL_STATUSES, Attempt, Image, Job, JobEvent, JobStatus
 from models.result import Portrait, Result, Warning
 
@@ -8,6 +9,7 @@ __all__ = [
     "TERMINAL_STATUSES",
     "Attempt",
     "Base",
+    "DecisionReason",
     "Image",
     "Job",
     "JobEvent",
@@ -15,4 +17,5 @@ __all__ = [
     "Portrait",
     "Result",
     "Warning",
+    "WarningPolicy",
 ]

@@ -8,9 +8,11 @@ from decimal import Decimal
 
 from sqlalchemy import (
     Boolean,
+    CheckConstraint,
     Date,
     Float,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     Numeric,
@@ -53,6 +55,21 @@ class Result(Base):
     resident_type: Mapped[str | None] = mapped_column(String(100))
     warning_service_disabled: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # Fields present in the answer but not readable as their type (comma-separated names):
+    # the checks need them, and the value columns above can only hold None for them.
+    unreadable_fields: Mapped[str | None] = mapped_column(String(200))
+    # clear | consider | reject (worker.decision); NULL for a result stored before decisions.
+    # On the result, not the job: it is derived from the result and goes with it (a forced
+    # replay deletes both).
+    decision: Mapped[str | None] = mapped_column(String(8))
+    decided_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    __table_args__ = (
+        CheckConstraint(
+            "decision IS NULL OR decision IN ('clear', 'consider', 'reject')", name="decision"
+        ),
+        Index("ix_result_decision", "decision"),
+    )
 
 
 class Warning(Base):

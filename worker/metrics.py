@@ -1,10 +1,11 @@
 """Prometheus metrics, correct across several worker processes.
 
-Worker processes record through six cheap functions (`job_finished`, `api_call`, `limiter_wait`,
-`retry`, `set_effective_rate`, `set_circuit`). With several processes, prometheus-client's
-multiprocess mode is used: the launcher calls `prepare_multiproc_dir()` and puts the directory
-in its children's PROMETHEUS_MULTIPROC_DIR *before* they import prometheus_client (the library
-picks its value class at import), then `serve_metrics()` serves the sum over every process.
+Worker processes record through seven cheap functions (`job_finished`, `api_call`,
+`limiter_wait`, `retry`, `decided`, `set_effective_rate`, `set_circuit`). With several
+processes, prometheus-client's multiprocess mode is used: the launcher calls
+`prepare_multiproc_dir()` and puts the directory in its children's PROMETHEUS_MULTIPROC_DIR
+*before* they import prometheus_client (the library picks its value class at import), then
+`serve_metrics()` serves the sum over every process.
 
 Label values are bounded: statuses and error codes only, never job ids or personal data.
 Queue depth and dead letters are not recorded by workers; a collector in the serving process
@@ -159,6 +160,20 @@ class _Metrics:
             multiprocess_mode="livemostrecent",
             registry=reg,
         )
+        self.decisions = Counter(
+            "decisions",
+            "Succeeded jobs by decision (clear, consider, reject).",
+            ["decision"],
+            namespace=NAMESPACE,
+            registry=reg,
+        )
+        self.decision_reasons = Counter(
+            "decision_reasons",
+            "Reasons of decisions, by code (warning names and check codes).",
+            ["code"],
+            namespace=NAMESPACE,
+            registry=reg,
+        )
         self.code_label = CodeLabels()
 
 
@@ -216,6 +231,26 @@ def retry(code: str) -> None:
         m.retries.labels(code=m.code_label(code)).inc()
     except Exception as exc:
         _safe("retry", exc)
+
+
+def reason_label(code: str) -> str:
+    """A reason code as a bounded label value (unknown warnings share one)."""
+    from worker.decision.codes import BY_CODE, policy_key
+
+    key = policy_key(code)
+    return key if key in BY_CODE else OTHER
+
+
+def decided(decision: str, codes: list[str]) -> None:
+    """A succeeded job's decision and its reasons' codes."""
+    try:
+        m = _get()
+        label = decision if decision in ("clear", "consider", "reject") else OTHER
+        m.decisions.labels(decision=label).inc()
+        for code in codes:
+            m.decision_reasons.labels(code=reason_label(code)).inc()
+    except Exception as exc:
+        _safe("decided", exc)
 
 
 def set_effective_rate(rate: float, quota: float) -> None:

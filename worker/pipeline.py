@@ -43,6 +43,10 @@ from models import JobStatus
 from models.base import utcnow
 from worker import metrics
 from worker.backoff import full_jitter_s, retry_for
+from worker.decision.apply import decide_answer, limits_of
+from worker.decision.engine import Decision
+from worker.decision.facts import same_image
+from worker.decision.policy import Policy, policy_for
 from worker.errors import (
     AccountError,
     ApiError,
@@ -154,6 +158,9 @@ class PipelineDeps:
     # the BEGIN and COMMIT round trips (`worker.store.engine.make_autocommit_engine`).
     # None: `transaction`.
     statement: Callable[[], AbstractContextManager[Connection]] | None = None
+    # A tenant's warning policy (`worker.decision.store.PolicyCache` in a worker: read from
+    # SQL at most once per 30 s per process). None: the defaults and MACAO_OCR_WARNING_POLICY.
+    policies: Callable[[str], Policy] | None = None
 
 
 @dataclass(frozen=True)
@@ -215,6 +222,9 @@ class _JobInfo:
     age_from: datetime
     attempts: int
     portrait: bool
+    tenant: str = "default"
+    # Front and back were sent and are one image (the `sides_identical` check).
+    sides_identical: bool = False
 
 
 # -- database helpers
@@ -298,7 +308,13 @@ def _start(deps: PipelineDeps, job_id: uuid.UUID) -> _Started | Outcome:
             refuse_start(conn, job_id, started.number, now, err.code, err.message)
         return _refused(job_id, err)
     info = _JobInfo(
-        age_from=claimed.started_at, attempts=started.attempts, portrait=claimed.portrait
+        age_from=claimed.started_at,
+        attempts=started.attempts,
+        portrait=claimed.portrait,
+        tenant=claimed.tenant,
+        sides_identical=same_image(
+            claimed.front_url, claimed.front_image_id, claimed.back_url, claimed.back_image_id
+        ),
     )
     return _Started(request, info, started.number)
 
@@ -512,18 +528,48 @@ def _message(call: _Call) -> str | None:
     return call.input_error.message if call.input_error is not None else None
 
 
+def _decide(
+    deps: PipelineDeps, job_id: uuid.UUID, result: OcrResult, info: _JobInfo, read_at: datetime
+) -> Decision | None:
+    """The tenant's decision on the answer; None (stored undecided, for `macao-ocr decide`)
+    if it cannot be made, because a bought result is never lost to a decision."""
+    try:
+        if deps.policies is not None:
+            policy = deps.policies(info.tenant)
+        else:
+            policy = policy_for(info.tenant, None, deps.settings.warning_policy_overrides)
+        return decide_answer(
+            result,
+            policy,
+            sides_identical=info.sides_identical,
+            read_at=read_at,
+            limits=limits_of(deps.settings),
+        )
+    except Exception as err:
+        if _db_unavailable(err):
+            raise  # the policy could not be read: ridden out with the write
+        log.error("decision_failed", job_id=str(job_id), error_type=type(err).__name__)
+        return None
+
+
 def _finalize_success(
     deps: PipelineDeps, job_id: uuid.UUID, number: int, call: _Call, info: _JobInfo
-) -> None:
-    """Result + warnings + portrait + job succeeded, in ONE transaction. A database outage
-    here is ridden out in memory (the result is never bought twice)."""
+) -> Decision | None:
+    """Decision, then result + warnings + reasons + portrait + job succeeded, in ONE
+    transaction. A database outage here is ridden out in memory (the result is never bought
+    twice)."""
     result = call.result
     assert result is not None
+    decided: list[Decision | None] = []
 
     def write() -> None:
+        decision = _decide(deps, job_id, result, info, call.finished_at)
+        decided[:] = [decision]
         try:
             with (deps.statement or deps.transaction)() as conn:
-                job_sql.store_success(conn, job_id, number, _record(call), result, info.portrait)
+                job_sql.store_success(
+                    conn, job_id, number, _record(call), result, info.portrait, decision
+                )
         except exc.IntegrityError:
             # A result is already stored: our own commit that went through before the
             # connection dropped, or another run that took over an expired lease. A result
@@ -533,8 +579,10 @@ def _finalize_success(
                     raise
                 _close_attempt(conn, job_id, number, call)
             log.warning("result_already_stored", job_id=str(job_id), attempt=number)
+            decided[:] = [None]
 
     _with_db(deps, write, job_id=job_id, claimed=True)
+    return decided[0] if decided else None
 
 
 def _finalize_failure(
@@ -684,9 +732,16 @@ def _call_loop(deps: PipelineDeps, job_id: uuid.UUID, started: _Started) -> Outc
             metrics.api_call(call.code, call.latency_ms / 1000.0)
 
         if call.result is not None:
-            _finalize_success(deps, job_id, number, call, info)
-            log.info("job_succeeded", job_id=str(job_id), attempt=number)
+            decision = _finalize_success(deps, job_id, number, call, info)
+            log.info(
+                "job_succeeded",
+                job_id=str(job_id),
+                attempt=number,
+                decision=None if decision is None else decision.outcome.value,
+            )
             metrics.job_finished(JobStatus.succeeded.value)
+            if decision is not None:
+                metrics.decided(decision.outcome.value, [r.code for r in decision.reasons])
             if holds_probe:
                 _resume_account(deps, job_id)
             return Outcome.succeeded

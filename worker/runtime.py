@@ -24,6 +24,7 @@ import structlog
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from worker.decision.store import PolicyCache, engine_loader
 from worker.pipeline import PipelineDeps
 from worker.quota.circuit import AccountCircuit
 from worker.quota.limiter import RateLimiter, limiter_key
@@ -144,6 +145,8 @@ class WorkerRuntime:
     circuit: AccountCircuit
     limiter_key: str
     _parts: _AsyncParts
+    # Tenants' warning policies, read from SQL at most once per 30 s (worker.decision.store).
+    policies: PolicyCache
     # One PipelineDeps per worker host name, built on first use: building it per task
     # seeded a fresh random.Random from os.urandom every time.
     _deps: dict[str, PipelineDeps] = field(default_factory=dict)
@@ -194,6 +197,7 @@ class WorkerRuntime:
             circuit=parts.circuit,
             limiter_key=key,
             _parts=parts,
+            policies=PolicyCache(engine_loader(engine.connect), settings.warning_policy_overrides),
         )
 
     def deps(self, worker_host: str | None = None) -> PipelineDeps:
@@ -211,6 +215,7 @@ class WorkerRuntime:
                 limiter_key=self.limiter_key,
                 run=self.loop.run,
                 worker_host=host,
+                policies=self.policies,
             )
             # Two threads may both build one: setdefault keeps the first, either would do.
             deps = self._deps.setdefault(host, deps)

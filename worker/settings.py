@@ -85,6 +85,15 @@ class Settings(BaseSettings):
     # client objects, acks riding on the next delivery, task events in batches). False: both
     # as upstream ships them, for measuring what the tweaks buy, or after an upgrade.
     broker_tweaks: bool = True
+    # -- decisions (worker.decision)
+    # A card valid for at most this many more days on the day of reading is `card_expiring`
+    # (0: never).
+    expiry_warning_days: int = Field(default=30, ge=0, le=3650)
+    # Younger on the day of reading: `age_below_minimum`.
+    min_age: int = Field(default=0, ge=0, le=120)
+    # The tenant `default`'s policy over the documented defaults, e.g.
+    # `reject=tampered,photocopy;consider=glare;ignore=blurry`.
+    warning_policy: str = ""
 
     # -- operations
     log_level: str = "INFO"
@@ -111,6 +120,24 @@ class Settings(BaseSettings):
             # psycopg 3 is the driver we ship.
             value = "postgresql+psycopg://" + value.removeprefix("postgresql://")
         return value
+
+    @field_validator("warning_policy")
+    @classmethod
+    def _warning_policy_parses(cls, value: str) -> str:
+        from worker.decision.policy import PolicyError, parse_policy_text
+
+        try:
+            parse_policy_text(value)
+        except PolicyError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    @property
+    def warning_policy_overrides(self) -> dict[str, Any]:
+        """MACAO_OCR_WARNING_POLICY parsed (checked at load): code → Effect."""
+        from worker.decision.policy import parse_policy_text
+
+        return dict(parse_policy_text(self.warning_policy))
 
     @field_validator("broker_url", "redis_url")
     @classmethod

@@ -17,7 +17,17 @@ import migrations
 import models
 from models import Job, JobStatus, Result
 
-TABLES = {"image", "job", "attempt", "job_event", "result", "warning", "portrait"}
+TABLES = {
+    "image",
+    "job",
+    "attempt",
+    "job_event",
+    "result",
+    "warning",
+    "portrait",
+    "decision_reason",
+    "warning_policy",
+}
 
 
 def _tables(url: str) -> set[str]:

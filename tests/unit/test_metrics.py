@@ -257,3 +257,18 @@ def test_serve_metrics_single_process(tmp_path: Path, monkeypatch: pytest.Monkey
 
 def test_metrics_port_zero_means_off() -> None:
     assert metrics.serve_metrics(Settings(metrics_port=0)) is None
+
+
+def test_decisions_are_counted_by_outcome_and_reason_code(registry: CollectorRegistry) -> None:
+    metrics.decided("reject", ["photocopy", "card_expired"])
+    metrics.decided("consider", ["unknown_-9105", "unknown_-9106"])
+    metrics.decided("clear", [])
+    for outcome in ("reject", "consider", "clear"):
+        assert value(registry, "macao_ocr_decisions_total", decision=outcome) == 1
+    assert value(registry, "macao_ocr_decision_reasons_total", code="photocopy") == 1
+    assert value(registry, "macao_ocr_decision_reasons_total", code="card_expired") == 1
+    # Unknown warnings share one label: the label set stays bounded.
+    assert value(registry, "macao_ocr_decision_reasons_total", code="unknown_warning") == 2
+    metrics.decided("bogus", ["not-a-code"])
+    assert value(registry, "macao_ocr_decisions_total", decision="Other") == 1
+    assert value(registry, "macao_ocr_decision_reasons_total", code="Other") == 1

@@ -10,6 +10,7 @@ import typer
 from demo import cli as demo_cmd
 from worker.cli import (
     db_cmd,
+    decide_cmd,
     emulator_cmd,
     jobs_cmd,
     ops_cmd,
@@ -36,6 +37,7 @@ for _module in (
     read_cmd,
     ops_cmd,
     tenants_cmd,
+    decide_cmd,
 ):
     _module.register(app)
 

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from models import Job, JobStatus
 from worker.broker.publish import Publisher
 from worker.cli.common import database, fail, load_or_exit, make_publisher
+from worker.decision.codes import Outcome, is_reason_code
 from worker.errors import InputError, StateUnavailable
 from worker.producer import JobSpec, ManifestError, read_manifest, submit_many
 from worker.producer import submit as submit_one
@@ -195,6 +196,9 @@ def _print_job(view: dict[str, Any]) -> None:
     warnings = ", ".join(f"{w['name']} ({w['code']})" for w in view["warnings"]) or "none"
     if result is not None:
         table.add_row("warnings", warnings)
+        table.add_row("decision", view["decision"] or "not decided (run `macao-ocr decide`)")
+        for reason in view["reasons"]:
+            table.add_row("reason", f"{reason['code']} ({reason['source']}): {reason['detail']}")
     Console().print(table)
     typer.echo("")
 
@@ -259,13 +263,28 @@ def jobs(
     ] = None,
     batch: Annotated[str | None, typer.Option(help="Only this batch.")] = None,
     tag: Annotated[str | None, typer.Option(help="Only this tag.")] = None,
+    decision: Annotated[
+        Outcome | None, typer.Option(help="Only succeeded jobs with this decision.")
+    ] = None,
+    reason: Annotated[
+        str | None,
+        typer.Option(help="Only jobs whose decision has this reason code (e.g. photocopy)."),
+    ] = None,
     limit: Annotated[int, typer.Option(min=1, help="At most this many (newest first).")] = 50,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object a line.")] = False,
 ) -> None:
     """List this tenant's jobs, newest first."""
+    if reason is not None and not is_reason_code(reason):
+        raise fail(f"--reason: unknown code {reason[:48]!r} (see README, Decisions)")
     settings = load_or_exit()
     matching = JobFilter(
-        tenant=settings.tenant, status=status_, error_code=error_code, batch=batch, tag=tag
+        tenant=settings.tenant,
+        status=status_,
+        error_code=error_code,
+        batch=batch,
+        tag=tag,
+        decision=None if decision is None else decision.value,
+        reason=reason,
     )
     query = matching.select().order_by(Job.created_at.desc(), Job.id).limit(limit)
     with database(settings) as factory, factory() as session:
@@ -277,11 +296,15 @@ def jobs(
         return
     # The full id, never ellipsised: it is what the user copies into `status`.
     job_column = Column("job", no_wrap=True, min_width=36)
-    table = Table(job_column, "status", "api calls", "error", "tag", "batch", "created")
+    table = Table(
+        job_column, "status", "decision", "reasons", "api calls", "error", "tag", "batch", "created"
+    )
     for view in views:
         table.add_row(
             view["job_id"],
             view["status"],
+            view["decision"] or "",
+            ", ".join(r["code"] for r in view["reasons"]),
             str(view["attempts"]),
             view["error_code"] or "",
             view["tag"] or "",

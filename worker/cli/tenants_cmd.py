@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import typer
 
-tenants_app = typer.Typer(
-    name="tenants",
-    help="Tenants: API keys, webhook endpoint, warning policy.",
-    no_args_is_help=True,
-)
+from worker.cli import policy_cmd
+from worker.cli.tenants_group import tenants_app
+
+# The modules whose import adds their `tenants` subcommands.
+CONCERNS = (policy_cmd,)
 
 
 def register(app: typer.Typer) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from models import Job, JobStatus
+from models import DecisionReason, Job, JobStatus, Result
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,8 @@ class JobFilter:
     tag: str | None = None
     finished_since: datetime | None = None
     finished_until: datetime | None = None
+    decision: str | None = None  # clear | consider | reject (succeeded jobs only)
+    reason: str | None = None  # one of the decision's reason codes
 
     def conditions(self) -> list[Any]:
         """The WHERE clauses, for a query over `Job`."""
@@ -47,6 +49,16 @@ class JobFilter:
             where.append(Job.finished_at >= self.finished_since)
         if self.finished_until is not None:
             where.append(Job.finished_at < self.finished_until)
+        if self.decision is not None:
+            decided = select(Result.job_id).where(
+                Result.job_id == Job.id, Result.decision == self.decision
+            )
+            where.append(decided.exists())
+        if self.reason is not None:
+            has_reason = select(DecisionReason.id).where(
+                DecisionReason.job_id == Job.id, DecisionReason.code == self.reason
+            )
+            where.append(has_reason.exists())
         return where
 
     def select(self) -> Any:

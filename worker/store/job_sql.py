@@ -40,8 +40,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import ARRAY
 
-from models import Attempt, Image, Job, JobStatus, Portrait, Result, Warning
+from models import Attempt, DecisionReason, Image, Job, JobStatus, Portrait, Result, Warning
 from models.base import UTCDateTime, utcnow
+from worker.decision.engine import Decision
 from worker.tencent.types import OcrResult
 
 JOB: Table = Job.__table__  # type: ignore[assignment]
@@ -50,6 +51,7 @@ RESULT: Table = Result.__table__  # type: ignore[assignment]
 WARNING: Table = Warning.__table__  # type: ignore[assignment]
 PORTRAIT: Table = Portrait.__table__  # type: ignore[assignment]
 IMAGE: Table = Image.__table__  # type: ignore[assignment]
+REASON: Table = DecisionReason.__table__  # type: ignore[assignment]
 
 
 def _at(name: str) -> Any:
@@ -107,6 +109,7 @@ def _claim_statement(*, plain: bool = False) -> Any:
         )
         .returning(
             JOB.c.started_at,
+            JOB.c.tenant,
             JOB.c.attempts,
             JOB.c.portrait,
             JOB.c.front_url,
@@ -224,14 +227,38 @@ _LAST_ERROR = _job_update(
 
 _HAS_RESULT = select(RESULT.c.job_id).where(RESULT.c.job_id == _JID)
 _INSERT_RESULT = insert(RESULT)
-# Every result column but the key and the row's own timestamp is an OcrResult field of the
-# same name (checked here, so a column added without its field fails at import).
-_RESULT_FIELDS = tuple(c.name for c in RESULT.c if c.name not in ("job_id", "created_at"))
+# Every result column but the key, the row's own timestamp and the decision's columns
+# (`_decision_params`) is an OcrResult field of the same name (checked here, so a column added
+# without its field fails at import).
+_OWN_COLUMNS = ("job_id", "created_at", "unreadable_fields", "decision", "decided_at")
+_RESULT_FIELDS = tuple(c.name for c in RESULT.c if c.name not in _OWN_COLUMNS)
 _missing = set(_RESULT_FIELDS) - {f.name for f in dataclasses.fields(OcrResult)}
 if _missing:
     raise RuntimeError(f"result columns without an OcrResult field: {sorted(_missing)}")
 _INSERT_WARNING = insert(WARNING)
 _INSERT_PORTRAIT = insert(PORTRAIT)
+_INSERT_REASON = insert(REASON)
+
+
+def _decision_params(
+    result: OcrResult, decision: Decision | None, decided_at: datetime
+) -> dict[str, Any]:
+    """The result's own columns beyond the API's fields (prefixed like them)."""
+    return {
+        "r_unreadable_fields": ",".join(result.unreadable or ()) or None,
+        "r_decision": None if decision is None else decision.outcome.value,
+        "r_decided_at": None if decision is None else decided_at,
+    }
+
+
+def reason_rows(job_id: uuid.UUID, decision: Decision | None) -> list[dict[str, Any]]:
+    """decision_reason rows of a decision, in its order."""
+    if decision is None:
+        return []
+    return [
+        {"job_id": job_id, "code": r.code, "source": r.source.value, "detail": r.detail[:200]}
+        for r in decision.reasons
+    ]
 
 
 def _succeed_statement() -> Any:
@@ -241,8 +268,10 @@ def _succeed_statement() -> Any:
     # second result still raises IntegrityError, and nothing of the statement holds.
     # Prefixed: a bindparam named like an INSERT's own column is reserved by SQLAlchemy.
     values: dict[str, Any] = {
-        n: bindparam(f"r_{n}", type_=RESULT.c[n].type) for n in _RESULT_FIELDS
+        n: bindparam(f"r_{n}", type_=RESULT.c[n].type)
+        for n in (*_RESULT_FIELDS, "unreadable_fields", "decision")
     }
+    values["decided_at"] = _at("r_decided_at")
     result = (
         insert(RESULT)
         .values(job_id=_JID, created_at=_at("r_created_at"), **values)
@@ -275,8 +304,28 @@ def _succeed_statement() -> Any:
         .from_select(["job_id", "data"], select(result.c.job_id, data).where(data.is_not(None)))
         .cte("new_portrait")
     )
+    reason_rows = (
+        func.unnest(
+            bindparam("d_codes", type_=ARRAY(String())),
+            bindparam("d_sources", type_=ARRAY(String())),
+            bindparam("d_details", type_=ARRAY(String())),
+        )
+        .table_valued("code", "source", "detail", with_ordinality="ord")
+        .render_derived()
+    )
+    reasons = (
+        insert(REASON)
+        .from_select(
+            ["job_id", "code", "source", "detail"],
+            select(result.c.job_id, reason_rows.c.code, reason_rows.c.source, reason_rows.c.detail)
+            .select_from(result.join(reason_rows, true()))
+            # Ids in the decision's order: reasons are listed by id.
+            .order_by(reason_rows.c.ord),
+        )
+        .cte("new_reasons")
+    )
     attempt = _CLOSE_ATTEMPT.cte("closed_attempt")
-    return _SUCCEEDED.add_cte(result, warnings, portrait, attempt)
+    return _SUCCEEDED.add_cte(result, warnings, reasons, portrait, attempt)
 
 
 _SUCCEED_PG = _succeed_statement()
@@ -301,6 +350,8 @@ class Claimed:
     # Whether the claim opened attempt `last_number + 1` (only with open_attempt=True, and
     # only when no attempt was left open and no result is stored).
     opened: bool = False
+    # Whose job: the decision applies this tenant's warning policy.
+    tenant: str = "default"
 
 
 def claim(
@@ -357,6 +408,7 @@ def _claimed(m: Any, *, opened: bool) -> Claimed:
         front_data=m["front_data"],
         back_data=m["back_data"],
         opened=opened,
+        tenant=m["tenant"],
     )
 
 
@@ -421,17 +473,21 @@ def store_success(
     call: CallRecord,
     result: OcrResult,
     portrait: bool,
+    decision: Decision | None = None,
 ) -> None:
-    """Result, warnings, portrait, attempt closed and job succeeded; the caller commits.
+    """Result, warnings, decision and its reasons, portrait, attempt closed and job
+    succeeded; the caller commits.
 
     One statement on PostgreSQL, so it may run on its own, outside a transaction (see
-    `worker.store.engine.make_autocommit_engine`); three or four elsewhere. A second result for
-    the job raises IntegrityError and changes nothing."""
+    `worker.store.engine.make_autocommit_engine`); three to five elsewhere. A second result for
+    the job raises IntegrityError and changes nothing. `decision` None: none could be made
+    (`macao-ocr decide` makes it later)."""
     if conn.dialect.name != "postgresql":
-        insert_result(conn, job_id, result, portrait)
+        insert_result(conn, job_id, result, portrait, decision, call.finished_at)
         close_attempt(conn, job_id, number, call)
         mark_succeeded(conn, job_id, call.finished_at)
         return
+    reasons = decision.reasons if decision is not None else ()
     params = {
         "jid": job_id,
         "num": number,
@@ -439,6 +495,10 @@ def store_success(
         "r_created_at": utcnow(),
         "w_codes": [w.code for w in result.warnings],
         "w_names": [w.name for w in result.warnings],
+        "d_codes": [r.code for r in reasons],
+        "d_sources": [r.source.value for r in reasons],
+        "d_details": [r.detail[:200] for r in reasons],
+        **_decision_params(result, decision, call.finished_at),
         **call.params(),
         **{f"r_{name}": getattr(result, name) for name in _RESULT_FIELDS},
         "p_data": result.portrait if portrait else None,
@@ -495,16 +555,28 @@ def has_result(conn: Connection, job_id: uuid.UUID) -> bool:
     return conn.execute(_HAS_RESULT, {"jid": job_id}).first() is not None
 
 
-def insert_result(conn: Connection, job_id: uuid.UUID, result: OcrResult, portrait: bool) -> None:
-    """The result row, its warnings and (when asked for) the portrait.
+def insert_result(
+    conn: Connection,
+    job_id: uuid.UUID,
+    result: OcrResult,
+    portrait: bool,
+    decision: Decision | None = None,
+    decided_at: datetime | None = None,
+) -> None:
+    """The result row, its warnings, its decision's reasons and (when asked for) the portrait.
 
     A second result for the job raises IntegrityError (the result's key is the job id)."""
     values = {name: getattr(result, name) for name in _RESULT_FIELDS}
+    own = _decision_params(result, decision, decided_at or utcnow())
+    values.update({k.removeprefix("r_"): v for k, v in own.items()})
     conn.execute(_INSERT_RESULT, {"job_id": job_id, **values})
     if result.warnings:
         conn.execute(
             _INSERT_WARNING,
             [{"job_id": job_id, "code": w.code, "name": w.name} for w in result.warnings],
         )
+    rows = reason_rows(job_id, decision)
+    if rows:
+        conn.execute(_INSERT_REASON, rows)
     if portrait and result.portrait is not None:
         conn.execute(_INSERT_PORTRAIT, {"job_id": job_id, "data": result.portrait})

@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from models import Attempt, Job, JobEvent, Result, Warning
+from models import Attempt, DecisionReason, Job, JobEvent, Result, Warning
 from worker.tencent.types import CardWarning, OcrResult
 
 
@@ -62,6 +62,11 @@ def result_view(
     }
 
 
+def reasons_view(reasons: Sequence[DecisionReason]) -> list[dict[str, str]]:
+    """[{code, source, detail}] in the decision's order."""
+    return [{"code": r.code, "source": r.source, "detail": r.detail} for r in reasons]
+
+
 def _history(session: Session, job: Job) -> list[dict[str, Any]]:
     attempts = session.scalars(
         select(Attempt).where(Attempt.job_id == job.id).order_by(Attempt.number)
@@ -109,9 +114,15 @@ def job_view(session: Session, job: Job, *, history: bool = False) -> dict[str, 
     )
     result = session.get(Result, job.id)
     warnings: Sequence[Warning] = ()
+    reasons: Sequence[DecisionReason] = ()
     if result is not None:
         warnings = session.scalars(
             select(Warning).where(Warning.job_id == job.id).order_by(Warning.id)
+        ).all()
+        reasons = session.scalars(
+            select(DecisionReason)
+            .where(DecisionReason.job_id == job.id)
+            .order_by(DecisionReason.id)
         ).all()
     view: dict[str, Any] = {
         "job_id": str(job.id),
@@ -123,6 +134,10 @@ def job_view(session: Session, job: Job, *, history: bool = False) -> dict[str, 
         "error_message": job.last_error_message,
         "result": None if result is None else result_view(result, warnings),
         "warnings": warnings_view(warnings),
+        # clear | consider | reject; None until the job succeeded (or for a result stored
+        # before decisions existed: `macao-ocr decide` makes it).
+        "decision": None if result is None else result.decision,
+        "reasons": reasons_view(reasons),
         "tag": job.tag,
         "batch": job.batch,
         "portrait": job.portrait,

@@ -22,6 +22,11 @@ from worker.tencent.types import WARNING_NAMES, WARNING_SERVICE_DISABLED, CardWa
 log = structlog.get_logger(__name__)
 
 DATE_FORMAT = "%d-%m-%Y"
+_DATE_FIELDS = {
+    "Birthday": "birthday",
+    "FirstIssueDate": "first_issue_date",
+    "CurrentIssueDate": "current_issue_date",
+}
 
 
 def warning_name(code: int) -> str:
@@ -32,6 +37,19 @@ def warning_name(code: int) -> str:
 def parse_date(text: str) -> date:
     """A DD-MM-YYYY date as the API writes it."""
     return datetime.strptime(text.strip(), DATE_FORMAT).date()
+
+
+def _unreadable_date(value: object) -> bool:
+    """Present (not None or empty) but not a DD-MM-YYYY date."""
+    if value is None or value == "":
+        return False
+    if not isinstance(value, str):
+        return True
+    try:
+        parse_date(value)
+    except ValueError:
+        return True
+    return False
 
 
 def _malformed(field: str, request_id: str) -> None:
@@ -148,6 +166,9 @@ def parse_response(resp: Mapping[str, Any]) -> OcrResult:
             # Holders aged 60+ have no expiry: the text (e.g. 永久有效) is the value.
             validity = None
     warnings, disabled = _warnings(resp, request_id)
+    unreadable = tuple(
+        name for api_name, name in _DATE_FIELDS.items() if _unreadable_date(resp.get(api_name))
+    )
     return OcrResult(
         request_id=request_id,
         cn_last_name=text("CnLastName"),
@@ -170,4 +191,5 @@ def parse_response(resp: Mapping[str, Any]) -> OcrResult:
         portrait=_portrait(resp, request_id),
         warnings=warnings,
         warning_service_disabled=disabled,
+        unreadable=unreadable,
     )

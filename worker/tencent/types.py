@@ -93,6 +93,9 @@ class OcrResult:
     portrait: bytes | None = None
     warnings: tuple[CardWarning, ...] = ()
     warning_service_disabled: bool = False
+    # snake_case names of date fields present in the answer but not DD-MM-YYYY dates (their
+    # value above is None): the decision's `date_unreadable` check reads them.
+    unreadable: tuple[str, ...] = ()
 
     @property
     def validity_not_a_date(self) -> bool:

@@ -1,0 +1,50 @@
+"""CardFacts from what the checks can be given: the API's answer or a stored result row."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from worker.decision.checks import CardFacts
+
+FACT_FIELDS = (
+    "id_number",
+    "cn_last_name",
+    "en_last_name",
+    "cn_first_name",
+    "en_first_name",
+    "birthday",
+    "sex",
+    "first_issue_date",
+    "current_issue_date",
+    "validity_period",
+    "validity_period_text",
+    "symbol",
+    "resident_type",
+)
+
+
+class _Fields(Protocol):
+    """An OcrResult or a models.Result: both carry every FACT_FIELDS attribute."""
+
+    @property
+    def id_number(self) -> str | None: ...
+
+
+def card_facts(
+    result: _Fields, *, unreadable: tuple[str, ...] | str | None, sides_identical: bool
+) -> CardFacts:
+    """The checks' view of a result; `unreadable` as a tuple or as stored (comma-separated)."""
+    if isinstance(unreadable, str):
+        unreadable = tuple(n for n in unreadable.split(",") if n)
+    values = {name: getattr(result, name) for name in FACT_FIELDS}
+    return CardFacts(**values, unreadable=unreadable or (), sides_identical=sides_identical)
+
+
+def same_image(
+    front_url: str | None, front_image_id: object, back_url: str | None, back_image_id: object
+) -> bool:
+    """Both sides sent, and they are one image: the same URL, or the same stored image (the
+    producer stores a tenant's identical bytes once, so equal bytes share one image id)."""
+    if front_url is not None and front_url == back_url:
+        return True
+    return front_image_id is not None and front_image_id == back_image_id
