@@ -7,6 +7,7 @@ raises for an unhealthy part (the caller decides), and no message carries a URL'
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -55,10 +56,15 @@ def schema_revisions(settings: Settings) -> tuple[set[str], set[str]]:
 
     heads = set(ScriptDirectory.from_config(migrations.config()).get_heads())
     engine = make_engine(settings, **_connect_args(settings))
+    # Alembic says "Context impl ..." at INFO each time: noise in a probe's output.
+    alembic_log = logging.getLogger("alembic.runtime.migration")
+    level = alembic_log.level
+    alembic_log.setLevel(logging.WARNING)
     try:
         with engine.connect() as conn:
             current = set(MigrationContext.configure(conn).get_current_heads())
     finally:
+        alembic_log.setLevel(level)
         engine.dispose()
     return current, heads
 
@@ -82,7 +88,7 @@ def check_database(settings: Settings) -> Check:
             f"check {env_name('database_url')} and that the server runs",
         )
     ms = round((time.monotonic() - started) * 1000, 1)
-    upgrade = "macao-ocr db upgrade"
+    upgrade = "run `macao-ocr db upgrade`"
     if not current:
         return Check("database", False, "not migrated (no schema)", upgrade, ms)
     if current != heads:

@@ -13,6 +13,7 @@ from demo import cli as demo_cmd
 from worker.cli import (
     db_cmd,
     emulator_cmd,
+    health_cmd,
     jobs_cmd,
     ops_cmd,
     read_cmd,
@@ -68,6 +69,7 @@ for _module in (
     emulator_cmd,
     read_cmd,
     ops_cmd,
+    health_cmd,
     tenants_cmd,
 ):
     _module.register(app)

@@ -100,7 +100,7 @@ def _from_database(exc: Exception) -> CliError | None:
 def _from_os(exc: OSError) -> CliError:
     if exc.errno == errno.EADDRINUSE:
         return CliError(
-            f"address already in use: {exc.strerror or exc} (choose another port)",
+            f"port busy: {exc.strerror or exc} (choose another port)",
             code="port_in_use",
             exit_code=EXIT_RUNTIME,
         )

@@ -161,8 +161,6 @@ def startup_checks(settings: Settings) -> None:
     from worker.checks import run_checks
 
     failed = [check for check in run_checks(settings, credentials=True) if not check.ok]
-    for check in failed:
-        log.error("startup_check_failed", check=check.name, detail=check.detail, fix=check.fix)
     if failed:
         raise DeploymentError(
             "; ".join(check.line() for check in failed), code="startup_check_failed"
