@@ -331,7 +331,16 @@ def test_fleet_gauges_are_set_from_the_first_scrape_and_alerts_fire(
         assert not alert_circuit_open(m) and not alert_rate_below_quota(m)
 
         wait_workers(env, running, 2)
+        # A job makes a worker build its metric objects (its own quota gauge starts at 0).
+        (tmp_path / "card.jpg").write_bytes(make_specimen(seed=960).image)
+        done = subprocess.run(
+            [MACAO_OCR, "submit", str(tmp_path / "card.jpg")], env=env, capture_output=True
+        )
+        assert done.returncode == 0, done.stderr.decode()
+        wait_terminal(env["MACAO_OCR_DATABASE_URL"], [done.stdout.decode().strip()])
         m = scrape(url)
+        assert m[("macao_ocr_api_calls_total", (("outcome_code", "OK"),))] == 1
+        assert m[("macao_ocr_quota_per_second", ())] == 5
         assert m[("macao_ocr_workers_alive", ())] == 2
         # One family, one sample each: the workers' own copies are not served beside them.
         for name in ("macao_ocr_quota_per_second", "macao_ocr_effective_rate_per_second"):
