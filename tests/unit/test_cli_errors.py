@@ -39,6 +39,14 @@ def busy_port() -> Iterator[int]:
         yield int(sock.getsockname()[1])
 
 
+def json_error(stream: str) -> dict[str, object]:
+    """The `{"error": ...}` object: the last line of stderr under --json."""
+    body = json.loads(stream.splitlines()[-1])
+    assert set(body) == {"error"}
+    error: dict[str, object] = body["error"]
+    return error
+
+
 def run(*args: str, env: dict[str, str] | None = None) -> Result:
     return CliRunner().invoke(app, list(args), env=env or {})
 
@@ -94,8 +102,8 @@ def test_postgres_scheme_is_one_line_naming_the_variable(command: list[str]) -> 
 def test_errors_are_json_under_json() -> None:
     result = run("jobs", "--json", env={"MACAO_OCR_DATABASE_URL": "postgres://u@h/db"})
     assert result.exit_code == 2
-    assert result.stderr == ""
-    error = json.loads(result.stdout)["error"]
+    assert result.stdout == ""  # results only
+    error = json_error(result.stderr)
     assert error["code"] == "config"
     assert "MACAO_OCR_DATABASE_URL" in error["message"]
     assert error["exit_code"] == 2
@@ -107,7 +115,7 @@ def test_unreachable_database_is_one_line() -> None:
     assert result.exit_code == 1
     assert "database unreachable" in one_error_line(result)
     as_json = run("jobs", "--json", env=env)
-    assert json.loads(as_json.stdout)["error"]["code"] == "database_unreachable"
+    assert json_error(as_json.stderr)["code"] == "database_unreachable"
 
 
 def test_submit_on_an_unmigrated_database_says_to_upgrade(tmp_path: Path) -> None:
@@ -124,7 +132,7 @@ def test_submit_on_an_unmigrated_database_says_to_upgrade(tmp_path: Path) -> Non
     line = one_error_line(result)
     assert "not migrated" in line and "macao-ocr db upgrade" in line
     as_json = run("submit", str(card), "--json", env=env)
-    assert json.loads(as_json.stdout)["error"]["code"] == "database_not_migrated"
+    assert json_error(as_json.stderr)["code"] == "database_not_migrated"
 
 
 def test_submit_refused_input_is_json_under_json(tmp_path: Path) -> None:
@@ -132,8 +140,8 @@ def test_submit_refused_input_is_json_under_json(tmp_path: Path) -> None:
     env = {"MACAO_OCR_DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}"}
     result = run("submit", str(tmp_path / "not-an-image.jpg"), "--json", env=env)
     assert result.exit_code == 2
-    error = json.loads(result.stdout)["error"]
-    assert error["code"].startswith("Input.")
+    error = json_error(result.stderr)
+    assert str(error["code"]).startswith("Input.")
 
 
 # -- start-up checks and health
@@ -253,4 +261,4 @@ def test_python_m_entry_point_uses_the_boundary() -> None:
         timeout=60,
     )
     assert done.returncode == 2
-    assert json.loads(done.stdout)["error"]["code"] == "config"
+    assert json_error(done.stderr.decode())["code"] == "config"

@@ -5,7 +5,7 @@ status.
 Expected failures (bad settings or input, a busy port, a missing file, an unreachable or
 unmigrated database, Redis out of reach) print `error: <what> (<what to do>)` on stderr and exit
 non-zero; under a command's `--json` they print `{"error": {"code", "message", "exit_code"}}`
-on stdout instead, where the caller already reads. The global `--debug` adds the traceback.
+on stderr instead (stdout carries results only). The global `--debug` adds the traceback.
 """
 
 from __future__ import annotations
@@ -176,8 +176,9 @@ def report(exc: Exception, argv: Sequence[str]) -> int:
     if _flag_before_command(argv, "--debug"):
         traceback.print_exception(exc, file=sys.stderr)
     if _json_requested(argv):
-        sys.stdout.write(json.dumps(error.to_json(), ensure_ascii=False) + "\n")
-        sys.stdout.flush()
+        # stderr too: stdout carries results only, so a pipe into a JSON reader never
+        # mistakes an error for a result; the exit status says which it is.
+        sys.stderr.write(json.dumps(error.to_json(), ensure_ascii=False) + "\n")
     else:
         sys.stderr.write(f"error: {error.message}\n")
     return error.exit_code

@@ -373,12 +373,13 @@ def jobs(
     id_width = 36 if full_ids else SHORT_ID_LEN
     table = Table(
         Column("job", no_wrap=True, min_width=id_width),
-        Column("status", no_wrap=True),
-        Column("calls", justify="right", no_wrap=True),
-        Column("error", overflow="ellipsis", no_wrap=True, ratio=3),
-        Column("tag", overflow="ellipsis", no_wrap=True, ratio=2),
-        Column("batch", overflow="ellipsis", no_wrap=True, ratio=2),
-        Column("created", no_wrap=True),
+        Column("status", no_wrap=True, min_width=9),
+        Column("calls", justify="right", no_wrap=True, min_width=5),
+        # Long codes, tags and batches are cut (…) to keep one line per job.
+        Column("error", overflow="ellipsis", no_wrap=True, max_width=30),
+        Column("tag", overflow="ellipsis", no_wrap=True, max_width=16),
+        Column("batch", overflow="ellipsis", no_wrap=True, max_width=14),
+        Column("created (UTC)", no_wrap=True, min_width=16),
         box=box.SIMPLE_HEAD,
         pad_edge=False,
     )
