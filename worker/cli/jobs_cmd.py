@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Column, Table
@@ -369,18 +368,26 @@ def jobs(
             _emit(view)
         return
     # The id is never ellipsised: it is what the user copies into `status` (which takes the
-    # short id too). Short ids keep the table inside an 80-column terminal.
+    # short id too). Short ids keep the table inside an 80-column terminal; the widths are
+    # set here because Rich's own shrinking squeezed the error column to nothing.
+    console = Console()
     id_width = 36 if full_ids else SHORT_ID_LEN
+    fixed = id_width + len("succeeded") + len("calls") + len("2026-01-02 03:04")
+    gaps = 2 * 6  # no box: one space of padding each side between seven columns
+    rest = max(console.width - fixed - gaps, 21)
+    error_width = max(rest // 2, 15)
+    tag_width = max((rest - error_width) // 2, 3)
     table = Table(
-        Column("job", no_wrap=True, min_width=id_width),
-        Column("status", no_wrap=True, min_width=9),
-        Column("calls", justify="right", no_wrap=True, min_width=5),
-        # Long codes, tags and batches are cut (…) to keep one line per job.
-        Column("error", overflow="ellipsis", no_wrap=True, max_width=30),
-        Column("tag", overflow="ellipsis", no_wrap=True, max_width=16),
-        Column("batch", overflow="ellipsis", no_wrap=True, max_width=14),
-        Column("created (UTC)", no_wrap=True, min_width=16),
-        box=box.SIMPLE_HEAD,
+        Column("job", no_wrap=True, width=id_width),
+        Column("status", no_wrap=True, width=len("succeeded")),
+        Column("calls", justify="right", no_wrap=True, width=len("calls")),
+        # The whole error code, folded over lines if need be (it is what --error-code takes);
+        # long tags and batches are cut (…).
+        Column("error", overflow="fold", width=error_width),
+        Column("tag", overflow="ellipsis", no_wrap=True, width=tag_width),
+        Column("batch", overflow="ellipsis", no_wrap=True, width=rest - error_width - tag_width),
+        Column("created", no_wrap=True, width=len("2026-01-02 03:04")),
+        box=None,
         pad_edge=False,
     )
     for view in views:
@@ -393,7 +400,7 @@ def jobs(
             view["batch"] or "",
             (view["created_at"] or "")[:16].replace("T", " "),
         )
-    Console().print(table)
+    console.print(table)
     typer.echo(f"{len(views)} job(s)", err=True)
 
 
