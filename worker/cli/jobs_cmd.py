@@ -400,6 +400,10 @@ def jobs(
             view["batch"] or "",
             (view["created_at"] or "")[:16].replace("T", " "),
         )
+    # Never narrower than the columns: Rich would cut the ids (--full-ids on a narrow screen).
+    needed = fixed + gaps + rest
+    if needed > console.width:
+        console = Console(width=needed)
     console.print(table)
     typer.echo(f"{len(views)} job(s)", err=True)
 
