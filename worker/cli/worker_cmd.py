@@ -76,11 +76,13 @@ class Supervisor:
     metrics_dir: str | None = None
     children: list[_Child] = field(default_factory=list)
     stopping: int = 0
+    alive_count: int = 0
 
     def start(self) -> None:
         self.children = [_Child(i + 1, cmd) for i, cmd in enumerate(self.commands)]
         for child in self.children:
             self._spawn(child)
+        self.alive_count = len(self.children)
 
     def _spawn(self, child: _Child) -> None:
         # Own session: a terminal's Ctrl-C reaches only us, and we forward it exactly once
@@ -96,8 +98,9 @@ class Supervisor:
         log.info("worker_started", index=child.index, pid=child.proc.pid)
 
     def alive(self) -> int:
-        """Children running now."""
-        return sum(1 for c in self.children if c.proc is not None and c.proc.poll() is None)
+        """Children running at the last supervision step (read from the metrics thread,
+        which must not poll, i.e. reap, the children itself)."""
+        return self.alive_count
 
     def on_signal(self, signum: int, _frame: FrameType | None) -> None:
         self.stopping += 1
@@ -124,6 +127,7 @@ class Supervisor:
             if now >= child.next_start:
                 self._spawn(child)
                 alive += 1
+        self.alive_count = alive
         return not (self.stopping and alive == 0)
 
     def _reap(self, child: _Child, proc: subprocess.Popen[bytes]) -> None:
@@ -195,6 +199,9 @@ def run_workers(
 ) -> int:
     """Check the deployment, then start and supervise the worker processes until a signal."""
     startup_checks(settings)
+    from worker.tencent.client import ClientConfig
+
+    ClientConfig.from_settings(settings)  # the rest of the client's settings, checked once
     host = hostname or socket.gethostname()
     metrics_dir: str | None = None
     made_metrics_dir = False
