@@ -9,22 +9,21 @@ Redis, so it always starts its own on a free loopback port and stops it at the e
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import importlib.util
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import redis
+
+from worker.procs import die_with_parent
 
 BROKER_KINDS: tuple[str, ...] = ("auto", "redis-server", "fakeredis")
 _START_TIMEOUT_S = 10.0
@@ -71,29 +70,6 @@ def wait_for_ping(url: str, timeout_s: float = _START_TIMEOUT_S) -> None:
             time.sleep(0.05)
     finally:
         client.close()
-
-
-_PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent() -> Callable[[], None] | None:
-    """Linux: a function making a child get SIGTERM when the demo dies, even by SIGKILL.
-
-    libc is resolved here, in the parent, so the child only makes one call between fork and
-    exec (a fakeredis thread may be running: the usual preexec_fn caveat about threads).
-    """
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    sigterm = int(signal.SIGTERM)
-
-    def _set() -> None:  # pragma: no cover - runs in the child
-        prctl(_PR_SET_PDEATHSIG, sigterm)
-
-    return _set
 
 
 @dataclass

@@ -36,8 +36,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from demo.embedded_broker import EmbeddedBroker, die_with_parent, free_port, start_broker
+from demo.embedded_broker import EmbeddedBroker, free_port, start_broker
 from worker.errors import ConfigError, InputError
+from worker.procs import die_with_parent
 from worker.settings import ENV_PREFIX, Settings
 from worker.tencent.types import WARNING_SERVICE_DISABLED
 

@@ -21,7 +21,12 @@ async def start(config: EmulatorConfig, host: str, port: int) -> tuple[web.AppRu
     runner = web.AppRunner(create_app(config), access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
-    await site.start()
+    try:
+        await site.start()
+    except OSError:
+        # A busy port: close what setup opened, so the caller's one-line error stays alone.
+        await runner.cleanup()
+        raise
     bound_port = runner.addresses[0][1]
     return runner, f"http://{host}:{bound_port}"
 

@@ -31,6 +31,17 @@ class ConfigError(MacaoOcrError):
     kind = "config"
 
 
+class DeploymentError(MacaoOcrError):
+    """A service this process needs is out of reach or not ready (database down or not
+    migrated, Redis down); raised at start, never retried. `fix` says what to run."""
+
+    kind = "deployment"
+
+    def __init__(self, message: str, *, code: str, fix: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.fix = fix
+
+
 class InputError(MacaoOcrError):
     """Pre-flight rejection: the input breaks a documented rule, so no API call is made."""
 

@@ -9,7 +9,13 @@ processes, prometheus-client's multiprocess mode is used: the launcher calls
 
 Label values are bounded: statuses and error codes only, never job ids or personal data.
 Queue depth and dead letters are not recorded by workers; a collector in the serving process
-reads them at scrape time (Redis LLEN, one COUNT in SQL).
+reads them at scrape time (Redis LLEN, one COUNT in SQL). So does the fleet's state: the
+quota (settings), the shared limiter's effective rate and the account circuit (Redis), and the
+launcher's live worker processes. Workers only set their own copies of the rate and circuit
+gauges when a throttle or a pause changes them, and a multiprocess gauge reads 0 from the
+moment it is created until it is set: served from the workers' files, the quota read 0 with
+MACAO_OCR_QPS=5 until the first throttle, and nothing could alert on a rate that had never
+changed. The serving process drops those copies and serves its scrape-time reading.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import re
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -309,13 +315,41 @@ def remove_multiproc_dir(path: str) -> None:
 # -- the serving side
 
 
-class BacklogCollector(Collector):
-    """Queue depth and dead letters, read at scrape time (both are cheap reads)."""
+# Gauges of fleet-wide state, read at scrape time by the serving process (FleetState).
+SCRAPE_TIME_GAUGES = frozenset(
+    f"{NAMESPACE}_{name}"
+    for name in ("effective_rate_per_second", "quota_per_second", "circuit_open")
+)
 
-    def __init__(self, redis_client: Redis, engine: Engine, queue: str) -> None:
+
+@dataclass
+class FleetState:
+    """What the serving process reads about the whole fleet at each scrape."""
+
+    quota: float
+    # The shared limiter's rate now (None: no state stored yet, i.e. never throttled).
+    read_rate: Callable[[], float | None]
+    # True while the account circuit pauses every call.
+    read_circuit: Callable[[], bool]
+    # Worker processes running under this launcher (None: not a launcher).
+    alive: Callable[[], int] | None = None
+
+
+class BacklogCollector(Collector):
+    """Queue depth, dead letters and the fleet's state, read at scrape time (cheap reads)."""
+
+    def __init__(
+        self, redis_client: Redis, engine: Engine, queue: str, fleet: FleetState | None = None
+    ) -> None:
         self._redis = redis_client
         self._engine = engine
         self._queue = queue
+        self._fleet = fleet
+
+    @property
+    def reads_fleet(self) -> bool:
+        """True when this collector serves the fleet's state gauges."""
+        return self._fleet is not None
 
     def close(self) -> None:
         self._redis.close()
@@ -351,7 +385,41 @@ class BacklogCollector(Collector):
                 "Jobs in status failed (replayable with `macao-ocr replay`).",
                 value=failed,
             )
+        if self._fleet is not None:
+            yield from self._collect_fleet(self._fleet, up)
         yield up
+
+    def _collect_fleet(self, fleet: FleetState, up: GaugeMetricFamily) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            f"{NAMESPACE}_quota_per_second",
+            "Configured calls per second (MACAO_OCR_QPS; 0: no limiter).",
+            value=fleet.quota,
+        )
+        if fleet.alive is not None:
+            yield GaugeMetricFamily(
+                f"{NAMESPACE}_workers_alive",
+                "Worker processes running under this launcher.",
+                value=fleet.alive(),
+            )
+        try:
+            rate = fleet.read_rate()
+            circuit = fleet.read_circuit()
+        except Exception as exc:
+            log.warning("metrics_source_down", source="state", error=type(exc).__name__)
+            up.add_metric(["state"], 0.0)
+            return
+        up.add_metric(["state"], 1.0)
+        yield GaugeMetricFamily(
+            f"{NAMESPACE}_effective_rate_per_second",
+            "Calls per second the shared limiter currently allows.",
+            # Never throttled: the limiter runs at the quota.
+            value=fleet.quota if rate is None else rate,
+        )
+        yield GaugeMetricFamily(
+            f"{NAMESPACE}_circuit_open",
+            "1 while account-level errors pause every call, else 0.",
+            value=1.0 if circuit else 0.0,
+        )
 
 
 def count_failed_jobs(engine: Engine) -> int:
@@ -366,17 +434,43 @@ def count_failed_jobs(engine: Engine) -> int:
 
 
 class _Forward(Collector):
-    """Serves another registry's metrics from a fresh registry (no duplicate registration)."""
+    """Serves another source's metrics (minus the families named in `drop`)."""
 
-    def __init__(self, source: CollectorRegistry) -> None:
+    def __init__(self, source: Collector, drop: frozenset[str] = frozenset()) -> None:
         self._source = source
+        self._drop = drop
 
     def collect(self) -> Iterator[Metric]:
-        yield from self._source.collect()
+        for metric in self._source.collect():
+            if metric.name not in self._drop:
+                yield metric
 
 
-def backlog_collector(settings: Settings) -> BacklogCollector:
-    """A BacklogCollector reading the broker's Redis and the jobs database."""
+def fleet_state(settings: Settings, alive: Callable[[], int] | None = None) -> FleetState:
+    """The fleet's state as this deployment's Redis holds it."""
+    from worker.quota.circuit_redis import read_pause_sync
+    from worker.quota.limiter import limiter_key
+    from worker.quota.limiter_redis import effective_rate_sync
+
+    def read_rate() -> float | None:
+        if settings.qps == 0:
+            return 0.0
+        from worker.tencent.client import ClientConfig
+
+        config = ClientConfig.from_settings(settings)
+        key = limiter_key(config.secret_id, config.action, config.endpoint)
+        return effective_rate_sync(settings.state_redis_url, key)
+
+    def read_circuit() -> bool:
+        return read_pause_sync(settings.state_redis_url) is not None
+
+    return FleetState(settings.qps, read_rate, read_circuit, alive)
+
+
+def backlog_collector(
+    settings: Settings, alive: Callable[[], int] | None = None
+) -> BacklogCollector:
+    """A BacklogCollector reading the broker's Redis, the jobs database and the fleet state."""
     import redis
 
     from worker.broker.publish import QUEUE
@@ -385,18 +479,24 @@ def backlog_collector(settings: Settings) -> BacklogCollector:
     client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=2, socket_timeout=2)
     # One connection is plenty for one COUNT per scrape (SQLite ignores pool sizes).
     engine = make_engine(settings, pool_size=1, max_overflow=1)
-    return BacklogCollector(client, engine, QUEUE)
+    return BacklogCollector(client, engine, QUEUE, fleet_state(settings, alive))
 
 
 def build_registry(settings: Settings, *extra: Collector) -> CollectorRegistry:
-    """A registry to serve: every process's metrics in multiprocess mode, else this one's."""
+    """A registry to serve: every process's metrics in multiprocess mode, else this one's.
+
+    When an extra collector reads the fleet's state at scrape time, the workers' own copies
+    of those gauges are dropped (one family, one source).
+    """
     # auto_describe off: collectors are only asked for samples at scrape time.
     registry = CollectorRegistry(auto_describe=False)
+    fleet = any(isinstance(c, BacklogCollector) and c.reads_fleet for c in extra)
+    drop = SCRAPE_TIME_GAUGES if fleet else frozenset()
     path = multiproc_dir(settings)
+    source: Collector = REGISTRY
     if path is not None:
-        multiprocess.MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]
-    else:
-        registry.register(_Forward(REGISTRY))
+        source = multiprocess.MultiProcessCollector(None, path=path)  # type: ignore[no-untyped-call]
+    registry.register(_Forward(source, drop))
     for collector in extra:
         registry.register(collector)
     return registry
@@ -425,18 +525,24 @@ def serve_metrics(
     *,
     address: str = "0.0.0.0",  # noqa: S104  (Prometheus scrapes from other hosts)
     port: int | None = None,
+    alive: Callable[[], int] | None = None,
 ) -> MetricsServer | None:
     """Serve /metrics on `port` (default settings.metrics_port; 0 there means off) in a thread.
 
     With a multiprocess directory this serves the aggregate of every worker process; the
-    launcher calls it once. Without one, a process serves only its own metrics.
+    launcher calls it once, with `alive` counting its worker processes. Without one, a
+    process serves only its own metrics. A busy port raises OSError (nothing left open).
     """
     chosen = settings.metrics_port if port is None else port
     if chosen == 0 and port is None:
         return None
-    backlog = backlog_collector(settings)
+    backlog = backlog_collector(settings, alive)
     registry = build_registry(settings, backlog)
-    server, thread = start_http_server(chosen, addr=address, registry=registry)
+    try:
+        server, thread = start_http_server(chosen, addr=address, registry=registry)
+    except OSError:
+        backlog.close()
+        raise
     bound = int(server.server_address[1])
     log.info(
         "metrics_serving",

@@ -60,7 +60,10 @@ class ReplayReport:
             "jobs": [
                 {"job_id": str(i), "error_code": self.error_codes.get(i)} for i in self.matched
             ],
-            "published": self.published,
+            # How many messages went to the broker: none on a dry run.
+            "published": 0 if self.dry_run or not self.published else len(self.replayed),
+            # The broker could not take them: queued anyway, the sweeper publishes them.
+            "publish_failed": not self.dry_run and not self.published,
         }
 
 

@@ -81,7 +81,7 @@ class Settings(BaseSettings):
     republish_after_s: PositiveFloat = 60.0
     circuit_probe_interval_s: PositiveFloat = 30.0
 
-    # kombu's Redis transport and Celery's consumer as worker.broker tunes them (fewer Redis
+    # The broker's Redis transport and Celery's consumer as worker.broker tunes them (fewer Redis
     # client objects, acks riding on the next delivery, task events in batches). False: both
     # as upstream ships them, for measuring what the tweaks buy, or after an upgrade.
     broker_tweaks: bool = True

@@ -324,7 +324,10 @@ def _republish_lost(
             )
         )
     lost = [job_id for job_id in candidates if job_id not in in_broker]
-    if restarted or lost:
+    if restarted and not lost:
+        # A new (or emptied) Redis that held nothing we miss: a first start looks the same.
+        log.info("broker_epoch_started", expected=expected, present=present)
+    if lost:
         log.warning(
             "broker_messages_lost",
             broker_restarted=restarted,

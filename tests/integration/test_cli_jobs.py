@@ -127,8 +127,15 @@ def test_bad_manifest_submits_nothing(
     result = run(env, "submit", "--manifest", str(manifest), "--json")
     assert result.exit_code == 2
     assert result.stdout == ""
-    assert "line 3" in result.stderr and "gif_not_supported" in result.stderr
-    assert "line 4" in result.stderr and "missing.png" in result.stderr
+    error = json.loads(result.stderr.splitlines()[-1])["error"]
+    assert error["code"] == "Input.manifest"
+    problems = {p["line"]: p["message"] for p in error["problems"]}
+    assert set(problems) == {3, 4}
+    assert "gif_not_supported" in problems[3] and "missing.png" in problems[4]
+    human = run(env, "submit", "--manifest", str(manifest))
+    assert human.exit_code == 2
+    assert "line 3" in human.stderr and "gif_not_supported" in human.stderr
+    assert "line 4" in human.stderr and "missing.png" in human.stderr
     assert queued_ids(env["MACAO_OCR_BROKER_URL"]) == []
     with factory() as session:
         assert session.scalar(sa.select(sa.func.count()).select_from(Job)) == 0
@@ -275,8 +282,44 @@ def test_jobs_filters(env: dict[str, str], factory: sessionmaker[Session]) -> No
     assert [o["tag"] for o in lines(run(env, "jobs", "--tag", "t-ok", "--json"))] == ["t-ok"]
     assert len(lines(run(env, "jobs", "--limit", "1", "--json"))) == 1
     human = run(env, "jobs")
-    assert human.exit_code == 0 and str(ids["failed"]) in human.stdout
+    assert human.exit_code == 0 and str(ids["failed"])[:8] in human.stdout
+    assert str(ids["failed"]) not in human.stdout
+    assert str(ids["failed"]) in run(env, "jobs", "--full-ids").stdout
     assert run(env, "jobs", "--status", "lost").exit_code == 2
+
+
+def test_jobs_fits_an_80_column_terminal(
+    env: dict[str, str], factory: sessionmaker[Session]
+) -> None:
+    ids = _seed(factory)
+    with factory() as session, session.begin():
+        job = session.get(Job, ids["failed"])
+        assert job is not None
+        job.tag = "a-rather-long-customer-reference-tag-0042"
+        job.batch = "batch-2026-11-25-onboarding-east"
+    result = run({**env, "COLUMNS": "80"}, "jobs")
+    assert result.exit_code == 0, result.stderr
+    rows = result.stdout.splitlines()
+    assert max(len(row) for row in rows) <= 80, rows
+    # Every id is whole (never ellipsised) in its short form, and `status` takes it.
+    for job_id in (ids["ok"], ids["failed"], ids["queued"]):
+        assert str(job_id)[:8] in result.stdout
+    shown = lines(run(env, "status", str(ids["failed"])[:8], "--json"))
+    assert shown[0]["job_id"] == str(ids["failed"])
+
+
+def test_status_history_in_table_output(
+    env: dict[str, str], factory: sessionmaker[Session]
+) -> None:
+    ids = _seed(factory)
+    result = run({**env, "COLUMNS": "100"}, "status", str(ids["ok"]), "--history")
+    assert result.exit_code == 0, result.stderr
+    out = result.stdout
+    assert "history" in out
+    assert "call 1" in out and "RequestLimitExceeded" in out
+    assert "call 2" in out and "req-ok" in out
+    # Without --history, no history table.
+    assert "call 1" not in run(env, "status", str(ids["ok"])).stdout
 
 
 def test_status_shows_the_account_pause(

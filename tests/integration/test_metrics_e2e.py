@@ -270,3 +270,104 @@ def test_queue_depth_counts_waiting_messages(launcher_env: dict[str, str], tmp_p
     human = subprocess.run([MACAO_OCR, "stats"], env=launcher_env, capture_output=True, timeout=60)
     assert human.returncode == 0, human.stderr.decode()
     assert "OPEN" in human.stdout.decode() and "UnOpenError" in human.stdout.decode()
+
+
+# -- the fleet's gauges from the first scrape, and the README's alerts on a real scrape
+
+
+Samples = Mapping[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def alert_circuit_open(m: Samples) -> bool:
+    """README: `macao_ocr_circuit_open == 1`."""
+    return m[("macao_ocr_circuit_open", ())] == 1
+
+
+def alert_rate_below_quota(m: Samples) -> bool:
+    """README: `macao_ocr_effective_rate_per_second < macao_ocr_quota_per_second`."""
+    return m[("macao_ocr_effective_rate_per_second", ())] < m[("macao_ocr_quota_per_second", ())]
+
+
+def first_scrape(
+    url: str, launcher: Launcher
+) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    deadline = time.monotonic() + 60
+    while True:
+        if launcher.proc.poll() is not None:
+            pytest.fail(f"launcher exited:\n{launcher.log.read_text()[-3000:]}")
+        try:
+            return scrape(url)
+        except OSError:
+            if time.monotonic() > deadline:
+                pytest.fail(f"no /metrics:\n{launcher.log.read_text()[-3000:]}")
+            time.sleep(0.1)
+
+
+def test_fleet_gauges_are_set_from_the_first_scrape_and_alerts_fire(
+    launcher_env: dict[str, str], tmp_path: Path
+) -> None:
+    import asyncio
+
+    import redis.asyncio
+
+    from worker.quota.circuit_redis import RedisAccountCircuit
+    from worker.quota.limiter import limiter_key
+    from worker.quota.limiter_redis import RedisRateLimiter
+    from worker.settings import load_settings
+    from worker.tencent.client import ClientConfig
+
+    env = {**launcher_env, "MACAO_OCR_QPS": "5"}
+    url = f"http://127.0.0.1:{env['MACAO_OCR_METRICS_PORT']}/metrics"
+    running = Launcher(env, tmp_path / "launcher.log", processes=2)
+    try:
+        # Before any worker is ready and before any job: every fleet gauge has its value.
+        m = first_scrape(url, running)
+        assert m[("macao_ocr_quota_per_second", ())] == 5
+        assert m[("macao_ocr_effective_rate_per_second", ())] == 5
+        assert m[("macao_ocr_circuit_open", ())] == 0
+        assert m[("macao_ocr_queue_depth", ())] == 0
+        assert m[("macao_ocr_dead_letters", ())] == 0
+        assert ("macao_ocr_workers_alive", ()) in m
+        assert not alert_circuit_open(m) and not alert_rate_below_quota(m)
+
+        wait_workers(env, running, 2)
+        # A job makes a worker build its metric objects (its own quota gauge starts at 0).
+        (tmp_path / "card.jpg").write_bytes(make_specimen(seed=960).image)
+        done = subprocess.run(
+            [MACAO_OCR, "submit", str(tmp_path / "card.jpg")], env=env, capture_output=True
+        )
+        assert done.returncode == 0, done.stderr.decode()
+        wait_terminal(env["MACAO_OCR_DATABASE_URL"], [done.stdout.decode().strip()])
+        m = scrape(url)
+        assert m[("macao_ocr_api_calls_total", (("outcome_code", "OK"),))] == 1
+        assert m[("macao_ocr_quota_per_second", ())] == 5
+        assert m[("macao_ocr_workers_alive", ())] == 2
+        # One family, one sample each: the workers' own copies are not served beside them.
+        for name in ("macao_ocr_quota_per_second", "macao_ocr_effective_rate_per_second"):
+            assert [k for k in m if k[0] == name] == [(name, ())]
+
+        settings = load_settings(qps=5.0, broker_url=env["MACAO_OCR_BROKER_URL"])
+        config = ClientConfig.from_settings(
+            load_settings(
+                secret_id=env["TENCENTCLOUD_SECRET_ID"],
+                secret_key=env["TENCENTCLOUD_SECRET_KEY"],
+                api_endpoint=env["MACAO_OCR_API_ENDPOINT"],
+            )
+        )
+        key = limiter_key(config.secret_id, config.action, config.endpoint)
+
+        async def throttle_and_pause() -> None:
+            client = redis.asyncio.Redis.from_url(env["MACAO_OCR_BROKER_URL"])
+            try:
+                await RedisRateLimiter.from_settings(settings, client).throttled(key)
+                await RedisAccountCircuit(client).open("FailedOperation.UnOpenError", "x")
+            finally:
+                await client.aclose()
+
+        asyncio.run(throttle_and_pause())
+        m = scrape(url)
+        assert m[("macao_ocr_effective_rate_per_second", ())] < 5
+        assert alert_rate_below_quota(m)
+        assert alert_circuit_open(m)
+    finally:
+        running.stop()

@@ -356,6 +356,9 @@ def test_cli_dry_run_lists_ids_and_codes(committed_db: sessionmaker[Session]) ->
     assert as_json.exit_code == 0, as_json.output
     payload = json.loads(as_json.output)
     assert payload["dry_run"] is True
+    # Nothing went to the broker (it used to say `"published": true`).
+    assert payload["published"] == 0
+    assert payload["publish_failed"] is False
     assert payload["replayed"] == [str(b.id)]
     assert payload["jobs"] == [{"job_id": str(b.id), "error_code": "InternalError"}]
     assert snapshot(committed_db) == before

@@ -16,6 +16,7 @@ from celery import Celery
 from kombu import Connection
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
+from structlog.testing import capture_logs
 
 from models import Attempt, Job, JobEvent, JobStatus
 from worker.broker.publish import QUEUE, CeleryPublisher, RecordingPublisher
@@ -320,6 +321,33 @@ def test_broker_restart_republishes_only_the_missing(
     assert set(report.lost) == {j.id for j in jobs[1:]}
     assert set(recorder.published) == {j.id for j in jobs[1:]}
     assert reload(session_factory, jobs[1].id).enqueued_at == NOW
+
+
+def test_first_start_on_a_new_redis_warns_of_no_loss(
+    session_factory: sessionmaker[Session],
+    settings: Settings,
+    broker: tuple[redis.Redis, CeleryPublisher],
+) -> None:
+    client, publisher = broker
+    jobs = waiting_jobs(session_factory, 2, age_s=30)
+    publisher.publish([j.id for j in jobs])
+    recorder = RecordingPublisher()
+
+    with capture_logs() as logs:
+        first = sweep_once(session_factory, recorder, settings, redis=client, now=NOW)
+    # A first start cannot tell a new Redis from a restarted one; nothing is missing, so
+    # nothing is reported lost.
+    assert first.broker_restarted
+    assert first.lost == []
+    assert [e for e in logs if e["event"] == "broker_messages_lost"] == []
+
+    client.flushdb()  # a real loss still warns
+    with capture_logs() as logs:
+        report = sweep_once(session_factory, recorder, settings, redis=client, now=NOW)
+    assert set(report.lost) == {j.id for j in jobs}
+    lost = [e for e in logs if e["event"] == "broker_messages_lost"]
+    assert len(lost) == 1
+    assert lost[0]["log_level"] == "warning"
 
 
 def test_missing_message_found_by_count_is_republished(

@@ -10,6 +10,11 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from celery import Celery
 
+from kombu.exceptions import OperationalError as _BrokerOperationalError
+
+# What a publish raises when the broker cannot be reached (kombu's, behind this door).
+BROKER_ERRORS: tuple[type[BaseException], ...] = (_BrokerOperationalError,)
+
 TASK_NAME = "macao_ocr.process_job"
 QUEUE = "macao-ocr"
 

@@ -5,6 +5,8 @@ commands load fakeredis, Pillow or aiohttp's server only when run)."""
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
 from demo import cli as demo_cmd
@@ -12,6 +14,7 @@ from worker.cli import (
     db_cmd,
     decide_cmd,
     emulator_cmd,
+    health_cmd,
     jobs_cmd,
     ops_cmd,
     read_cmd,
@@ -19,6 +22,7 @@ from worker.cli import (
     tenants_cmd,
     worker_cmd,
 )
+from worker.cli.common import BoundaryGroup, CliOptions
 
 app = typer.Typer(
     name="macao-ocr",
@@ -26,7 +30,37 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    cls=BoundaryGroup,
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"macao-ocr {version('macao-ocr')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _global(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show the traceback of a failure.")
+    ] = False,
+    log_json: Annotated[
+        bool, typer.Option("--log-json", help="Log JSON lines at the configured level.")
+    ] = False,
+) -> None:
+    """Read Macao ID cards through Tencent OCR at the account's full quota."""
+    # --debug is read by the error boundary from the command line itself (it must work
+    # for failures raised before this callback runs).
+    CliOptions.log_json = log_json
+
+
 for _module in (
     db_cmd,
     jobs_cmd,
@@ -36,6 +70,7 @@ for _module in (
     emulator_cmd,
     read_cmd,
     ops_cmd,
+    health_cmd,
     tenants_cmd,
     decide_cmd,
 ):

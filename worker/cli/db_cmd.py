@@ -10,18 +10,14 @@ from alembic import command
 from sqlalchemy.exc import SQLAlchemyError
 
 import migrations
-from worker.errors import ConfigError
+from worker.cli.common import EXIT_RUNTIME, fail
 from worker.settings import load_settings
 
 db_app = typer.Typer(help="Create or migrate the database schema.", no_args_is_help=True)
 
 
 def _database_url() -> str:
-    try:
-        return load_settings().database_url
-    except ConfigError as exc:
-        typer.echo(f"error: {exc.message}", err=True)
-        raise typer.Exit(2) from None
+    return load_settings().database_url
 
 
 def _run(action: str, fn: Callable[..., object], *args: object) -> None:
@@ -29,9 +25,12 @@ def _run(action: str, fn: Callable[..., object], *args: object) -> None:
         fn(*args)
     except SQLAlchemyError as exc:
         # The driver's own message (host, port, reason); the URL and its password stay out.
-        reason = str(getattr(exc, "orig", None) or type(exc).__name__).strip()
-        typer.echo(f"error: database {action} failed: {reason}", err=True)
-        raise typer.Exit(1) from None
+        reason = str(getattr(exc, "orig", None) or type(exc).__name__).strip().splitlines()
+        raise fail(
+            f"database {action} failed: {reason[0] if reason else type(exc).__name__}",
+            EXIT_RUNTIME,
+            error="database_error",
+        ) from None
 
 
 @db_app.command()

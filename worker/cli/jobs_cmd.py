@@ -12,12 +12,13 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Column, Table
-from sqlalchemy import select
+from sqlalchemy import String, select
+from sqlalchemy import cast as sa_cast
 from sqlalchemy.orm import Session, sessionmaker
 
 from models import Job, JobStatus
 from worker.broker.publish import Publisher
-from worker.cli.common import database, fail, load_or_exit, make_publisher
+from worker.cli.common import CliError, database, fail, load_or_exit, make_publisher
 from worker.decision.codes import Outcome, is_reason_code
 from worker.errors import InputError, StateUnavailable
 from worker.producer import JobSpec, ManifestError, read_manifest, submit_many
@@ -51,6 +52,18 @@ def _specs(
     return [JobSpec(front=front, back=back, portrait=portrait, tag=tag)]
 
 
+def _input_failure(exc: InputError, json_out: bool) -> Exception:
+    """What to raise for refused input: the boundary's JSON object under --json, else the
+    problems printed here (a manifest's, one a line) and exit 2."""
+    if json_out:
+        details: dict[str, Any] = {}
+        if isinstance(exc, ManifestError):
+            details["problems"] = [{"line": p.line, "message": p.message} for p in exc.problems]
+        return CliError(exc.message, code=exc.code, exit_code=2, details=details)
+    _print_input_error(exc)
+    return typer.Exit(2)
+
+
 def _print_input_error(exc: InputError) -> None:
     if isinstance(exc, ManifestError):
         typer.echo(
@@ -80,12 +93,16 @@ def submit(
     try:
         specs = _specs(front, back, manifest, portrait, tag)
     except InputError as exc:
-        _print_input_error(exc)
-        raise typer.Exit(2) from None
+        raise _input_failure(exc, json_out) from None
     publisher, app = make_publisher(settings)
     try:
         with database(settings) as factory:
-            ids = _submit(factory, publisher, settings, specs, batch, manifest=manifest is not None)
+            try:
+                ids = _submit(
+                    factory, publisher, settings, specs, batch, manifest=manifest is not None
+                )
+            except InputError as exc:
+                raise _input_failure(exc, json_out) from None
             with factory() as session:
                 jobs = {j.id: j for j in session.scalars(select(Job).where(Job.id.in_(ids))).all()}
     finally:
@@ -119,36 +136,32 @@ def _submit(
     *,
     manifest: bool,
 ) -> list[uuid.UUID]:
-    try:
-        if not manifest:
-            spec = specs[0]
-            return [
-                submit_one(
-                    factory,
-                    publisher,
-                    settings,
-                    spec.front,
-                    spec.back,
-                    portrait=spec.portrait,
-                    tag=spec.tag,
-                    batch=batch,
-                )
-            ]
-        with Progress(
-            TextColumn("submitting"), BarColumn(), MofNCompleteColumn(), console=stderr
-        ) as bar:
-            task = bar.add_task("submit", total=len(specs))
-            return submit_many(
+    if not manifest:
+        spec = specs[0]
+        return [
+            submit_one(
                 factory,
                 publisher,
                 settings,
-                specs,
+                spec.front,
+                spec.back,
+                portrait=spec.portrait,
+                tag=spec.tag,
                 batch=batch,
-                progress=lambda done, _total: bar.update(task, completed=done),
             )
-    except InputError as exc:
-        _print_input_error(exc)
-        raise typer.Exit(2) from None
+        ]
+    with Progress(
+        TextColumn("submitting"), BarColumn(), MofNCompleteColumn(), console=stderr
+    ) as bar:
+        task = bar.add_task("submit", total=len(specs))
+        return submit_many(
+            factory,
+            publisher,
+            settings,
+            specs,
+            batch=batch,
+            progress=lambda done, _total: bar.update(task, completed=done),
+        )
 
 
 # -- status
@@ -168,11 +181,38 @@ def read_pause(settings: Settings) -> tuple[dict[str, Any] | None, bool]:
     return {"code": pause.code, "message": pause.message, "since": pause.since.isoformat()}, True
 
 
+SHORT_ID_LEN = 8
+_HEX = frozenset("0123456789abcdef")
+
+
+def short_id(job_id: str) -> str:
+    """The first 8 characters of a job id: what `jobs` prints, what `status` accepts."""
+    return job_id[:SHORT_ID_LEN]
+
+
 def _parse_id(text: str) -> uuid.UUID | None:
     try:
         return uuid.UUID(text)
     except ValueError:
         return None
+
+
+def _find_job(session: Session, text: str, tenant: str) -> Job | None:
+    """A job by its full id, or by a unique prefix of 6-8 hex characters (a short id)."""
+    job_id = _parse_id(text)
+    if job_id is not None:
+        return session.scalars(select(Job).where(Job.id == job_id, Job.tenant == tenant)).first()
+    prefix = text.lower()
+    if not 6 <= len(prefix) <= SHORT_ID_LEN or not set(prefix) <= _HEX:
+        return None
+    # The first 8 characters print the same with or without the dashes (PostgreSQL's uuid
+    # text, SQLite's 32-character hex).
+    matches = session.scalars(
+        select(Job).where(Job.tenant == tenant, sa_cast(Job.id, String).like(f"{prefix}%")).limit(2)
+    ).all()
+    if len(matches) > 1:
+        raise fail(f"{text} matches several jobs: give the full id (`jobs --full-ids`)")
+    return matches[0] if matches else None
 
 
 def _print_job(view: dict[str, Any]) -> None:
@@ -199,8 +239,54 @@ def _print_job(view: dict[str, Any]) -> None:
         table.add_row("decision", view["decision"] or "not decided (run `macao-ocr decide`)")
         for reason in view["reasons"]:
             table.add_row("reason", f"{reason['code']} ({reason['source']}): {reason['detail']}")
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    if "history" in view:
+        console.print(history_table(view["history"]))
     typer.echo("")
+
+
+def history_table(items: list[dict[str, Any]]) -> Table:
+    """`status --history` for a person: one row per API call or event, oldest first."""
+    table = Table(
+        Column("at", no_wrap=True),
+        Column("what", no_wrap=True),
+        Column("outcome"),
+        Column("detail", overflow="fold"),
+        title="history",
+        title_justify="left",
+    )
+    for item in items:
+        at = (item["at"] or "")[:19].replace("T", " ")
+        if item["type"] == "attempt":
+            latency = item.get("latency_ms")
+            detail = " ".join(
+                part
+                for part in (
+                    item.get("message") or "",
+                    f"{latency:.0f} ms" if latency is not None else "",
+                    f"RequestId {item['request_id']}" if item.get("request_id") else "",
+                )
+                if part
+            )
+            table.add_row(at, f"call {item['number']}", item.get("outcome_code") or "", detail)
+        else:
+            was = item.get("previous_status")
+            if was and item.get("previous_error_code"):
+                was = f"{was}, {item['previous_error_code']}"
+            detail = " ".join(
+                part
+                for part in (
+                    f"by {item['actor']}" if item.get("actor") else "",
+                    item.get("reason") or "",
+                    f"(was {was})" if was else "",
+                )
+                if part
+            )
+            table.add_row(at, str(item["kind"]), "", detail)
+    if not items:
+        table.add_row("", "no API call or event yet", "", "")
+    return table
 
 
 def status(
@@ -208,19 +294,17 @@ def status(
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object a line.")] = False,
     history: Annotated[bool, typer.Option(help="Every API call and event.")] = False,
 ) -> None:
-    """Show jobs: status, API calls, last error, result and warnings. Exit 1 if one is unknown."""
+    """Show jobs: status, API calls, last error, result and warnings. Exit 1 if one is unknown.
+
+    A job is named by its id or by the short id `jobs` prints (its first 8 characters).
+    """
     settings = load_or_exit()
     pause, pause_known = read_pause(settings)
     missing = 0
     views: list[dict[str, Any]] = []
     with database(settings) as factory, factory() as session:
         for text in job_ids:
-            job_id = _parse_id(text)
-            job = None
-            if job_id is not None:
-                job = session.scalars(
-                    select(Job).where(Job.id == job_id, Job.tenant == settings.tenant)
-                ).first()
+            job = _find_job(session, text, settings.tenant)
             if job is None:
                 missing += 1
                 views.append(not_found_view(text))
@@ -272,8 +356,11 @@ def jobs(
     ] = None,
     limit: Annotated[int, typer.Option(min=1, help="At most this many (newest first).")] = 50,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object a line.")] = False,
+    full_ids: Annotated[
+        bool, typer.Option("--full-ids", help="Whole job ids (default: the first 8 characters).")
+    ] = False,
 ) -> None:
-    """List this tenant's jobs, newest first."""
+    """List this tenant's jobs, newest first (times in UTC)."""
     if reason is not None and not is_reason_code(reason):
         raise fail(f"--reason: unknown code {reason[:48]!r} (see README, Decisions)")
     settings = load_or_exit()
@@ -294,24 +381,46 @@ def jobs(
         for view in views:
             _emit(view)
         return
-    # The full id, never ellipsised: it is what the user copies into `status`.
-    job_column = Column("job", no_wrap=True, min_width=36)
+    # The id is never ellipsised: it is what the user copies into `status` (which takes the
+    # short id too). Short ids keep the table inside an 80-column terminal; the widths are
+    # set here because Rich's own shrinking squeezed the error column to nothing.
+    console = Console()
+    id_width = 36 if full_ids else SHORT_ID_LEN
+    fixed = id_width + len("succeeded") + len("consider") + len("calls") + len("2026-01-02 03:04")
+    gaps = 2 * 7  # no box: one space of padding each side between eight columns
+    rest = max(console.width - fixed - gaps, 18)
+    error_width = max(rest // 2, 10)
+    tag_width = max((rest - error_width) // 2, 3)
     table = Table(
-        job_column, "status", "decision", "reasons", "api calls", "error", "tag", "batch", "created"
+        Column("job", no_wrap=True, width=id_width),
+        Column("status", no_wrap=True, width=len("succeeded")),
+        Column("decision", no_wrap=True, width=len("consider")),
+        Column("calls", justify="right", no_wrap=True, width=len("calls")),
+        # The whole error code (or a succeeded job's reason codes), folded over lines if need
+        # be (it is what --error-code / --reason take); long tags and batches are cut (…).
+        Column("error / reasons", overflow="fold", width=error_width),
+        Column("tag", overflow="ellipsis", no_wrap=True, width=tag_width),
+        Column("batch", overflow="ellipsis", no_wrap=True, width=rest - error_width - tag_width),
+        Column("created", no_wrap=True, width=len("2026-01-02 03:04")),
+        box=None,
+        pad_edge=False,
     )
     for view in views:
         table.add_row(
-            view["job_id"],
+            view["job_id"] if full_ids else short_id(view["job_id"]),
             view["status"],
             view["decision"] or "",
-            ", ".join(r["code"] for r in view["reasons"]),
             str(view["attempts"]),
-            view["error_code"] or "",
+            view["error_code"] or ", ".join(r["code"] for r in view["reasons"]),
             view["tag"] or "",
             view["batch"] or "",
-            (view["created_at"] or "")[:19].replace("T", " "),
+            (view["created_at"] or "")[:16].replace("T", " "),
         )
-    Console().print(table)
+    # Never narrower than the columns: Rich would cut the ids (--full-ids on a narrow screen).
+    needed = fixed + gaps + rest
+    if needed > console.width:
+        console = Console(width=needed)
+    console.print(table)
     typer.echo(f"{len(views)} job(s)", err=True)
 
 

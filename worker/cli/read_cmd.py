@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from worker.cli.common import CliError
 from worker.errors import ApiError, ConfigError, InputError, MacaoOcrError
 from worker.logs import configure_logging
 from worker.settings import Settings, load_settings
@@ -48,13 +49,13 @@ async def read_card(settings: Settings, request: OcrRequest) -> OcrResult:
         return await OcrClient(session, config).recognize(request)
 
 
-def _fail(exc: MacaoOcrError) -> typer.Exit:
-    detail = str(exc)
+def _fail(exc: MacaoOcrError) -> CliError:
+    detail = exc.message
     request_id = getattr(exc, "request_id", None)
     if request_id:
         detail += f" (RequestId {request_id})"
-    typer.echo(f"error: {detail}", err=True)
-    return typer.Exit(EXIT_API_ERROR if isinstance(exc, ApiError) else EXIT_USAGE)
+    exit_code = EXIT_API_ERROR if isinstance(exc, ApiError) else EXIT_USAGE
+    return CliError(f"{exc.code}: {detail}", code=exc.code, exit_code=exit_code)
 
 
 def _print_table(data: dict[str, Any]) -> None:

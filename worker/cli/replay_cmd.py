@@ -139,7 +139,8 @@ def sweep_command(
     as_json: Annotated[bool, typer.Option("--json", help="With --once: print the report.")] = False,
 ) -> None:
     """Publish due retries, never-published and lost jobs; take back dead workers' jobs."""
-    settings = load_or_exit()
+    # Sweeping on (a service) logs as configured; --once is a person's command.
+    settings = load_or_exit(interactive=once)
     with database(settings) as session_factory:
         _sweep(settings, session_factory, once=once, as_json=as_json)
 
