@@ -17,7 +17,10 @@ import migrations
 import models
 from models import Job, JobStatus, Result
 
-TABLES = {"image", "job", "attempt", "job_event", "result", "warning", "portrait"}
+TABLES = {
+    "image", "job", "attempt", "job_event", "result", "warning", "portrait",
+    "tenant", "api_key", "idempotency_key", "batch",
+}  # fmt: skip
 
 
 def _tables(url: str) -> set[str]:
