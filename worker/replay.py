@@ -27,6 +27,7 @@ from models.base import utcnow
 from worker.broker.publish import Publisher
 from worker.errors import InputError
 from worker.settings import Settings
+from worker.store import terminal
 
 log = structlog.get_logger(__name__)
 
@@ -236,6 +237,7 @@ def _reset(
                     previous_error_code=job.last_error_code,
                 )
             )
+            terminal.on_job_reopened(session.connection(), job.id, job.status)
             job.status = JobStatus.queued
             job.attempts = 0
             job.next_attempt_at = None

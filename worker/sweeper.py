@@ -45,6 +45,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from models import Attempt, Job, JobEvent, JobStatus
 from worker.broker.publish import QUEUE, Publisher
 from worker.settings import Settings
+from worker.store import terminal
 
 log = structlog.get_logger(__name__)
 
@@ -180,6 +181,7 @@ def _recover_dead_workers(
                 job.finished_at = now
                 job.next_attempt_at = None
                 report.failed.append(job.id)
+                terminal.on_job_terminal(session.connection(), job.id, JobStatus.failed)
             else:
                 job.status = JobStatus.retrying
                 job.next_attempt_at = now

@@ -42,6 +42,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 
 from models import Attempt, Image, Job, JobStatus, Portrait, Result, Warning
 from models.base import UTCDateTime, utcnow
+from worker.store import terminal
 from worker.tencent.types import OcrResult
 
 JOB: Table = Job.__table__  # type: ignore[assignment]
@@ -276,7 +277,9 @@ def _succeed_statement() -> Any:
         .cte("new_portrait")
     )
     attempt = _CLOSE_ATTEMPT.cte("closed_attempt")
-    return _SUCCEEDED.add_cte(result, warnings, portrait, attempt)
+    # The batch counter (and any other terminal side effect) in the same statement.
+    side_effects = terminal.terminal_ctes(JobStatus.succeeded)
+    return _SUCCEEDED.add_cte(result, warnings, portrait, attempt, *side_effects)
 
 
 _SUCCEED_PG = _succeed_statement()
@@ -431,6 +434,7 @@ def store_success(
         insert_result(conn, job_id, result, portrait)
         close_attempt(conn, job_id, number, call)
         mark_succeeded(conn, job_id, call.finished_at)
+        terminal.on_job_terminal(conn, job_id, JobStatus.succeeded)
         return
     params = {
         "jid": job_id,
@@ -447,20 +451,23 @@ def store_success(
 
 
 def mark_succeeded(conn: Connection, job_id: uuid.UUID, done_at: datetime) -> None:
-    """The job succeeded with this attempt (which spent one unit of its budget)."""
+    """The job succeeded with this attempt (which spent one unit of its budget). The caller
+    runs `terminal.on_job_terminal` in the same transaction (store_success does)."""
     conn.execute(_SUCCEEDED, {"jid": job_id, "done_at": done_at})
 
 
 def mark_already_succeeded(conn: Connection, job_id: uuid.UUID, now: datetime) -> None:
     """A result was stored before this claim: succeeded, and the claim's count undone."""
     conn.execute(_ALREADY_SUCCEEDED, {"jid": job_id, "now": now})
+    terminal.on_job_terminal(conn, job_id, JobStatus.succeeded)
 
 
 def mark_failed(
     conn: Connection, job_id: uuid.UUID, now: datetime, code: str, message: str
 ) -> None:
-    """Terminal failure with its error code and message."""
+    """Terminal failure with its error code and message (and its terminal side effects)."""
     conn.execute(_FAIL, {"jid": job_id, "now": now, "code": code, "message": message})
+    terminal.on_job_terminal(conn, job_id, JobStatus.failed)
 
 
 def uncount_call(conn: Connection, job_id: uuid.UUID) -> None:
