@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from sqlalchemy import ForeignKey, Index, Integer, String, Uuid
+from sqlalchemy import ForeignKey, Index, Integer, String, Text, Uuid
 from sqlalchemy.orm import Mapped, mapped_column
 
 from models.base import Base, UTCDateTime, utcnow
@@ -50,6 +50,8 @@ class IdempotencyKey(Base):
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     job_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
     batch_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    # A batch's 201 body (its job ids in request order), answered again as it was.
+    response: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (Index("ix_idempotency_key_created_at", "created_at"),)
 

@@ -91,6 +91,7 @@ def _select(
     batch: str | None,
     since: datetime | None,
     until: datetime | None,
+    batch_id: uuid.UUID | None = None,
 ) -> Any:
     query = select(Job).where(Job.tenant == settings.tenant)
     if job_ids is not None:
@@ -101,6 +102,8 @@ def _select(
         query = query.where(Job.last_error_code == error_code)
     if batch is not None:
         query = query.where(Job.batch == batch)
+    if batch_id is not None:
+        query = query.where(Job.batch_id == batch_id)
     # The window is on when the job finished: "what failed during the outage".
     if since is not None:
         query = query.where(Job.finished_at >= since)
@@ -118,6 +121,7 @@ def replay(
     status: str | JobStatus | None = None,
     error_code: str | None = None,
     batch: str | None = None,
+    batch_id: uuid.UUID | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
     actor: str,
@@ -130,7 +134,7 @@ def replay(
     With no ids, the filters select the jobs and status defaults to failed; with neither,
     InputError (never replay everything by accident). Scoped to settings.tenant.
     """
-    filtered = any(v is not None for v in (status, error_code, batch, since, until))
+    filtered = any(v is not None for v in (status, error_code, batch, batch_id, since, until))
     if not job_ids and not filtered:
         raise InputError(
             "replay_selection", "name job ids or a filter (status, error code, batch, since, until)"
@@ -145,7 +149,9 @@ def replay(
 
     report = ReplayReport(dry_run=dry_run)
     with session_factory() as session:
-        jobs = session.scalars(_select(settings, ids, wanted, error_code, batch, since, until))
+        jobs = session.scalars(
+            _select(settings, ids, wanted, error_code, batch, since, until, batch_id)
+        )
         eligible: list[uuid.UUID] = []
         for job in jobs:
             report.matched.append(job.id)

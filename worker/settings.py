@@ -81,6 +81,15 @@ class Settings(BaseSettings):
     republish_after_s: PositiveFloat = 60.0
     circuit_probe_interval_s: PositiveFloat = 30.0
 
+    # -- the HTTP API (`macao-ocr api`)
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=8080, ge=1, le=65535)
+    # New jobs get 429 when the tenant's backlog would take longer than this at `qps`.
+    max_backlog_s: PositiveFloat = 86_400.0
+    # A batch body above this is refused before it is read whole (one job's limit follows
+    # from the image limits).
+    http_max_batch_body_bytes: PositiveInt = 64 * 1024 * 1024
+
     # -- operations
     log_level: str = "INFO"
     log_json: bool = True

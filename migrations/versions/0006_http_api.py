@@ -60,6 +60,7 @@ def upgrade() -> None:
         _ts("completed_at", nullable=True),
         sa.Column("job_id", sa.Uuid(), nullable=True),
         sa.Column("batch_id", sa.Uuid(), nullable=True),
+        sa.Column("response", sa.Text(), nullable=True),
         sa.PrimaryKeyConstraint("tenant", "key", name=op.f("pk_idempotency_key")),
     )
     op.create_index("ix_idempotency_key_created_at", "idempotency_key", ["created_at"])

@@ -9,6 +9,7 @@ import typer
 
 from demo import cli as demo_cmd
 from worker.cli import (
+    api_cmd,
     db_cmd,
     emulator_cmd,
     jobs_cmd,
@@ -36,6 +37,7 @@ for _module in (
     read_cmd,
     ops_cmd,
     tenants_cmd,
+    api_cmd,
 ):
     _module.register(app)
 

@@ -13,4 +13,7 @@ tenants_app = typer.Typer(
 
 def register(app: typer.Typer) -> None:
     """Add the `tenants` group (with every concern's subcommands) to the CLI."""
+    # Imported for their commands: each decorates tenants_app.
+    from worker.cli import api_keys_cmd  # noqa: F401
+
     app.add_typer(tenants_app, name="tenants")
