@@ -33,12 +33,12 @@ def body(model: type[BaseModel], description: str, **headers: str) -> dict[str, 
 
 RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait.", "schema": {"type": "string"}}}
 AUTH: dict[int | str, dict[str, Any]] = {
+    400: problem("A body that cannot be parsed."),
     401: problem("Missing, unknown or revoked API key."),
     422: problem("The request does not match the schema, or an input rule refused it."),
 }
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: problem("Unknown, or another tenant's.")}
 SUBMIT: dict[int | str, dict[str, Any]] = {
-    400: problem("Malformed body or Idempotency-Key."),
     409: problem("Idempotency-Key used with another request, or still in progress."),
     413: problem("Request body over the limit (refused before being read whole)."),
     415: problem("Neither application/json nor multipart/form-data."),
