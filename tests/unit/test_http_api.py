@@ -262,3 +262,17 @@ def test_openapi_document_and_health(api: Api) -> None:
     assert "Problem" in doc["components"]["schemas"]
     assert api.client.get("/docs").status_code == 200
     assert api.client.get("/healthz").json() == {"status": "ok"}
+
+
+def test_an_anonymous_batch_is_refused_before_its_body_is_parsed(api: Api) -> None:
+    answer = api.client.post(
+        "/v1/batches", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert answer.status_code == 401
+    h = api.key("a")
+    bad = api.client.post(
+        "/v1/batches", content=b"{not json", headers={**h, "content-type": "application/json"}
+    )
+    assert bad.status_code == 422 and bad.json()["code"] == "invalid_request"
+    empty = api.client.post("/v1/batches", json={"jobs": []}, headers=h)
+    assert empty.status_code == 422

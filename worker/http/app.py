@@ -15,7 +15,7 @@ from worker.http import routes_batches, routes_health, routes_jobs
 from worker.http.backpressure import Backlog
 from worker.http.limits import BodyLimit
 from worker.http.problems import Problem, install
-from worker.http.schemas import JobRequest
+from worker.http.schemas import BatchRequest, JobRequest
 from worker.http.services import Services
 from worker.settings import Settings, load_settings
 
@@ -55,8 +55,8 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
             title=app.title, version=app.version, description=app.description, routes=app.routes
         )
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        # Referenced by hand (problem answers; the two-encoding job body).
-        for model in (Problem, JobRequest):
+        # Referenced by hand (problem answers; bodies read after the key is checked).
+        for model in (Problem, JobRequest, BatchRequest):
             extra = model.model_json_schema(ref_template="#/components/schemas/{model}")
             for name, definition in extra.pop("$defs", {}).items():
                 components.setdefault(name, definition)

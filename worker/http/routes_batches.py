@@ -6,8 +6,10 @@ import json
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from sqlalchemy import func, select, update
 from starlette.concurrency import run_in_threadpool
 
@@ -133,6 +135,14 @@ def _create(svc: Services, who: Caller, request: BatchRequest, key: str | None) 
     summary="Submit up to 10,000 cards at once",
     status_code=201,
     response_model=None,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/BatchRequest"}}
+            },
+        }
+    },
     responses={
         201: body(BatchCreated, "Queued.", Location="The batch's URL."),
         200: body(
@@ -145,10 +155,15 @@ def _create(svc: Services, who: Caller, request: BatchRequest, key: str | None) 
     },
 )
 async def create_batch(
-    request: BatchRequest, who: CallerDep, svc: ServicesDep, key: IdempotencyKey = None
+    request: Request, who: CallerDep, svc: ServicesDep, key: IdempotencyKey = None
 ) -> JSONResponse:
     """All jobs validated first (a 422 lists every bad index; nothing stored), then queued."""
-    return await run_in_threadpool(_create, svc, who, request, key)
+    # Read here, after the key is checked: an anonymous caller never makes us parse a batch.
+    try:
+        parsed = BatchRequest.model_validate_json(await request.body())
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_input=False)) from None
+    return await run_in_threadpool(_create, svc, who, parsed, key)
 
 
 def _load(svc: Services, tenant: str, batch_id: uuid.UUID) -> Batch:
