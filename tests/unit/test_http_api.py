@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 import migrations
 from emulator.specimen import make_specimen
-from models import Batch, Job
+from models import ApiKey, Batch, Job, JobStatus
 from worker.broker.publish import RecordingPublisher
 from worker.cli import app as cli_app
 from worker.http.app import create_app
@@ -276,3 +276,42 @@ def test_an_anonymous_batch_is_refused_before_its_body_is_parsed(api: Api) -> No
     assert bad.status_code == 422 and bad.json()["code"] == "invalid_request"
     empty = api.client.post("/v1/batches", json={"jobs": []}, headers=h)
     assert empty.status_code == 422
+
+
+def test_replays_are_audited_with_the_key_id_and_move_the_batch_counters(api: Api) -> None:
+    from sqlalchemy import update
+
+    from models import JobEvent
+    from worker.store import terminal
+
+    h = api.key("a")
+    made = api.client.post("/v1/batches", json={"jobs": [URL_JOB, URL_JOB]}, headers=h).json()
+    batch_id = made["batch_id"]
+    ids = [uuid.UUID(j["job_id"]) for j in made["jobs"]]
+    with api.services.session_factory() as session, session.begin():
+        for job_id, code in zip(ids, ("FailedOperation.OcrFailed", "X.Other"), strict=True):
+            session.execute(
+                update(Job).where(Job.id == job_id).values(status="failed", last_error_code=code)
+            )
+            terminal.on_job_terminal(session.connection(), job_id, JobStatus.failed)
+    progress = api.client.get(f"/v1/batches/{batch_id}", headers=h).json()
+    assert progress["completed"] is True and progress["counts"]["failed"] == 2
+    answer = api.client.post(
+        f"/v1/batches/{batch_id}/replay",
+        params={"error_code": "FailedOperation.OcrFailed"},
+        headers=h,
+    )
+    assert answer.status_code == 200 and answer.json()["replayed"] == [str(ids[0])]
+    progress = api.client.get(f"/v1/batches/{batch_id}", headers=h).json()
+    assert progress["counts"] == {"pending": 1, "succeeded": 0, "failed": 1}
+    assert api.client.post(f"/v1/jobs/{ids[0]}/replay", headers=h).status_code == 409
+    one = api.client.post(f"/v1/jobs/{ids[1]}/replay", json={"reason": "retry"}, headers=h)
+    assert one.status_code == 200 and one.json()["replayed"] == [str(ids[1])]
+    with api.services.session_factory() as session:
+        actors = set(session.scalars(select(JobEvent.actor)))
+    with api.services.session_factory() as session:
+        [key_id] = session.scalars(select(ApiKey.id).where(ApiKey.tenant == "a")).all()
+    assert actors == {f"api:{key_id}"}
+    assert (
+        api.client.post(f"/v1/batches/{batch_id}/replay", headers=api.key("b")).status_code == 404
+    )
