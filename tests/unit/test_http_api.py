@@ -315,3 +315,28 @@ def test_replays_are_audited_with_the_key_id_and_move_the_batch_counters(api: Ap
     assert (
         api.client.post(f"/v1/batches/{batch_id}/replay", headers=api.key("b")).status_code == 404
     )
+
+
+def test_expired_idempotency_keys_are_purged_and_reusable(api: Api) -> None:
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from models import IdempotencyKey
+    from models.base import utcnow
+    from worker.http import idempotency
+
+    h = {**api.key("a"), "Idempotency-Key": "old"}
+    first = api.client.post("/v1/jobs", json=URL_JOB, headers=h).json()["job_id"]
+    # A key never used again: only the purge removes it.
+    stale = {**h, "Idempotency-Key": "stale"}
+    assert api.client.post("/v1/jobs", json=URL_JOB, headers=stale).status_code == 201
+    with api.services.session_factory() as session, session.begin():
+        session.execute(update(IdempotencyKey).values(created_at=utcnow() - timedelta(hours=25)))
+    idempotency._last_purge[0] = float("-inf")
+    second = api.client.post(
+        "/v1/jobs", json={"front": {"url": "https://x.example/b.jpg"}}, headers=h
+    )
+    assert second.status_code == 201 and second.json()["job_id"] != first
+    with api.services.session_factory() as session:
+        assert session.scalars(select(IdempotencyKey.key)).all() == ["old"]

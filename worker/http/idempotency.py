@@ -9,6 +9,7 @@ a row left pending by a dead server is taken over after `ABANDONED_AFTER`.
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -27,6 +28,10 @@ TTL = timedelta(hours=24)
 ABANDONED_AFTER = timedelta(seconds=60)
 WAIT_S = 20.0
 POLL_S = 0.05
+# Expired keys are deleted by whichever server process gets there first, this often at most.
+PURGE_EVERY_S = 600.0
+_purge_lock = threading.Lock()
+_last_purge = [float("-inf")]
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,7 @@ def begin(
     """None: the caller owns the key and does the work (then `complete` or `abandon`).
     Done: the work was done already; answer it again. 409 for another request."""
     check_key(key)
+    _purge_expired(session_factory)
     deadline = time.monotonic() + WAIT_S
     while True:
         now = utcnow()
@@ -96,6 +102,15 @@ def begin(
                 headers={"Retry-After": "1"},
             )
         time.sleep(POLL_S)
+
+
+def _purge_expired(session_factory: sessionmaker[Session]) -> None:
+    with _purge_lock:
+        if time.monotonic() - _last_purge[0] < PURGE_EVERY_S:
+            return
+        _last_purge[0] = time.monotonic()
+    with session_factory() as session, session.begin():
+        session.execute(delete(IdempotencyKey).where(IdempotencyKey.created_at < utcnow() - TTL))
 
 
 def _delete_if(session: Session, row: IdempotencyKey) -> None:
