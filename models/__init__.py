@@ -1,5 +1,6 @@
 """Typed SQLAlchemy 2 models: the database is the source of truth for every job."""
 
+from models.api import ApiKey, Batch, IdempotencyKey, Tenant
 from models.base import Base
 from models.decision import DecisionReason, WarningPolicy
 from models.job import TERMINAL_STATUSES, Attempt, Image, Job, JobEvent, JobStatus
@@ -7,15 +8,19 @@ from models.result import Portrait, Result, Warning
 
 __all__ = [
     "TERMINAL_STATUSES",
+    "ApiKey",
     "Attempt",
     "Base",
+    "Batch",
     "DecisionReason",
+    "IdempotencyKey",
     "Image",
     "Job",
     "JobEvent",
     "JobStatus",
     "Portrait",
     "Result",
+    "Tenant",
     "Warning",
     "WarningPolicy",
 ]

@@ -78,6 +78,9 @@ class Job(Base):
     portrait: Mapped[bool] = mapped_column(Boolean, default=False)
     tag: Mapped[str | None] = mapped_column(String(200))
     batch: Mapped[str | None] = mapped_column(String(200))
+    # The batch row (POST /v1/batches) whose counters this job moves; NULL for others. No
+    # foreign key: SQLite could only add or drop one by rebuilding the job table.
+    batch_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
     # API calls that spent the failure budget; throttles and account pauses do not count.
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     # Every API call made for this job, whatever its outcome.
@@ -110,6 +113,10 @@ class Job(Base):
         Index("ix_job_tenant_batch", "tenant", "batch"),
         Index("ix_job_last_error_code", "last_error_code"),
         Index("ix_job_created_at", "created_at"),
+        Index("ix_job_batch_id", "batch_id"),
+        # The HTTP API's listing (keyset on created_at, id) and its backlog count.
+        Index("ix_job_tenant_created_at_id", "tenant", "created_at", "id"),
+        Index("ix_job_tenant_status", "tenant", "status"),
     )
 
 

@@ -18,6 +18,7 @@ pytest_plugins = [
     "tests.fixtures.database",
     "tests.fixtures.emulator",
     "tests.fixtures.workers",
+    "tests.fixtures.api_server",
 ]
 
 REDIS_URL = os.environ.get("MACAO_OCR_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")

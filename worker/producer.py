@@ -129,7 +129,12 @@ def _side_columns(
 
 
 def _add_job(
-    session: Session, settings: Settings, request: OcrRequest, spec: JobSpec, batch: str | None
+    session: Session,
+    settings: Settings,
+    request: OcrRequest,
+    spec: JobSpec,
+    batch: str | None,
+    batch_id: uuid.UUID | None = None,
 ) -> uuid.UUID:
     front_url, front_image_id = _side_columns(session, settings.tenant, request.front)
     back_url, back_image_id = _side_columns(session, settings.tenant, request.back)
@@ -144,6 +149,7 @@ def _add_job(
         portrait=request.portrait,
         tag=spec.tag,
         batch=batch,
+        batch_id=batch_id,
         attempts=0,
         api_calls=0,
     )
@@ -223,11 +229,13 @@ def submit_many(
     items: Iterable[JobSpec],
     *,
     batch: str | None = None,
+    batch_id: uuid.UUID | None = None,
     progress: ProgressFn | None = None,
     chunk_rows: int = CHUNK_ROWS,
 ) -> list[uuid.UUID]:
     """All-or-nothing validation of every item (ManifestError lists each bad row), then
     commit in chunks, publishing each chunk after its commit. Ids come back in input order.
+    `batch_id` names an existing batch row (whose `total` counts these jobs).
 
     Files are read twice (validate, then store) rather than all held in memory; a file that
     changes in between fails its chunk, and earlier chunks stay submitted.
@@ -241,7 +249,7 @@ def submit_many(
         requests = [prepare(spec) for spec in chunk]
         with session_factory() as session:
             chunk_ids = [
-                _add_job(session, settings, request, spec, batch)
+                _add_job(session, settings, request, spec, batch, batch_id)
                 for request, spec in zip(requests, chunk, strict=True)
             ]
             session.commit()

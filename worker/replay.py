@@ -27,6 +27,7 @@ from models.base import utcnow
 from worker.broker.publish import Publisher
 from worker.errors import InputError
 from worker.settings import Settings
+from worker.store import terminal
 from worker.store.filters import JobFilter
 
 log = structlog.get_logger(__name__)
@@ -94,6 +95,7 @@ def _select(
     batch: str | None,
     since: datetime | None,
     until: datetime | None,
+    batch_id: uuid.UUID | None = None,
 ) -> Any:
     matching = JobFilter(
         tenant=settings.tenant,
@@ -101,6 +103,7 @@ def _select(
         status=status,
         error_code=error_code,
         batch=batch,
+        batch_id=batch_id,
         finished_since=since,
         finished_until=until,
     )
@@ -116,6 +119,7 @@ def replay(
     status: str | JobStatus | None = None,
     error_code: str | None = None,
     batch: str | None = None,
+    batch_id: uuid.UUID | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
     actor: str,
@@ -128,7 +132,7 @@ def replay(
     With no ids, the filters select the jobs and status defaults to failed; with neither,
     InputError (never replay everything by accident). Scoped to settings.tenant.
     """
-    filtered = any(v is not None for v in (status, error_code, batch, since, until))
+    filtered = any(v is not None for v in (status, error_code, batch, batch_id, since, until))
     if not job_ids and not filtered:
         raise InputError(
             "replay_selection", "name job ids or a filter (status, error code, batch, since, until)"
@@ -143,7 +147,9 @@ def replay(
 
     report = ReplayReport(dry_run=dry_run)
     with session_factory() as session:
-        jobs = session.scalars(_select(settings, ids, wanted, error_code, batch, since, until))
+        jobs = session.scalars(
+            _select(settings, ids, wanted, error_code, batch, since, until, batch_id)
+        )
         eligible: list[uuid.UUID] = []
         for job in jobs:
             report.matched.append(job.id)
@@ -235,6 +241,7 @@ def _reset(
                     previous_error_code=job.last_error_code,
                 )
             )
+            terminal.on_job_reopened(session.connection(), job.id, job.status)
             job.status = JobStatus.queued
             job.attempts = 0
             job.next_attempt_at = None

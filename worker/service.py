@@ -49,42 +49,36 @@ def get_job(
 
 
 class Producer:
-    """A database engine and a broker connection for one backend process (a context manager:
-    `close()` releases both)."""
+    """A database engine and a broker connection for one backend process, built from
+    settings, with the producer's calls bound to them (a context manager: `close()` releases
+    both). `publisher` replaces the Celery publisher (tests, a broker of your own)."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        session_factory: sessionmaker[Session],
-        publisher: Publisher,
-        *,
-        closers: Iterable[Any] = (),
-    ) -> None:
+    def __init__(self, settings: Settings, *, publisher: Publisher | None = None) -> None:
+        from worker.store.engine import make_engine, make_sessionmaker
+
         self.settings = settings
-        self.session_factory = session_factory
+        engine: Engine = make_engine(settings)
+        self.session_factory: sessionmaker[Session] = make_sessionmaker(engine)
+        self._closers: list[Any] = []
+        if publisher is None:
+            from worker.app import create_app
+            from worker.broker.publish import CeleryPublisher
+
+            app = create_app(settings)
+            publisher = CeleryPublisher(app)
+            self._closers.append(app.close)
+        self._closers.append(engine.dispose)
         self.publisher = publisher
-        self._closers = list(closers)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Producer:
-        """Build the engine and the Celery publisher from `settings`."""
-        from worker.app import create_app
-        from worker.broker.publish import CeleryPublisher
-        from worker.store.engine import make_engine, make_sessionmaker
-
-        engine: Engine = make_engine(settings)
-        app = create_app(settings)
-        return cls(
-            settings,
-            make_sessionmaker(engine),
-            CeleryPublisher(app),
-            closers=(app.close, engine.dispose),
-        )
+        """The engine and the Celery publisher built from `settings`."""
+        return cls(settings)
 
     @classmethod
-    def from_env(cls) -> Producer:
-        """`from_settings` with the settings read from the environment (MACAO_OCR_*)."""
-        return cls.from_settings(load_settings())
+    def from_env(cls, **overrides: Any) -> Producer:
+        """Settings from the MACAO_OCR_* environment (as the CLI reads them), plus overrides."""
+        return cls(load_settings(**overrides))
 
     def submit(
         self,
@@ -132,9 +126,8 @@ class Producer:
 
     def close(self) -> None:
         """Close the broker connection and the database pool."""
-        for close in self._closers:
-            close()
-        self._closers.clear()
+        while self._closers:
+            self._closers.pop(0)()
 
     def __enter__(self) -> Self:
         return self

@@ -94,6 +94,14 @@ class Settings(BaseSettings):
     # The tenant `default`'s policy over the documented defaults, e.g.
     # `reject=tampered,photocopy;consider=glare;ignore=blurry`.
     warning_policy: str = ""
+    # -- the HTTP API (`macao-ocr api`)
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=8080, ge=1, le=65535)
+    # New jobs get 429 when the tenant's backlog would take longer than this at `qps`.
+    max_backlog_s: PositiveFloat = 86_400.0
+    # A batch body above this is refused before it is read whole (one job's limit follows
+    # from the image limits).
+    http_max_batch_body_bytes: PositiveInt = 64 * 1024 * 1024
 
     # -- operations
     log_level: str = "INFO"

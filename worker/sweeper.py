@@ -45,6 +45,7 @@ from models import Attempt, Job, JobEvent, JobStatus
 from worker.broker.publish import Publisher
 from worker.broker.queue import broker_job_ids, broker_message_count, stale_deliveries
 from worker.settings import Settings
+from worker.store import terminal
 
 log = structlog.get_logger(__name__)
 
@@ -174,6 +175,7 @@ def _recover_dead_workers(
                 job.finished_at = now
                 job.next_attempt_at = None
                 report.failed.append(job.id)
+                terminal.on_job_terminal(session.connection(), job.id, JobStatus.failed)
             else:
                 job.status = JobStatus.retrying
                 job.next_attempt_at = now

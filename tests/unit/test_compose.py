@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
-APP_SERVICES = {"migrate", "emulator", "worker", "flower"}
+APP_SERVICES = {"migrate", "emulator", "worker", "flower", "api"}
 _VAR = re.compile(r"\$\{(?P<name>[A-Z0-9_]+)(?P<op>:?[-?])?(?P<arg>[^}]*)\}")
 
 
@@ -105,7 +105,7 @@ def test_healthchecks(services: dict[str, Any]) -> None:
     assert "redis-cli" in redis_test and "ping" in redis_test
     pg_test = " ".join(services["postgres"]["healthcheck"]["test"])
     assert "pg_isready" in pg_test
-    for name in ("emulator", "worker", "flower"):
+    for name in ("emulator", "worker", "flower", "api"):
         assert "healthcheck" in services[name], f"{name} has no healthcheck"
 
 
@@ -116,6 +116,8 @@ def test_healthchecks_probe_the_ports_the_services_listen_on(services: dict[str,
     assert f":{emulator_port}/" in " ".join(services["emulator"]["healthcheck"]["test"])
     flower_port = _option(services["flower"]["command"], "--port")
     assert f":{flower_port}/healthcheck" in " ".join(services["flower"]["healthcheck"]["test"])
+    api_port = _option(services["api"]["command"], "--port")
+    assert f":{api_port}/readyz" in " ".join(services["api"]["healthcheck"]["test"])
 
 
 def _option(command: list[str], name: str) -> str:
@@ -145,12 +147,16 @@ def test_commands_exist_in_the_cli(services: dict[str, Any]) -> None:
         "emulator": ["emulator"],
         "worker": ["worker"],
         "flower": ["flower"],
+        "api": ["api"],
     }
     for name, prefix in expected.items():
         command = services[name]["command"]
         assert command[: len(prefix)] == prefix, name
         resolve_command(command)
     assert _option(services["emulator"]["command"], "--host") == "0.0.0.0"
+    assert _option(services["api"]["command"], "--host") == "0.0.0.0"
+    api_deps = services["api"]["depends_on"]
+    assert api_deps["migrate"]["condition"] == "service_completed_successfully"
 
 
 def test_resolve_command_rejects_what_does_not_exist() -> None:
@@ -213,7 +219,7 @@ def test_flower_requires_a_password(services: dict[str, Any]) -> None:
 
 
 def test_published_ports_are_configurable(services: dict[str, Any]) -> None:
-    for name in ("worker", "emulator", "flower"):
+    for name in ("worker", "emulator", "flower", "api"):
         for mapping in services[name].get("ports", []):
             host, container = str(mapping).rsplit(":", 1)
             assert _VAR.search(host), f"{name}: host port {host} is hard-coded"

@@ -11,6 +11,7 @@ import typer
 
 from demo import cli as demo_cmd
 from worker.cli import (
+    api_cmd,
     db_cmd,
     decide_cmd,
     emulator_cmd,
@@ -73,6 +74,7 @@ for _module in (
     health_cmd,
     tenants_cmd,
     decide_cmd,
+    api_cmd,
 ):
     _module.register(app)
 

@@ -26,6 +26,7 @@ class JobFilter:
     status: JobStatus | None = None
     error_code: str | None = None
     batch: str | None = None
+    batch_id: uuid.UUID | None = None
     tag: str | None = None
     finished_since: datetime | None = None
     finished_until: datetime | None = None
@@ -43,6 +44,8 @@ class JobFilter:
             where.append(Job.last_error_code == self.error_code)
         if self.batch is not None:
             where.append(Job.batch == self.batch)
+        if self.batch_id is not None:
+            where.append(Job.batch_id == self.batch_id)
         if self.tag is not None:
             where.append(Job.tag == self.tag)
         if self.finished_since is not None:

@@ -43,6 +43,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from models import Attempt, DecisionReason, Image, Job, JobStatus, Portrait, Result, Warning
 from models.base import UTCDateTime, utcnow
 from worker.decision.engine import Decision
+from worker.store import terminal
 from worker.tencent.types import OcrResult
 
 JOB: Table = Job.__table__  # type: ignore[assignment]
@@ -325,7 +326,9 @@ def _succeed_statement() -> Any:
         .cte("new_reasons")
     )
     attempt = _CLOSE_ATTEMPT.cte("closed_attempt")
-    return _SUCCEEDED.add_cte(result, warnings, reasons, portrait, attempt)
+    # The batch counter (and any other terminal side effect) in the same statement.
+    side_effects = terminal.terminal_ctes(JobStatus.succeeded)
+    return _SUCCEEDED.add_cte(result, warnings, reasons, portrait, attempt, *side_effects)
 
 
 _SUCCEED_PG = _succeed_statement()
@@ -486,6 +489,7 @@ def store_success(
         insert_result(conn, job_id, result, portrait, decision, call.finished_at)
         close_attempt(conn, job_id, number, call)
         mark_succeeded(conn, job_id, call.finished_at)
+        terminal.on_job_terminal(conn, job_id, JobStatus.succeeded)
         return
     reasons = decision.reasons if decision is not None else ()
     params = {
@@ -507,20 +511,23 @@ def store_success(
 
 
 def mark_succeeded(conn: Connection, job_id: uuid.UUID, done_at: datetime) -> None:
-    """The job succeeded with this attempt (which spent one unit of its budget)."""
+    """The job succeeded with this attempt (which spent one unit of its budget). The caller
+    runs `terminal.on_job_terminal` in the same transaction (store_success does)."""
     conn.execute(_SUCCEEDED, {"jid": job_id, "done_at": done_at})
 
 
 def mark_already_succeeded(conn: Connection, job_id: uuid.UUID, now: datetime) -> None:
     """A result was stored before this claim: succeeded, and the claim's count undone."""
     conn.execute(_ALREADY_SUCCEEDED, {"jid": job_id, "now": now})
+    terminal.on_job_terminal(conn, job_id, JobStatus.succeeded)
 
 
 def mark_failed(
     conn: Connection, job_id: uuid.UUID, now: datetime, code: str, message: str
 ) -> None:
-    """Terminal failure with its error code and message."""
+    """Terminal failure with its error code and message (and its terminal side effects)."""
     conn.execute(_FAIL, {"jid": job_id, "now": now, "code": code, "message": message})
+    terminal.on_job_terminal(conn, job_id, JobStatus.failed)
 
 
 def uncount_call(conn: Connection, job_id: uuid.UUID) -> None:

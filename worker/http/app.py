@@ -1,0 +1,93 @@
+"""The application factory: `create_app(settings)` for tests and embedding, and
+`create_app_from_env()` for `uvicorn --factory` (reads the environment when called)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from worker.broker.publish import Publisher
+from worker.http import routes_batches, routes_health, routes_jobs
+from worker.http.backpressure import Backlog
+from worker.http.limits import BodyLimit
+from worker.http.problems import Problem, install
+from worker.http.schemas import BatchRequest, JobRequest
+from worker.http.services import Services
+from worker.settings import Settings, load_settings
+
+TITLE = "macao-ocr"
+DESCRIPTION = (
+    "Read Macao resident ID cards through Tencent Cloud OCR. Authenticate with "
+    "`Authorization: Bearer <api_key>` (`macao-ocr tenants create NAME`). Errors are RFC 9457 "
+    "`application/problem+json` with a stable `code`."
+)
+
+
+def _services(settings: Settings, publisher: Publisher | None) -> Services:
+    from worker.store.engine import make_engine, make_sessionmaker
+
+    engine = make_engine(settings)
+    factory = make_sessionmaker(engine)
+    celery_app = None
+    if publisher is None:
+        from worker.app import create_app as create_celery_app
+        from worker.broker.publish import CeleryPublisher
+
+        celery_app = create_celery_app(settings)
+        publisher = CeleryPublisher(celery_app)
+    return Services(
+        settings=settings,
+        engine=engine,
+        session_factory=factory,
+        publisher=publisher,
+        backlog=Backlog(settings, factory),
+        celery_app=celery_app,
+    )
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    if app.openapi_schema is None:
+        schema = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        # Referenced by hand (problem answers; bodies read after the key is checked).
+        for model in (Problem, JobRequest, BatchRequest):
+            extra = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            for name, definition in extra.pop("$defs", {}).items():
+                components.setdefault(name, definition)
+            components.setdefault(model.__name__, extra)
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+def create_app(settings: Settings, *, publisher: Publisher | None = None) -> FastAPI:
+    """The HTTP API over this deployment's database and broker."""
+    svc = _services(settings, publisher)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        svc.close()
+
+    app = FastAPI(title=TITLE, version="1", description=DESCRIPTION, lifespan=lifespan)
+    app.state.services = svc
+    install(app)
+    for module in (routes_jobs, routes_batches, routes_health):
+        app.include_router(module.router)
+    app.add_middleware(BodyLimit, batch_limit=settings.http_max_batch_body_bytes)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+def create_app_from_env() -> FastAPI:
+    """For `uvicorn --factory worker.http.app:create_app_from_env` (one per server process)."""
+    from worker.logs import configure_logging
+
+    settings = load_settings()
+    configure_logging(settings)
+    return create_app(settings)

@@ -1,0 +1,97 @@
+"""From an HTTP body to the producer's JobSpec, and the digest an Idempotency-Key is bound to.
+
+A URL must carry a scheme: the producer reads a string without `://` as a file path, and a
+caller must never make the server read its own files."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+from typing import Any
+
+from worker.errors import InputError
+from worker.http.schemas import ImageRef, JobRequest
+from worker.producer import JobSpec, Source, prepare
+
+MULTIPART_BOOL = {"true": True, "1": True, "false": False, "0": False, "": False}
+
+
+def _source(ref: ImageRef | None, side: str) -> Source | None:
+    if ref is None:
+        return None
+    if (ref.url is None) == (ref.base64 is None):
+        raise InputError(
+            "image_source", f"{side} needs exactly one of url or base64 (rule image_source)"
+        )
+    if ref.url is not None:
+        if "://" not in ref.url:
+            raise InputError("bad_url", f"{side} image URL must be http(s) (rule bad_url)")
+        return ref.url
+    try:
+        return base64.b64decode(ref.base64 or "", validate=True)
+    except (binascii.Error, ValueError):
+        raise InputError(
+            "bad_base64", f"{side} image is not valid base64 (rule bad_base64)"
+        ) from None
+
+
+def spec_from_json(body: JobRequest) -> JobSpec:
+    """The job a JSON body asks for (InputError if an image reference is malformed)."""
+    return JobSpec(
+        front=_source(body.front, "front"),
+        back=_source(body.back, "back"),
+        portrait=body.portrait,
+        tag=body.tag,
+    )
+
+
+def spec_from_form(
+    front: bytes | None, back: bytes | None, fields: dict[str, str]
+) -> tuple[JobSpec, str | None]:
+    """The job a multipart form asks for, and its batch label."""
+    unknown = sorted(set(fields) - {"portrait", "tag", "batch"})
+    if unknown:
+        raise InputError(
+            "form_fields", f"unknown form fields: {', '.join(unknown)} (rule form_fields)"
+        )
+    flag = fields.get("portrait", "false").strip().lower()
+    if flag not in MULTIPART_BOOL:
+        raise InputError("form_fields", "portrait must be true or false (rule form_fields)")
+    spec = JobSpec(
+        front=front, back=back, portrait=MULTIPART_BOOL[flag], tag=fields.get("tag") or None
+    )
+    return spec, fields.get("batch") or None
+
+
+def validate(spec: JobSpec) -> None:
+    """The CLI's pre-flight checks (worker.producer.prepare): InputError names the rule."""
+    if spec.front is None and spec.back is None:
+        raise InputError("no_image", "give a front and/or a back image (rule no_image)")
+    prepare(spec)
+
+
+def _side(source: Source | None) -> Any:
+    if source is None:
+        return None
+    if isinstance(source, bytes):
+        return {"sha256": hashlib.sha256(source).hexdigest()}
+    return {"url": str(source)}
+
+
+def spec_digest(spec: JobSpec, batch: str | None) -> dict[str, Any]:
+    """What identifies a job request: the same image sent as base64 or as a file is one."""
+    return {
+        "front": _side(spec.front),
+        "back": _side(spec.back),
+        "portrait": spec.portrait,
+        "tag": spec.tag,
+        "batch": batch,
+    }
+
+
+def request_sha256(kind: str, content: Any) -> str:
+    """SHA-256 of an endpoint name and a canonical JSON of its normalised request."""
+    text = json.dumps([kind, content], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
