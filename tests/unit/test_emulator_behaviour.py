@@ -54,10 +54,14 @@ async def test_quota_per_secret_id_per_second(emulator_app: InProcessEmulator) -
 
 async def test_quota_is_counted_per_secret_id() -> None:
     creds = {"AKIDone": "key-one", "AKIDtwo": "key-two"}
-    app = create_app(EmulatorConfig(credentials=creds))
+    app = create_app(EmulatorConfig(credentials=creds, control_token="tok"))
     async with TestClient(TestServer(app)) as client:
-        one = InProcessEmulator(client=client, secret_id="AKIDone", secret_key="key-one")
-        two = InProcessEmulator(client=client, secret_id="AKIDtwo", secret_key="key-two")
+        one = InProcessEmulator(
+            client=client, secret_id="AKIDone", secret_key="key-one", control_token="tok"
+        )
+        two = InProcessEmulator(
+            client=client, secret_id="AKIDtwo", secret_key="key-two", control_token="tok"
+        )
         await one.configure(quota_per_s=2)
         wait_for_fresh_second()
         got = [code(await emu.call(GOOD)) for emu in (one, one, one, two, two, two)]
