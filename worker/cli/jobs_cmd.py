@@ -299,7 +299,8 @@ def jobs(
     # The full id, never ellipsised: it is what the user copies into `status`.
     job_column = Column("job", no_wrap=True, min_width=36)
     columns = ["status", "api calls", "error", "tag", "batch", "created"]
-    table = Table(job_column, *(["tenant"] if tenant is None else []), *columns)
+    tenant_column = Column("tenant", no_wrap=True)
+    table = Table(job_column, *([tenant_column] if tenant is None else []), *columns)
     for view in views:
         table.add_row(
             view["job_id"],
