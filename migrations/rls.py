@@ -68,7 +68,13 @@ def ensure_roles(op: Any) -> None:
                 END IF;
                 -- A superuser counts as a member of every role already.
                 IF NOT pg_has_role(current_user, '{role}', 'MEMBER') THEN
-                    GRANT {role} TO CURRENT_USER;
+                    BEGIN
+                        GRANT {role} TO CURRENT_USER;
+                    EXCEPTION WHEN insufficient_privilege THEN
+                        RAISE EXCEPTION 'the migrating login % must be a member of {role}',
+                            current_user
+                            USING HINT = format('as a superuser: GRANT {role} TO %I', current_user);
+                    END;
                 END IF;
             END
             $$

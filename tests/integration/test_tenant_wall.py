@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 import migrations
 from migrations.rls import OPERATOR_POLICY, TENANT_POLICY, enable_tenant_rls
 from models import Job
+from tests.fixtures.database import PG_PREFIX
 from worker.store.engine import (
     OPERATOR_ROLE,
     TENANT_ROLE,
@@ -310,3 +311,54 @@ def test_downgrade_takes_the_wall_down_and_upgrade_puts_it_back(
             assert unwalled_tables(conn) == {}
     finally:
         engine.dispose()
+
+
+# ------------------------------------------------------------------ least-privilege logins
+
+
+def test_least_privilege_logins_see_what_their_role_allows(pg_admin_url: str) -> None:
+    """The production role model: a non-superuser owner runs the migrations; the worker's
+    login is a member of the operator role; a tenant-facing login only of the tenant role."""
+    suffix = uuid.uuid4().hex[:8]
+    owner, worker, tenant_app = (f"{PG_PREFIX}_{kind}_{suffix}" for kind in ("own", "wrk", "app"))
+    admin = sa.create_engine(pg_admin_url, isolation_level="AUTOCOMMIT")
+    database = f"{PG_PREFIX}_lp_{suffix}"
+
+    def login_url(user: str) -> str:
+        url = sa.make_url(pg_admin_url).set(username=user, database=database)
+        return url.render_as_string(hide_password=False)
+
+    try:
+        with admin.connect() as conn:
+            # CREATEROLE: the first migration may create the two roles on a new cluster.
+            conn.exec_driver_sql(f'CREATE ROLE "{owner}" LOGIN CREATEROLE')
+            conn.exec_driver_sql(f'CREATE DATABASE "{database}" OWNER "{owner}"')
+            conn.exec_driver_sql(f'CREATE ROLE "{worker}" LOGIN IN ROLE {OPERATOR_ROLE}')
+            conn.exec_driver_sql(f'CREATE ROLE "{tenant_app}" LOGIN IN ROLE {TENANT_ROLE}')
+        migrations.upgrade(login_url(owner))
+        owner_engine = sa.create_engine(login_url(owner))
+        with owner_engine.begin() as conn:
+            ids = {"acme": seed(conn, "acme"), "globex": seed(conn, "globex")}
+        for user in (owner, worker):
+            engine = sa.create_engine(login_url(user))
+            with make_sessionmaker(engine)() as session:
+                # Row-level security is forced even on the owner: the operator role lets it
+                # (and the worker) see every tenant.
+                assert session.scalar(sa.select(sa.func.count()).select_from(Job)) == 2, user
+            engine.dispose()
+        engine = sa.create_engine(login_url(tenant_app))
+        with engine.connect() as conn:
+            # No tenant set: nothing, although the query has no filter at all.
+            assert conn.scalar(sa.text("SELECT count(*) FROM job")) == 0
+            with pytest.raises(ProgrammingError, match="permission denied"):
+                conn.exec_driver_sql(f"SET ROLE {OPERATOR_ROLE}")
+        with make_tenant_sessionmaker(engine, "acme")() as session:
+            assert [j.id for j in session.scalars(sa.select(Job))] == [ids["acme"]]
+        engine.dispose()
+        owner_engine.dispose()
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+            for role in (tenant_app, worker, owner):
+                conn.exec_driver_sql(f'DROP ROLE IF EXISTS "{role}"')
+        admin.dispose()
