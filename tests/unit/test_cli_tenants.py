@@ -165,3 +165,22 @@ def test_replay_touches_one_tenant_unless_asked_for_all(
         str(ids[f"{OURS}/failed"]),
         str(ids[f"{THEIRS}/failed"]),
     }
+
+
+def test_a_real_replay_for_one_tenant_writes_behind_the_wall(
+    env: dict[str, str], ids: dict[str, uuid.UUID], db_url: str
+) -> None:
+    ours = ids[f"{OURS}/failed"]
+    result = run(env, "replay", str(ours), "--reason", "retry", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["replayed"] == [str(ours)]
+    engine = sa.create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            statuses = dict(conn.execute(sa.text("SELECT id, status FROM job")).all())
+            events = conn.execute(sa.text("SELECT job_id, kind FROM job_event")).all()
+    finally:
+        engine.dispose()
+    assert statuses[ours] == "queued"
+    assert statuses[ids[f"{THEIRS}/failed"]] == "failed"
+    assert events == [(ours, "replay")]

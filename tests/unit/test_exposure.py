@@ -108,10 +108,11 @@ SECRETS = {
     "MACAO_OCR_DATA_KEYS": "k1:AAAA",
     "MACAO_OCR_DATA_KEYS_FILE": "/run/secrets/keys",
     "MACAO_OCR_LOOKUP_KEY": "lookup",
+    "MACAO_OCR_DATABASE_URL": "postgresql://macao:db-password@db/macao_ocr",
 }
 
 
-def test_flower_inherits_neither_the_api_secret_nor_the_data_keys() -> None:
+def test_flower_inherits_neither_the_api_secret_nor_the_data_keys_nor_the_database() -> None:
     env = {
         **SECRETS,
         "MACAO_OCR_BROKER_URL": "redis://127.0.0.1:6379/0",

@@ -19,10 +19,12 @@ from worker.store.stats import DEFAULT_WINDOW_MIN, Stats
 
 # Flower's own variables: when the user set one, it wins over ours.
 FLOWER_AUTH_VARS = ("FLOWER_BASIC_AUTH", "FLOWER_AUTH")
-# Flower reads the broker and nothing else: it never gets the API secret or the data keys.
+# Flower reads the broker and nothing else: it never gets the API secret or the data keys,
+# nor the database's URL (with its password): it never opens the database.
 # (The SecretId alone signs nothing; it stays, so the app Flower loads builds as the worker's.)
 FLOWER_WITHHELD_VARS = frozenset(
     {
+        "MACAO_OCR_DATABASE_URL",
         "TENCENTCLOUD_SECRET_KEY",
         "TENCENTCLOUD_SESSION_TOKEN",
         "MACAO_OCR_SECRET_KEY",
