@@ -60,7 +60,8 @@ def flower_command(
     `ps` would show the password to every user of the host. A FLOWER_BASIC_AUTH or FLOWER_AUTH
     (OAuth) the user set is kept as is; so are FLOWER_PORT / FLOWER_ADDRESS unless --port /
     --address are given. Flower listens on 127.0.0.1 unless told otherwise, and its
-    environment lacks the API secret, the data keys and the lookup key (`flower_env`).
+    environment lacks the API secret, the data keys, the lookup key and the database's URL
+    (`flower_env`).
     Raises ConfigError when no authentication is configured.
     """
     child_env = flower_env(env)
