@@ -13,6 +13,10 @@ import sys
 _user = os.environ.get("MACAO_OCR_FLOWER_USER", "admin")
 _password = os.environ.get("MACAO_OCR_FLOWER_PASSWORD")
 
+# This host only, unless FLOWER_ADDRESS or --address (applied after this file) says otherwise.
+if not os.environ.get("FLOWER_ADDRESS"):
+    address = "127.0.0.1"
+
 _on_command_line = any(a.startswith(("--basic-auth", "--basic_auth", "--auth")) for a in sys.argv)
 
 if not (_on_command_line or os.environ.get("FLOWER_BASIC_AUTH") or os.environ.get("FLOWER_AUTH")):

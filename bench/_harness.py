@@ -26,6 +26,8 @@ from typing import Any
 import redis
 import sqlalchemy as sa
 
+from emulator.config import CONTROL_TOKEN_ENV, CONTROL_TOKEN_HEADER
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EMULATOR_READY_PREFIX = "EMULATOR_READY "
 START_TIMEOUT_S = 60.0
@@ -111,6 +113,8 @@ class Emulator:
     secret_id: str
     secret_key: str
     proc: subprocess.Popen[bytes]
+    # What the control endpoints (/__emulator__/config, counters, reset) require.
+    control_token: str = ""
 
     @classmethod
     def start(cls, log_path: Path, seed: int | None = None) -> Emulator:
@@ -119,6 +123,8 @@ class Emulator:
         env = {k: v for k, v in clean_environ().items() if not k.startswith("MACAO_OCR_EMULATOR_")}
         env["TENCENTCLOUD_SECRET_ID"] = secret_id
         env["TENCENTCLOUD_SECRET_KEY"] = secret_key
+        control_token = secrets.token_urlsafe(24)
+        env[CONTROL_TOKEN_ENV] = control_token
         args = [sys.executable, "-m", "emulator", "--port", "0", "--host", "127.0.0.1"]
         if seed is not None:
             args += ["--seed", str(seed)]
@@ -133,7 +139,10 @@ class Emulator:
             ready = [line for line in lines if line.startswith(EMULATOR_READY_PREFIX)]
             if ready:
                 url = ready[0][len(EMULATOR_READY_PREFIX) :].strip()
-                return cls(url=url, secret_id=secret_id, secret_key=secret_key, proc=proc)
+                return cls(
+                    url=url, secret_id=secret_id, secret_key=secret_key, proc=proc,
+                    control_token=control_token,
+                )  # fmt: skip
             if proc.poll() is not None or time.monotonic() > deadline:
                 _kill_tree(proc)
                 raise RuntimeError("emulator did not start:\n" + "\n".join(lines[-20:]))
@@ -143,7 +152,7 @@ class Emulator:
         data = None if payload is None else json.dumps(payload).encode()
         req = urllib.request.Request(
             self.url + path, data=data, method=method,
-            headers={"Content-Type": "application/json"},
+            headers={"Content-Type": "application/json", CONTROL_TOKEN_HEADER: self.control_token},
         )  # fmt: skip
         with urllib.request.urlopen(req, timeout=30) as resp:
             return json.loads(resp.read())

@@ -556,7 +556,7 @@ def _start(
     parts.children.append(worker)
 
     if emulator is not None and emulator_url is not None:
-        wait_for_http(f"{emulator_url}/__emulator__/counters", emulator)
+        wait_for_http(f"{emulator_url}/__emulator__/health", emulator)
         event(f"emulator: {emulator_url} (a one-off demo credential on both sides)")
     else:
         event(f"API: {settings.api_endpoint} (the REAL Tencent Cloud service, your quota)")

@@ -8,11 +8,12 @@ quota, parameters, injected engine faults, recognition. See emulator/README.md.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import math
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +21,14 @@ import aiohttp
 from aiohttp import web
 
 from emulator import gateway, params
-from emulator.config import EmulatorConfig, KnobError, Knobs, apply_knobs
+from emulator.config import (
+    CONTROL_TOKEN_ENV,
+    CONTROL_TOKEN_HEADER,
+    EmulatorConfig,
+    KnobError,
+    Knobs,
+    apply_knobs,
+)
 from emulator.counters import HTTP_502, OK, RESET, Counters
 from emulator.envelope import CallError, bad_gateway, error_response, success_response
 from emulator.specimen import make_specimen, read_embedded
@@ -208,6 +216,27 @@ async def _not_api(request: web.Request) -> web.Response:
 
 # ---------------------------------------------------------------- control plane
 
+Handler = Callable[[web.Request], Awaitable[web.Response]]
+
+
+def _guarded(handler: Handler) -> Handler:
+    """Only a caller holding the control token may read counters or change knobs: anyone
+    else on the network could otherwise make every call fail, or watch the traffic."""
+
+    async def guarded(request: web.Request) -> web.Response:
+        token = request.app[STATE].config.control_token
+        if not token:
+            off = f"control endpoints are off: start the emulator with {CONTROL_TOKEN_ENV}"
+            return web.json_response({"error": off}, status=403)
+        given = request.headers.get(CONTROL_TOKEN_HEADER, "")
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            return web.json_response(
+                {"error": f"missing or wrong {CONTROL_TOKEN_HEADER} header"}, status=401
+            )
+        return await handler(request)
+
+    return guarded
+
 
 async def _health(request: web.Request) -> web.Response:
     return web.json_response({"ok": True})
@@ -273,10 +302,10 @@ def create_app(config: EmulatorConfig) -> web.Application:
     app[STATE] = State(config=config, start_knobs=config.knobs, rng=random.Random(config.seed))
     app.cleanup_ctx.append(_download_session)
     app.router.add_get("/__emulator__/health", _health)
-    app.router.add_get("/__emulator__/counters", _counters)
-    app.router.add_post("/__emulator__/reset", _reset)
-    app.router.add_get("/__emulator__/config", _get_config)
-    app.router.add_post("/__emulator__/config", _set_config)
+    app.router.add_get("/__emulator__/counters", _guarded(_counters))
+    app.router.add_post("/__emulator__/reset", _guarded(_reset))
+    app.router.add_get("/__emulator__/config", _guarded(_get_config))
+    app.router.add_post("/__emulator__/config", _guarded(_set_config))
     app.router.add_get("/__emulator__/specimen", _specimen)
     app.router.add_post("/", _api)
     app.router.add_route("*", "/{tail:.*}", _not_api)

@@ -82,6 +82,15 @@ def serve(
     seed: Annotated[
         int | None, typer.Option(envvar=_env("seed"), help="Seed for fault and latency draws.")
     ] = None,
+    control_token: Annotated[
+        str | None,
+        typer.Option(
+            envvar=_env("token"),
+            help="Token the /__emulator__/ control endpoints require in X-Emulator-Token "
+            "(unset: they are closed). Prefer the variable: the command line is public.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Run the Tencent RecognizeMacaoIDCardOCR emulator (reads specimen cards)."""
     from emulator.config import EmulatorConfig, KnobError, Knobs, apply_knobs, load_credentials
@@ -113,7 +122,8 @@ def serve(
     except (KnobError, ValueError, OSError) as exc:
         typer.echo(f"emulator: {exc}", err=True)
         raise typer.Exit(2) from None
-    run(EmulatorConfig(credentials=creds, knobs=knobs, seed=seed), host, port, sys.stdout)
+    config = EmulatorConfig(credentials=creds, knobs=knobs, seed=seed, control_token=control_token)
+    run(config, host, port, sys.stdout)
 
 
 def specimen(

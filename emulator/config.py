@@ -161,6 +161,12 @@ def load_credentials(
     return creds
 
 
+# The control endpoints (/__emulator__/config, counters, reset) answer only a request that
+# carries this header with the token the emulator was started with.
+CONTROL_TOKEN_HEADER = "X-Emulator-Token"  # noqa: S105  (a header's name)
+CONTROL_TOKEN_ENV = "MACAO_OCR_EMULATOR_TOKEN"  # noqa: S105  (a variable's name)
+
+
 @dataclass
 class EmulatorConfig:
     """Everything `create_app` needs. `credentials` maps SecretId → SecretKey."""
@@ -169,6 +175,8 @@ class EmulatorConfig:
     knobs: Knobs = field(default_factory=Knobs)
     # Seed for fault/latency draws (None: unpredictable).
     seed: int | None = None
+    # None: the control endpoints are closed to everyone.
+    control_token: str | None = None
 
     def __repr__(self) -> str:
         return f"EmulatorConfig(secret_ids={sorted(self.credentials)}, knobs={self.knobs!r})"

@@ -65,7 +65,13 @@ def run_migrations_online() -> None:
     if connection is not None:
         _run_on(connection)
         return
-    engine = create_engine(database_url(), poolclass=pool.NullPool)
+    url = database_url()
+    if url.startswith("sqlite"):
+        from worker.store.engine import create_sqlite_file
+
+        # `db upgrade` is often what creates the file: 0600 from the start.
+        create_sqlite_file(url)
+    engine = create_engine(url, poolclass=pool.NullPool)
     try:
         with engine.connect() as conn:
             _run_on(conn)

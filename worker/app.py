@@ -54,6 +54,20 @@ def _transport_for(settings: Settings) -> str | None:
     return TRANSPORT if tuned else None
 
 
+def broker_ssl(broker_url: str) -> dict[str, Any] | None:
+    """TLS options for a rediss:// broker: the server's certificate is verified.
+
+    kombu, given rediss:// and no options, connects WITHOUT verifying the certificate (it
+    only logs a warning). `ssl_*` query parameters in the URL (`ssl_ca_certs=/path/ca.pem`,
+    `ssl_cert_reqs=...`, `ssl_certfile`, `ssl_keyfile`) replace these defaults, the same
+    parameters redis-py reads for our own Redis clients on the same URL."""
+    if not broker_url.startswith("rediss://"):
+        return None
+    import ssl
+
+    return {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+
+
 def create_app(settings: Settings) -> MacaoCelery:
     """A configured app with the `macao_ocr.process_job` task registered."""
     app = MacaoCelery("macao_ocr", broker=settings.broker_url, set_as_current=False)
@@ -62,6 +76,7 @@ def create_app(settings: Settings) -> MacaoCelery:
         broker_url=settings.broker_url,
         # kombu's Redis transport, one client object per pool (see worker.broker.transport).
         broker_transport=_transport_for(settings),
+        broker_use_ssl=broker_ssl(settings.broker_url),
         # Results live in SQL. A backend would be one more place personal data could reach.
         result_backend=None,
         task_ignore_result=True,

@@ -523,11 +523,12 @@ class MetricsServer:
 def serve_metrics(
     settings: Settings,
     *,
-    address: str = "0.0.0.0",  # noqa: S104  (Prometheus scrapes from other hosts)
+    address: str | None = None,
     port: int | None = None,
     alive: Callable[[], int] | None = None,
 ) -> MetricsServer | None:
-    """Serve /metrics on `port` (default settings.metrics_port; 0 there means off) in a thread.
+    """Serve /metrics on `address`:`port` (default settings.metrics_host, 127.0.0.1, and
+    settings.metrics_port; 0 there means off) in a thread.
 
     With a multiprocess directory this serves the aggregate of every worker process; the
     launcher calls it once, with `alive` counting its worker processes. Without one, a
@@ -536,6 +537,7 @@ def serve_metrics(
     chosen = settings.metrics_port if port is None else port
     if chosen == 0 and port is None:
         return None
+    address = settings.metrics_host if address is None else address
     backlog = backlog_collector(settings, alive)
     registry = build_registry(settings, backlog)
     try:

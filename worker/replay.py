@@ -88,7 +88,7 @@ def _parse_status(status: str | JobStatus | None) -> JobStatus | None:
 
 
 def _select(
-    settings: Settings,
+    tenant: str | None,
     job_ids: Sequence[uuid.UUID] | None,
     status: JobStatus | None,
     error_code: str | None,
@@ -98,7 +98,7 @@ def _select(
     batch_id: uuid.UUID | None = None,
 ) -> Any:
     matching = JobFilter(
-        tenant=settings.tenant,
+        tenant=tenant,
         job_ids=job_ids,
         status=status,
         error_code=error_code,
@@ -126,11 +126,13 @@ def replay(
     reason: str | None,
     force: bool = False,
     dry_run: bool = False,
+    all_tenants: bool = False,
 ) -> ReplayReport:
     """Queue matching failed (or, with force, succeeded) jobs again; see the module doc.
 
     With no ids, the filters select the jobs and status defaults to failed; with neither,
-    InputError (never replay everything by accident). Scoped to settings.tenant.
+    InputError (never replay everything by accident). Scoped to settings.tenant unless
+    `all_tenants` (an operator's replay; its session factory must see every tenant).
     """
     filtered = any(v is not None for v in (status, error_code, batch, batch_id, since, until))
     if not job_ids and not filtered:
@@ -145,10 +147,11 @@ def replay(
         wanted = JobStatus.failed
     ids = list(dict.fromkeys(job_ids)) if job_ids else None
 
+    tenant = None if all_tenants else settings.tenant
     report = ReplayReport(dry_run=dry_run)
     with session_factory() as session:
         jobs = session.scalars(
-            _select(settings, ids, wanted, error_code, batch, since, until, batch_id)
+            _select(tenant, ids, wanted, error_code, batch, since, until, batch_id)
         )
         eligible: list[uuid.UUID] = []
         for job in jobs:
@@ -160,7 +163,7 @@ def replay(
             else:
                 report.refused[job.id] = why
         if ids is not None:
-            _explain_unmatched(session, settings, ids, set(report.matched), report)
+            _explain_unmatched(session, tenant, ids, set(report.matched), report)
     if dry_run:
         report.replayed = eligible
         return report
@@ -188,7 +191,7 @@ def replay(
 
 def _explain_unmatched(
     session: Session,
-    settings: Settings,
+    tenant: str | None,
     ids: Sequence[uuid.UUID],
     matched: set[uuid.UUID],
     report: ReplayReport,
@@ -196,9 +199,10 @@ def _explain_unmatched(
     missing = [i for i in ids if i not in matched]
     if not missing:
         return
-    existing = set(
-        session.scalars(select(Job.id).where(Job.id.in_(missing), Job.tenant == settings.tenant))
-    )
+    query = select(Job.id).where(Job.id.in_(missing))
+    if tenant is not None:
+        query = query.where(Job.tenant == tenant)
+    existing = set(session.scalars(query))
     for job_id in missing:
         # Another tenant's job reads as not found: its existence is not ours to reveal.
         report.refused[job_id] = "does not match the filters" if job_id in existing else "not found"

@@ -5,9 +5,18 @@ Nothing here reads the environment at import time: `load_settings()` does, when 
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+import ipaddress
+from typing import Annotated, Any, Self
+from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from worker.errors import ConfigError
@@ -36,10 +45,14 @@ class Settings(BaseSettings):
     broker_url: str = "redis://127.0.0.1:6379/0"
     # Limiter, circuit and metrics state; the broker's Redis unless set.
     redis_url: str | None = None
-    tenant: str = "default"
+    # The job table's tenant column is 64 characters.
+    tenant: str = Field(default="default", min_length=1, max_length=64)
 
     # -- the API
     api_endpoint: str = DEFAULT_ENDPOINT
+    # Plain http:// only to a loopback address (the local emulator) unless this says so:
+    # the call carries the card image and the answer its holder's name and ID number.
+    allow_insecure_endpoint: bool = False
     api_region: str | None = None
     api_language: str | None = None
     secret_id: SecretStr | None = Field(default=None, validation_alias=_tc("SECRET_ID"))
@@ -107,6 +120,8 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_json: bool = True
     metrics_port: int = Field(default=9808, ge=0, le=65535)  # 0: no metrics server
+    # Loopback unless opened on purpose (0.0.0.0 in a container, behind its network).
+    metrics_host: str = "127.0.0.1"
     prometheus_multiproc_dir: str | None = None
     flower_user: str = "admin"
     flower_password: SecretStr | None = None
@@ -154,6 +169,18 @@ class Settings(BaseSettings):
             raise ValueError("must be a redis:// URL")
         return value
 
+    @model_validator(mode="after")
+    def _endpoint_is_private_or_tls(self) -> Self:
+        if self.allow_insecure_endpoint or not self.api_endpoint.startswith("http://"):
+            return self
+        if not is_loopback(urlsplit(self.api_endpoint).hostname or ""):
+            raise ValueError(
+                f"{env_name('api_endpoint')} is plain http:// to a host that is not loopback: "
+                "card images and personal data would cross the network unencrypted; use "
+                f"https:// or set {env_name('allow_insecure_endpoint')}=true"
+            )
+        return self
+
     @property
     def state_redis_url(self) -> str:
         """Where the limiter, circuit and counters live."""
@@ -162,6 +189,16 @@ class Settings(BaseSettings):
     @property
     def credentials_configured(self) -> bool:
         return self.secret_id is not None and self.secret_key is not None
+
+
+def is_loopback(host: str) -> bool:
+    """localhost, 127.0.0.0/8 or ::1."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def env_name(field: str) -> str:
@@ -180,7 +217,10 @@ def load_settings(**overrides: Any) -> Settings:
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
-            field = str(err["loc"][0]) if err["loc"] else "?"
             # Never echo the offending value: it may be a secret.
-            problems.append(f"{env_name(field)}: {err['msg']}")
+            if not err["loc"]:
+                # A check across fields: its message names the variables itself.
+                problems.append(str(err["msg"]).removeprefix("Value error, "))
+                continue
+            problems.append(f"{env_name(str(err['loc'][0]))}: {err['msg']}")
         raise ConfigError("invalid configuration: " + "; ".join(problems)) from None

@@ -16,10 +16,14 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
+from migrations.rls import disable_rls, enable_tenant_rls
+
 revision: str = "0006"
 down_revision: str | None = "0005"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
+
+WALLED = ("api_key", "idempotency_key", "batch")
 
 
 def _ts(name: str, *, nullable: bool) -> sa.Column[object]:
@@ -80,9 +84,15 @@ def upgrade() -> None:
     op.create_index("ix_job_batch_id", "job", ["batch_id"])
     op.create_index("ix_job_tenant_created_at_id", "job", ["tenant", "created_at", "id"])
     op.create_index("ix_job_tenant_status", "job", ["tenant", "status"])
+    # Behind the tenant wall like every table that carries a tenant (migrations/rls.py).
+    # The HTTP API resolves a key to its tenant as the operator role (the key is all it has).
+    for table in WALLED:
+        enable_tenant_rls(op, table)
 
 
 def downgrade() -> None:
+    for table in WALLED:
+        disable_rls(op, table)
     op.drop_index("ix_job_tenant_status", table_name="job")
     op.drop_index("ix_job_tenant_created_at_id", table_name="job")
     op.drop_index("ix_job_batch_id", table_name="job")

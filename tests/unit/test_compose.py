@@ -28,6 +28,15 @@ DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 APP_SERVICES = {"migrate", "emulator", "worker", "flower", "api"}
 _VAR = re.compile(r"\$\{(?P<name>[A-Z0-9_]+)(?P<op>:?[-?])?(?P<arg>[^}]*)\}")
+# What `docker compose up` needs from the user: every secret, none defaulted.
+REQUIRED = {
+    "POSTGRES_PASSWORD": "pg-s3cret",
+    "REDIS_PASSWORD": "redis-s3cret",
+    "MACAO_OCR_FLOWER_PASSWORD": "flower-s3cret",
+    "TENCENTCLOUD_SECRET_ID": "AKIDcompose",
+    "TENCENTCLOUD_SECRET_KEY": "compose-key",
+}
+_SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|_KEY\b|_KEYS")
 
 
 @pytest.fixture(scope="module")
@@ -170,14 +179,14 @@ def test_worker_environment(services: dict[str, Any]) -> None:
     env = services["worker"]["environment"]
     for var in ("MACAO_OCR_DATABASE_URL", "MACAO_OCR_BROKER_URL", "MACAO_OCR_API_ENDPOINT"):
         assert var in env
-    resolved = {k: interpolate(str(v), {}) for k, v in env.items()}
+    resolved = {k: interpolate(str(v), REQUIRED) for k, v in env.items()}
     assert resolved["MACAO_OCR_API_ENDPOINT"] == "http://emulator:8089"
-    assert resolved["MACAO_OCR_BROKER_URL"].startswith("redis://redis:")
-    assert "@postgres:" in resolved["MACAO_OCR_DATABASE_URL"]
-    # Demo credentials only as overridable defaults, never hard-wired.
+    assert resolved["MACAO_OCR_BROKER_URL"] == "redis://:redis-s3cret@redis:6379/0"
+    assert resolved["MACAO_OCR_DATABASE_URL"].startswith("postgresql://macao:pg-s3cret@postgres:")
+    # Credentials come from the user, never from the file.
     for var in ("TENCENTCLOUD_SECRET_ID", "TENCENTCLOUD_SECRET_KEY"):
         match = _VAR.fullmatch(str(env[var]))
-        assert match and match["name"] == var and match["op"] == ":-" and match["arg"], var
+        assert match and match["name"] == var and match["op"] == ":?" and match["arg"], var
     # The emulator accepts exactly the pair the worker signs with.
     emulator_env = services["emulator"]["environment"]
     for var in ("TENCENTCLOUD_SECRET_ID", "TENCENTCLOUD_SECRET_KEY"):
@@ -187,7 +196,7 @@ def test_worker_environment(services: dict[str, Any]) -> None:
 def test_every_app_environment_is_valid_settings(services: dict[str, Any]) -> None:
     fields = set(Settings.model_fields)
     for name in APP_SERVICES:
-        env = {k: interpolate(str(v), {"MACAO_OCR_FLOWER_PASSWORD": "x"})
+        env = {k: interpolate(str(v), REQUIRED)
                for k, v in services[name]["environment"].items()}  # fmt: skip
         for var in env:
             if var.startswith("MACAO_OCR_") and not var.startswith("MACAO_OCR_EMULATOR_"):
@@ -224,6 +233,64 @@ def test_published_ports_are_configurable(services: dict[str, Any]) -> None:
             host, container = str(mapping).rsplit(":", 1)
             assert _VAR.search(host), f"{name}: host port {host} is hard-coded"
             assert container.isdigit()
+
+
+def test_only_flower_and_the_api_are_published_and_only_on_loopback(
+    services: dict[str, Any],
+) -> None:
+    # Redis, PostgreSQL, the metrics and the emulator stay on the compose network.
+    for name in ("redis", "postgres", "worker", "emulator", "migrate"):
+        assert not services[name].get("ports"), f"{name} publishes {services[name]['ports']}"
+    for name in ("flower", "api"):
+        mappings = services[name]["ports"]
+        assert mappings
+        for mapping in mappings:
+            assert isinstance(mapping, str) and mapping.startswith("127.0.0.1:"), mapping
+
+
+def _all_strings(node: Any) -> list[str]:
+    if isinstance(node, dict):
+        return [s for v in node.values() for s in _all_strings(v)]
+    if isinstance(node, list):
+        return [s for v in node for s in _all_strings(v)]
+    return [str(node)] if node is not None else []
+
+
+def test_no_secret_has_a_default(compose: dict[str, Any]) -> None:
+    used = {m["name"]: m for text in _all_strings(compose) for m in _VAR.finditer(text)}
+    secrets = {name: m for name, m in used.items() if _SECRET_NAME.search(name)}
+    assert set(REQUIRED) <= set(secrets), "the test's list of secrets is stale"
+    for name, match in secrets.items():
+        # Required, with a message saying what to set.
+        assert match["op"] == ":?" and match["arg"].strip(), f"{name} must be ${{{name}:?message}}"
+        with pytest.raises(KeyError, match=name):
+            interpolate(match.group(0), {})
+    # ...and no password is written into the file in clear either.
+    env_values = [
+        str(v)
+        for service in compose["services"].values()
+        for k, v in (service.get("environment") or {}).items()
+        if _SECRET_NAME.search(k)
+    ]
+    assert all(_VAR.fullmatch(v) for v in env_values), env_values
+
+
+def test_redis_requires_its_password(services: dict[str, Any]) -> None:
+    command = " ".join(services["redis"]["command"])
+    assert "requirepass" in command
+    # Through a file: redis-server's command line is visible to every user of the host.
+    assert "--requirepass" not in command
+    assert "PONG" in " ".join(services["redis"]["healthcheck"]["test"])
+
+
+def test_listening_addresses_inside_the_containers(services: dict[str, Any]) -> None:
+    # The metrics stay reachable on the compose network, for a Prometheus added there.
+    assert services["worker"]["environment"]["MACAO_OCR_METRICS_HOST"] == "0.0.0.0"
+    # The emulator is plain http on the compose network: the override is explicit.
+    allow = _VAR.fullmatch(
+        str(services["worker"]["environment"]["MACAO_OCR_ALLOW_INSECURE_ENDPOINT"])
+    )
+    assert allow and allow["name"] == "MACAO_OCR_ALLOW_INSECURE_ENDPOINT"
 
 
 # ----------------------------------------------------------------------------- the Dockerfile
@@ -299,20 +366,22 @@ def test_compose_config_validates() -> None:
         pytest.skip(message)
     ok = subprocess.run(
         [*client, "-f", str(COMPOSE), "config", "-q"],
-        env=_compose_env(MACAO_OCR_FLOWER_PASSWORD="s3cret"),
+        env=_compose_env(**REQUIRED),
         capture_output=True,
         text=True,
         timeout=60,
         cwd=ROOT,
     )
     assert ok.returncode == 0, ok.stderr
-    missing = subprocess.run(
-        [*client, "-f", str(COMPOSE), "config", "-q"],
-        env=_compose_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-    )
-    assert missing.returncode != 0
-    assert "MACAO_OCR_FLOWER_PASSWORD" in missing.stderr
+    for name in REQUIRED:
+        without = {k: v for k, v in REQUIRED.items() if k != name}
+        missing = subprocess.run(
+            [*client, "-f", str(COMPOSE), "config", "-q"],
+            env=_compose_env(**without),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+        )
+        assert missing.returncode != 0, name
+        assert name in missing.stderr

@@ -54,10 +54,14 @@ async def test_quota_per_secret_id_per_second(emulator_app: InProcessEmulator) -
 
 async def test_quota_is_counted_per_secret_id() -> None:
     creds = {"AKIDone": "key-one", "AKIDtwo": "key-two"}
-    app = create_app(EmulatorConfig(credentials=creds))
+    app = create_app(EmulatorConfig(credentials=creds, control_token="tok"))
     async with TestClient(TestServer(app)) as client:
-        one = InProcessEmulator(client=client, secret_id="AKIDone", secret_key="key-one")
-        two = InProcessEmulator(client=client, secret_id="AKIDtwo", secret_key="key-two")
+        one = InProcessEmulator(
+            client=client, secret_id="AKIDone", secret_key="key-one", control_token="tok"
+        )
+        two = InProcessEmulator(
+            client=client, secret_id="AKIDtwo", secret_key="key-two", control_token="tok"
+        )
         await one.configure(quota_per_s=2)
         wait_for_fresh_second()
         got = [code(await emu.call(GOOD)) for emu in (one, one, one, two, two, two)]
@@ -193,12 +197,16 @@ async def test_counters_and_reset(emulator_app: InProcessEmulator) -> None:
     assert sum(w["accepted"] for w in counters["windows"].values()) == 3
 
     await emulator_app.configure(quota_per_s=7)
-    resp = await emulator_app.client.post("/__emulator__/reset")
+    resp = await emulator_app.client.post(
+        "/__emulator__/reset", headers=emulator_app.control_headers
+    )
     assert resp.status == 200
     counters = await emulator_app.counters()
     assert counters["total"] == 0 and counters["windows"] == {} and counters["by_code"] == {}
     assert (await emulator_app.configure())["quota_per_s"] == 7  # knobs survive a plain reset
-    await emulator_app.client.post("/__emulator__/reset?knobs=1")
+    await emulator_app.client.post(
+        "/__emulator__/reset?knobs=1", headers=emulator_app.control_headers
+    )
     assert (await emulator_app.configure())["quota_per_s"] == 0
 
 
@@ -215,7 +223,9 @@ async def test_bad_knobs_are_refused_by_name(
     emulator_app: InProcessEmulator, knobs: dict[str, Any], named: str
 ) -> None:
     before = await emulator_app.configure()
-    resp = await emulator_app.client.post("/__emulator__/config", json=knobs)
+    resp = await emulator_app.client.post(
+        "/__emulator__/config", json=knobs, headers=emulator_app.control_headers
+    )
     assert resp.status == 400
     assert named in (await resp.json())["error"]
     assert await emulator_app.configure() == before  # nothing half-applied

@@ -120,6 +120,7 @@ def test_extra_credentials_from_a_file(emulator_factory: Callable[..., EmulatorP
 def test_macao_ocr_emulator_command_serves(tmp_path: Path) -> None:
     log = tmp_path / "emu.log"
     env = clean_env()
+    env["MACAO_OCR_EMULATOR_TOKEN"] = "cli-control-token"
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [
@@ -146,8 +147,9 @@ def test_macao_ocr_emulator_command_serves(tmp_path: Path) -> None:
         line = next(x for x in log.read_text().splitlines() if x.startswith(READY_PREFIX))
         url = line[len(READY_PREFIX) :]
         emu = EmulatorProcess(
-            url=url, secret_id="AKIDcli", secret_key="cli-key", process=proc, log_path=log
-        )
+            url=url, secret_id="AKIDcli", secret_key="cli-key", process=proc, log_path=log,
+            control_token="cli-control-token",
+        )  # fmt: skip
         assert call(emu, "AKIDcli", "cli-key")["ID"] == CARD.truth["ID"]
         assert emu.configure()["quota_per_s"] == 4
     finally:

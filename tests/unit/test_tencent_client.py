@@ -401,8 +401,9 @@ def test_config_requires_credentials() -> None:
     ],
 )
 def test_host_header_value(endpoint: str, url: str, host: str) -> None:
+    # Plain http to a non-loopback host is allowed on purpose here: the Host header is tested.
     config = ClientConfig.from_settings(
-        Settings(api_endpoint=endpoint, secret_id="i", secret_key="k")
+        Settings(api_endpoint=endpoint, secret_id="i", secret_key="k", allow_insecure_endpoint=True)
     )
     assert config.url == url
     assert config.host == host
@@ -413,7 +414,11 @@ def test_host_header_value(endpoint: str, url: str, host: str) -> None:
 )
 def test_endpoint_with_path_refused(endpoint: str) -> None:
     with pytest.raises(ConfigError) as exc:
-        ClientConfig.from_settings(Settings(api_endpoint=endpoint, secret_id="i", secret_key="k"))
+        ClientConfig.from_settings(
+            Settings(
+                api_endpoint=endpoint, secret_id="i", secret_key="k", allow_insecure_endpoint=True
+            )
+        )
     assert "MACAO_OCR_API_ENDPOINT" in str(exc.value)
 
 

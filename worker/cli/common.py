@@ -242,15 +242,29 @@ def load_or_exit(*, interactive: bool = True) -> Settings:
 
 
 @contextmanager
-def database(settings: Settings) -> Iterator[sessionmaker[Session]]:
-    """A session factory for the command's lifetime (errors reach the boundary)."""
-    from worker.store.engine import make_engine, make_sessionmaker
+def database(settings: Settings, *, tenant: str | None = None) -> Iterator[sessionmaker[Session]]:
+    """A session factory for the command's lifetime (errors reach the boundary).
+
+    With `tenant`, its sessions act for that tenant only (behind PostgreSQL's row-level
+    security); without, as the login's own role (every tenant: operator commands)."""
+    from worker.store.engine import make_engine, make_sessionmaker, make_tenant_sessionmaker
 
     engine = make_engine(settings)
     try:
-        yield make_sessionmaker(engine)
+        if tenant is None:
+            yield make_sessionmaker(engine)
+        else:
+            yield make_tenant_sessionmaker(engine, tenant)
     finally:
         engine.dispose()
+
+
+ALL_TENANTS_HELP = "Every tenant's jobs (operators; needs the macao_ocr_operator role)."
+
+
+def scope(settings: Settings, all_tenants: bool) -> str | None:
+    """The tenant a command acts for: MACAO_OCR_TENANT, or None (every tenant) on request."""
+    return None if all_tenants else settings.tenant
 
 
 def make_publisher(settings: Settings) -> tuple[Publisher, Any]:

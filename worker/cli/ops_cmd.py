@@ -12,13 +12,38 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from worker.cli.common import database, fail, load_or_exit
+from worker.cli.common import ALL_TENANTS_HELP, database, fail, load_or_exit, scope
 from worker.errors import ConfigError
 from worker.settings import Settings, env_name
 from worker.store.stats import DEFAULT_WINDOW_MIN, Stats
 
 # Flower's own variables: when the user set one, it wins over ours.
 FLOWER_AUTH_VARS = ("FLOWER_BASIC_AUTH", "FLOWER_AUTH")
+# Flower reads the broker and nothing else: it never gets the API secret or the data keys,
+# nor the database's URL (with its password): it never opens the database.
+# (The SecretId alone signs nothing; it stays, so the app Flower loads builds as the worker's.)
+FLOWER_WITHHELD_VARS = frozenset(
+    {
+        "MACAO_OCR_DATABASE_URL",
+        "TENCENTCLOUD_SECRET_KEY",
+        "TENCENTCLOUD_SESSION_TOKEN",
+        "MACAO_OCR_SECRET_KEY",
+        "MACAO_OCR_SESSION_TOKEN",
+        "MACAO_OCR_LOOKUP_KEY",
+    }
+)
+FLOWER_WITHHELD_PREFIXES = ("MACAO_OCR_DATA_KEYS",)
+DEFAULT_FLOWER_ADDRESS = "127.0.0.1"
+
+
+def flower_env(env: Mapping[str, str]) -> dict[str, str]:
+    """`env` without the secrets Flower has no use for."""
+    return {
+        name: value
+        for name, value in env.items()
+        if name.upper() not in FLOWER_WITHHELD_VARS
+        and not name.upper().startswith(FLOWER_WITHHELD_PREFIXES)
+    }
 
 
 def flower_command(
@@ -34,9 +59,12 @@ def flower_command(
     Credentials travel in FLOWER_BASIC_AUTH (Flower reads it), not on the command line where
     `ps` would show the password to every user of the host. A FLOWER_BASIC_AUTH or FLOWER_AUTH
     (OAuth) the user set is kept as is; so are FLOWER_PORT / FLOWER_ADDRESS unless --port /
-    --address are given. Raises ConfigError when no authentication is configured.
+    --address are given. Flower listens on 127.0.0.1 unless told otherwise, and its
+    environment lacks the API secret, the data keys, the lookup key and the database's URL
+    (`flower_env`).
+    Raises ConfigError when no authentication is configured.
     """
-    child_env = dict(env)
+    child_env = flower_env(env)
     if not any(child_env.get(name) for name in FLOWER_AUTH_VARS):
         password = settings.flower_password.get_secret_value() if settings.flower_password else ""
         if not password:
@@ -60,6 +88,8 @@ def flower_command(
         argv.append(f"--port={settings.flower_port}")
     if address is not None:
         argv.append(f"--address={address}")
+    elif not child_env.get("FLOWER_ADDRESS"):
+        argv.append(f"--address={DEFAULT_FLOWER_ADDRESS}")
     argv.extend(extra or [])
     return argv, child_env
 
@@ -70,7 +100,7 @@ def flower(
         int | None, typer.Option(help="Port (default MACAO_OCR_FLOWER_PORT, 5555).")
     ] = None,
     address: Annotated[
-        str | None, typer.Option(help="Address to bind (default: all interfaces).")
+        str | None, typer.Option(help="Address to bind (default: 127.0.0.1, this host only).")
     ] = None,
 ) -> None:
     """Run Flower on the broker, basic authentication required (MACAO_OCR_FLOWER_PASSWORD).
@@ -97,7 +127,8 @@ def _fmt(value: float | None, unit: str = "") -> str:
 
 def render(stats: Stats, console: Console) -> None:
     """The human view of `stats`: a few small tables."""
-    jobs = Table(title="Jobs", title_justify="left")
+    whose = "every tenant" if stats.tenant is None else f"tenant {stats.tenant}"
+    jobs = Table(title=f"Jobs ({whose})", title_justify="left")
     jobs.add_column("status")
     jobs.add_column("jobs", justify="right")
     for status, n in stats.jobs_by_status.items():
@@ -144,13 +175,18 @@ def stats(
     window: Annotated[
         int, typer.Option(min=1, help="Minutes of API calls to summarise.")
     ] = DEFAULT_WINDOW_MIN,
+    all_tenants: Annotated[bool, typer.Option("--all-tenants", help=ALL_TENANTS_HELP)] = False,
 ) -> None:
-    """Jobs by status, dead letters, queue depth, rate vs quota, circuit, recent calls."""
+    """Jobs by status, dead letters, queue depth, rate vs quota, circuit, recent calls.
+
+    Jobs and calls are MACAO_OCR_TENANT's unless --all-tenants; the queue, rate and circuit
+    are the shared account's."""
     from worker.store.stats import gather
 
     settings = load_or_exit()
-    with database(settings) as session_factory, session_factory() as session:
-        snapshot = gather(settings, session, window_min=window)
+    tenant = scope(settings, all_tenants)
+    with database(settings, tenant=tenant) as session_factory, session_factory() as session:
+        snapshot = gather(settings, session, window_min=window, tenant=tenant)
     if as_json:
         typer.echo(json.dumps(snapshot.to_json(), ensure_ascii=False))
     else:

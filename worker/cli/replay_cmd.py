@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from worker.cli.common import database, fail, load_or_exit, make_publisher
+from worker.cli.common import ALL_TENANTS_HELP, database, fail, load_or_exit, make_publisher, scope
 from worker.errors import InputError
 from worker.settings import Settings
 
@@ -84,6 +84,7 @@ def replay_command(
         bool, typer.Option(help="Show what would be replayed; change nothing.")
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    all_tenants: Annotated[bool, typer.Option("--all-tenants", help=ALL_TENANTS_HELP)] = False,
 ) -> None:
     """Queue failed jobs again (fresh failure budget, history kept), by id or by filter."""
     from worker.replay import replay
@@ -98,7 +99,7 @@ def replay_command(
     settings = load_or_exit()
     publisher: Publisher = _NoPublish() if dry_run else make_publisher(settings)[0]
     try:
-        with database(settings) as session_factory:
+        with database(settings, tenant=scope(settings, all_tenants)) as session_factory:
             report = replay(
                 session_factory,
                 publisher,
@@ -113,6 +114,7 @@ def replay_command(
                 reason=reason,
                 force=force,
                 dry_run=dry_run,
+                all_tenants=all_tenants,
             )
     except InputError as exc:
         raise fail(exc.message) from None

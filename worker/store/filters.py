@@ -1,6 +1,7 @@
 """Which jobs a command means: one filter, shared by `jobs` (listing) and `replay`.
 
-Every filter is scoped to one tenant: no caller lists or replays across tenants by accident.
+A filter is scoped to one tenant unless its tenant is None (an operator's `--all-tenants`):
+no caller lists or replays across tenants by accident.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ class JobFilter:
     """Conditions on a tenant's jobs; None means "any". The time window is on when the job
     finished ("what failed during the outage")."""
 
-    tenant: str
+    tenant: str | None
     job_ids: Sequence[uuid.UUID] | None = None
     status: JobStatus | None = None
     error_code: str | None = None
@@ -35,7 +36,8 @@ class JobFilter:
 
     def conditions(self) -> list[Any]:
         """The WHERE clauses, for a query over `Job`."""
-        where: list[Any] = [Job.tenant == self.tenant]
+        # Kept beside PostgreSQL's row-level security: SQLite has no wall.
+        where: list[Any] = [] if self.tenant is None else [Job.tenant == self.tenant]
         if self.job_ids is not None:
             where.append(Job.id.in_(self.job_ids))
         if self.status is not None:

@@ -1,4 +1,9 @@
-"""The data behind `macao-ocr stats`: the operator's picture of the whole system, every tenant.
+"""The data behind `macao-ocr stats`: one tenant's picture, or every tenant's on request.
+
+The SQL parts (jobs by status, dead letters, calls by outcome, latency) are scoped to one
+tenant unless `tenant` is None (the operator's `--all-tenants`). Queue depth, effective rate
+and the account pause belong to the shared account and queue, not to a tenant: they carry no
+tenant's data and are shown in both.
 
 Jobs by status and dead letters from SQL; queue depth, effective rate and the account pause
 from Redis; calls by outcome and latency percentiles over a recent window from the attempt
@@ -47,6 +52,8 @@ class Stats:
     latency_p50_ms: float | None
     latency_p99_ms: float | None
     problems: list[str] = field(default_factory=list)
+    # Whose jobs the SQL parts count; None: every tenant.
+    tenant: str | None = None
 
     @property
     def calls_in_window(self) -> int:
@@ -64,6 +71,7 @@ class Stats:
             }
         return {
             "at": self.at.isoformat(),
+            "tenant": self.tenant,
             "window_min": self.window_min,
             "jobs_by_status": self.jobs_by_status,
             "dead_letters": self.dead_letters,
@@ -79,38 +87,51 @@ class Stats:
         }
 
 
-def jobs_by_status(session: Session) -> dict[str, int]:
+def _attempts_of(query: Any, tenant: str | None) -> Any:
+    if tenant is None:
+        return query
+    return query.join(Job, Job.id == Attempt.job_id).where(Job.tenant == tenant)
+
+
+def jobs_by_status(session: Session, tenant: str | None = None) -> dict[str, int]:
     """Every status with its count (zeros included, so the table's shape never changes)."""
-    rows = session.execute(sa.select(Job.status, sa.func.count()).group_by(Job.status)).all()
+    query = sa.select(Job.status, sa.func.count()).group_by(Job.status)
+    if tenant is not None:
+        query = query.where(Job.tenant == tenant)
+    rows = session.execute(query).all()
     counts = {status.value: 0 for status in JobStatus}
     for status, n in rows:
         counts[JobStatus(status).value] = int(n)
     return counts
 
 
-def calls_by_outcome(session: Session, since: datetime) -> dict[str, int]:
+def calls_by_outcome(
+    session: Session, since: datetime, tenant: str | None = None
+) -> dict[str, int]:
     """Finished API calls since `since`, by outcome code, most frequent first."""
-    rows = session.execute(
+    query = (
         sa.select(Attempt.outcome_code, sa.func.count())
         .where(Attempt.finished_at >= since, Attempt.outcome_code.is_not(None))
         .group_by(Attempt.outcome_code)
-    ).all()
+    )
+    rows = session.execute(_attempts_of(query, tenant)).all()
     return {str(code): int(n) for code, n in sorted(rows, key=lambda r: (-r[1], r[0]))}
 
 
-def latency_percentiles(session: Session, since: datetime) -> tuple[float | None, float | None]:
+def latency_percentiles(
+    session: Session, since: datetime, tenant: str | None = None
+) -> tuple[float | None, float | None]:
     """p50 and p99 of API call latency (ms) since `since`; (None, None) with no calls."""
     where = (Attempt.finished_at >= since, Attempt.latency_ms.is_not(None))
     if session.get_bind().dialect.name == "postgresql":
         # Computed in the database: one row back however many calls the window holds.
-        p50, p99 = session.execute(
-            sa.select(
-                sa.func.percentile_cont(0.5).within_group(Attempt.latency_ms),
-                sa.func.percentile_cont(0.99).within_group(Attempt.latency_ms),
-            ).where(*where)
-        ).one()
+        query = sa.select(
+            sa.func.percentile_cont(0.5).within_group(Attempt.latency_ms),
+            sa.func.percentile_cont(0.99).within_group(Attempt.latency_ms),
+        ).where(*where)
+        p50, p99 = session.execute(_attempts_of(query, tenant)).one()
         return (None if p50 is None else float(p50), None if p99 is None else float(p99))
-    latencies = session.scalars(sa.select(Attempt.latency_ms).where(*where))
+    latencies = session.scalars(_attempts_of(sa.select(Attempt.latency_ms).where(*where), tenant))
     values = sorted(float(v) for v in latencies if v is not None)
     return percentile(values, 0.5), percentile(values, 0.99)
 
@@ -173,12 +194,14 @@ def gather(
     *,
     window_min: int = DEFAULT_WINDOW_MIN,
     now: datetime | None = None,
+    tenant: str | None = None,
 ) -> Stats:
-    """Read every part of the picture; Redis parts degrade to None with a reason."""
+    """Read every part of the picture (SQL parts for `tenant`, None: all); Redis parts
+    degrade to None with a reason."""
     at = now or utcnow()
     since = at - timedelta(minutes=window_min)
-    by_status = jobs_by_status(session)
-    p50, p99 = latency_percentiles(session, since)
+    by_status = jobs_by_status(session, tenant)
+    p50, p99 = latency_percentiles(session, since, tenant)
     stats = Stats(
         at=at,
         window_min=window_min,
@@ -188,9 +211,10 @@ def gather(
         effective_rate=None,
         quota=settings.qps,
         circuit=None,
-        calls_by_outcome=calls_by_outcome(session, since),
+        calls_by_outcome=calls_by_outcome(session, since, tenant),
         latency_p50_ms=p50,
         latency_p99_ms=p99,
+        tenant=tenant,
     )
     try:
         stats.queue_depth = queue_depth(settings.broker_url)
