@@ -155,7 +155,7 @@ def test_worker_refuses_to_start_on_an_unmigrated_database(tmp_path: Path) -> No
         "MACAO_OCR_METRICS_PORT": "0",
     }
     result = run("worker", env=env)
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # missing credentials: a configuration error
     line = one_error_line(result)
     # Every wrong part named, with what to do.
     assert "database: FAILED: not migrated" in line and "macao-ocr db upgrade" in line

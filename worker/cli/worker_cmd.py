@@ -25,7 +25,7 @@ import structlog
 import typer
 
 from worker.broker.publish import QUEUE
-from worker.errors import DeploymentError
+from worker.errors import ConfigError, DeploymentError
 from worker.procs import die_with_parent
 from worker.settings import Settings, env_name, load_settings
 
@@ -160,15 +160,17 @@ def _child_env(settings: Settings, concurrency: int, metrics_dir: str | None) ->
 
 
 def startup_checks(settings: Settings) -> None:
-    """The database (reachable, at head), Redis and the credentials, or DeploymentError
-    naming each part that is wrong and what to run."""
+    """The database (reachable, at head), Redis and the credentials; else an error naming
+    each part that is wrong and what to run (ConfigError when credentials are missing)."""
     from worker.checks import run_checks
 
     failed = [check for check in run_checks(settings, credentials=True) if not check.ok]
+    message = "; ".join(check.line() for check in failed)
+    # Missing credentials are a configuration error (exit 2); services failing, exit 1.
+    if any(check.name == "credentials" for check in failed):
+        raise ConfigError(message)
     if failed:
-        raise DeploymentError(
-            "; ".join(check.line() for check in failed), code="startup_check_failed"
-        )
+        raise DeploymentError(message, code="startup_check_failed")
 
 
 def _serve_metrics(settings: Settings, supervisor: Supervisor) -> MetricsServer | None:
