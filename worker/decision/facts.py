@@ -6,25 +6,9 @@ from typing import Any, Protocol
 
 from worker.decision.checks import CardFacts
 
-FACT_FIELDS = (
-    "id_number",
-    "cn_last_name",
-    "en_last_name",
-    "cn_first_name",
-    "en_first_name",
-    "birthday",
-    "sex",
-    "first_issue_date",
-    "current_issue_date",
-    "validity_period",
-    "validity_period_text",
-    "symbol",
-    "resident_type",
-)
-
 
 class _Fields(Protocol):
-    """An OcrResult or a models.Result: both carry every FACT_FIELDS attribute."""
+    """An OcrResult or a models.Result: both carry every field CardFacts reads."""
 
     @property
     def id_number(self) -> str | None: ...
