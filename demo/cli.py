@@ -39,8 +39,7 @@ def _decision_markup(view: dict[str, Any]) -> str:
     if not decision:
         return ""
     colour = {"clear": "green", "consider": "yellow", "reject": "red"}.get(decision, "magenta")
-    reasons = ", ".join(r["code"] for r in view.get("reasons", []))
-    return f"[{colour}]{decision}[/]" + (f" ({reasons})" if reasons else "")
+    return f"[{colour}]{decision}[/]"
 
 
 def render_report(console: Console, report: DemoReport) -> None:
@@ -48,8 +47,15 @@ def render_report(console: Console, report: DemoReport) -> None:
     table = Table(title="macao-ocr demo results", show_lines=False)
     columns = ("job", "card", "status", "decision", "name", "ID number", "valid until", "warnings")
     for column in columns:
-        table.add_column(column, overflow="fold", no_wrap=column in ("job", "ID number"))
-    table.add_column("detail", overflow="fold", ratio=1)
+        # Long names fold, so the table fits the 160 columns of piped output.
+        table.add_column(
+            column,
+            overflow="fold",
+            no_wrap=column in ("job", "ID number"),
+            max_width=18 if column == "name" else None,
+        )
+    # Wide enough for an error code on a line of its own (the decision column took room).
+    table.add_column("detail", overflow="fold", ratio=1, min_width=37)
     for row in report.rows:
         view = row.view or {}
         result = view.get("result") or {}
@@ -59,7 +65,9 @@ def render_report(console: Console, report: DemoReport) -> None:
         elif row.status == "failed":
             detail = f"{view.get('error_code')}: {view.get('error_message') or ''}".strip()
         else:
-            detail = row.card.note
+            # Why the decision is what it is: its reasons' codes, then the card's note.
+            reasons = ", ".join(r["code"] for r in view.get("reasons", []))
+            detail = "; ".join(p for p in (reasons, row.card.note) if p)
         if row.problem:
             detail = f"[red]{row.problem}[/] {detail}"
         table.add_row(

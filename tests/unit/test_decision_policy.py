@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 
 import pytest
@@ -79,7 +80,7 @@ def test_warning_service_disabled_is_not_a_defect_by_default() -> None:
 
 
 def test_checks_are_overridable_like_warnings() -> None:
-    expired = CardFacts(**{**GOOD.__dict__, "validity_period": date(2026, 1, 1)})
+    expired = replace(GOOD, validity_period=date(2026, 1, 1))
     assert run(card=expired)[0] == "reject"
     lenient = Policy(stored={"card_expired": Effect.consider, "dates_out_of_order": Effect.ignore})
     assert run(card=expired, policy=lenient) == ("consider", ["card_expired"])
@@ -93,7 +94,7 @@ def test_ignored_findings_are_not_reasons_and_reasons_keep_their_source() -> Non
     policy = Policy(stored={"glare": Effect.ignore})
     assert run([(-9107, "glare")], policy=policy) == ("clear", [])
     d = decide(
-        CardFacts(**{**GOOD.__dict__, "sides_identical": True}),
+        replace(GOOD, sides_identical=True),
         [(-9102, "photocopy")],
         warning_service_disabled=False,
         policy=Policy(),
@@ -242,14 +243,12 @@ def test_decision_outcome_is_the_worst_effect() -> None:
 
 
 def test_no_expiry_is_judged_at_issue_not_today() -> None:
-    card = CardFacts(
-        **{
-            **GOOD.__dict__,
-            "birthday": READ_AT.date() - timedelta(days=365 * 70),
-            "first_issue_date": date(1990, 1, 1),
-            "current_issue_date": READ_AT.date() - timedelta(days=365 * 5),
-            "validity_period": None,
-            "validity_period_text": "永久有效",
-        }
+    card = replace(
+        GOOD,
+        birthday=READ_AT.date() - timedelta(days=365 * 70),
+        first_issue_date=date(1990, 1, 1),
+        current_issue_date=READ_AT.date() - timedelta(days=365 * 5),
+        validity_period=None,
+        validity_period_text="永久有效",
     )
     assert run(card=card) == ("clear", [])

@@ -7,6 +7,7 @@ effects are in `worker.decision.codes`.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
 from collections.abc import Callable, Iterator
@@ -50,7 +51,9 @@ SYMBOL_LETTERS: Final = frozenset("ABCDNSMF")
 DATE_FIELDS: Final = ("birthday", "first_issue_date", "current_issue_date")
 
 
-@dataclass(frozen=True)
+# Not frozen: a frozen dataclass sets each field through object.__setattr__, and this is
+# built once per succeeded job; nothing mutates it.
+@dataclass(slots=True)
 class CardFacts:
     """What the checks read: the stored result's fields (either source: the API's answer or a
     stored row), the fields present but unreadable, and whether both sides were the same."""
@@ -94,6 +97,8 @@ def age_on(birthday: date, day: date) -> int:
     return years
 
 
+# The API writes few distinct values: a cache keeps the parsing off the per-job path.
+@functools.lru_cache(maxsize=512)
 def sex_of(text: str | None) -> str | None:
     """ "M" or "F" when every token of Sex agrees on one; None when it is not a known value."""
     if text is None:
@@ -107,21 +112,23 @@ def sex_of(text: str | None) -> str | None:
     return sexes.pop()
 
 
-def _has(value: object) -> bool:
-    return value is not None and value != ""
-
-
 def field_missing(card: CardFacts, reading_day: date, limits: Limits) -> Iterator[Finding]:
     """The fields a card always carries: a name, the number, birth, sex, issue and validity."""
     missing = []
-    names = (card.cn_last_name, card.en_last_name, card.cn_first_name, card.en_first_name)
-    if not any(_has(n) for n in names):
+    if not (card.cn_last_name or card.en_last_name or card.cn_first_name or card.en_first_name):
         missing.append("name")
-    for name in ("id_number", "sex", "resident_type", *DATE_FIELDS):
+    for name, value in (
+        ("id_number", card.id_number),
+        ("sex", card.sex),
+        ("resident_type", card.resident_type),
+        ("birthday", card.birthday),
+        ("first_issue_date", card.first_issue_date),
+        ("current_issue_date", card.current_issue_date),
+    ):
         # An unreadable date is reported as such, not as missing as well.
-        if not _has(getattr(card, name)) and name not in card.unreadable:
+        if not value and name not in card.unreadable:
             missing.append(name)
-    if not _has(card.validity_period_text) and card.validity_period is None:
+    if not card.validity_period_text and card.validity_period is None:
         missing.append("validity_period")
     if missing:
         yield "field_missing", "missing: " + ", ".join(missing)
@@ -192,10 +199,11 @@ def age(card: CardFacts, reading_day: date, limits: Limits) -> Iterator[Finding]
 
 
 def sex_value(card: CardFacts, reading_day: date, limits: Limits) -> Iterator[Finding]:
-    if _has(card.sex) and sex_of(card.sex) is None:
+    if card.sex and sex_of(card.sex) is None:
         yield "sex_value", "sex is not M, F, 男 or 女"
 
 
+@functools.lru_cache(maxsize=512)
 def _resident_type_known(text: str) -> bool:
     value = " ".join(text.strip().lower().replace("\u2010", "-").split())
     for prefix in _RESIDENT_PREFIXES:

@@ -2,29 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 from worker.decision.checks import CardFacts
 
-FACT_FIELDS = (
-    "id_number",
-    "cn_last_name",
-    "en_last_name",
-    "cn_first_name",
-    "en_first_name",
-    "birthday",
-    "sex",
-    "first_issue_date",
-    "current_issue_date",
-    "validity_period",
-    "validity_period_text",
-    "symbol",
-    "resident_type",
-)
-
 
 class _Fields(Protocol):
-    """An OcrResult or a models.Result: both carry every FACT_FIELDS attribute."""
+    """An OcrResult or a models.Result: both carry every field CardFacts reads."""
 
     @property
     def id_number(self) -> str | None: ...
@@ -36,8 +20,24 @@ def card_facts(
     """The checks' view of a result; `unreadable` as a tuple or as stored (comma-separated)."""
     if isinstance(unreadable, str):
         unreadable = tuple(n for n in unreadable.split(",") if n)
-    values = {name: getattr(result, name) for name in FACT_FIELDS}
-    return CardFacts(**values, unreadable=unreadable or (), sides_identical=sides_identical)
+    r: Any = result
+    return CardFacts(
+        r.id_number,
+        r.cn_last_name,
+        r.en_last_name,
+        r.cn_first_name,
+        r.en_first_name,
+        r.birthday,
+        r.sex,
+        r.first_issue_date,
+        r.current_issue_date,
+        r.validity_period,
+        r.validity_period_text,
+        r.symbol,
+        r.resident_type,
+        unreadable or (),
+        sides_identical,
+    )
 
 
 def same_image(

@@ -1,7 +1,8 @@
 """The worker's per-job SQL: statements built once, run on a Connection with parameters.
 
 On PostgreSQL a job's success path is two statements: the claim with its first attempt, and
-the success (result, warnings, attempt closed, job succeeded), each as data-modifying CTEs.
+the success (result with its decision, warnings, decision reasons, attempt closed, job
+succeeded), each as data-modifying CTEs.
 Elsewhere (SQLite, the demo) the same steps run as five statements plus one for warnings.
 Each statement is built at import and compiled once per process (SQLAlchemy's cache), so a
 run only binds parameters: building expression trees and the ORM's unit of work per job were
