@@ -2,7 +2,7 @@
 
 from models.base import Base
 from models.job import TERMINAL_STATUSES, Attempt, Image, Job, JobEvent, JobStatus
-from models.result import Portrait, Result, Warning
+from models.result import KeptAnswer, Portrait, Result, Warning
 
 __all__ = [
     "TERMINAL_STATUSES",
@@ -12,6 +12,7 @@ __all__ = [
     "Job",
     "JobEvent",
     "JobStatus",
+    "KeptAnswer",
     "Portrait",
     "Result",
     "Warning",

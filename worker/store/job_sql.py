@@ -23,7 +23,7 @@ from typing import Any
 from sqlalchemy import (
     Connection,
     LargeBinary,
-    SmallInteger,
+    BigInteger,
     String,
     Table,
     and_,
@@ -251,7 +251,7 @@ def _succeed_statement() -> Any:
     )
     rows = (
         func.unnest(
-            bindparam("w_codes", type_=ARRAY(SmallInteger())),
+            bindparam("w_codes", type_=ARRAY(BigInteger())),
             bindparam("w_names", type_=ARRAY(String())),
         )
         .table_valued("code", "name")
