@@ -29,7 +29,7 @@ import random
 import socket
 import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -45,21 +45,24 @@ from worker import metrics
 from worker.backoff import full_jitter_s, retry_for
 from worker.errors import (
     AccountError,
+    AnswerUndecodable,
     ApiError,
     InputError,
     NotFoundError,
     PermanentError,
     ResignError,
     StateUnavailable,
+    StoreFailed,
     ThrottledError,
     TransientError,
     TransportError,
     UnknownCodeError,
+    WorkerLostError,
 )
 from worker.quota.circuit import AccountCircuit
 from worker.quota.limiter import RateLimiter
 from worker.settings import Settings
-from worker.store import job_sql
+from worker.store import job_sql, kept
 from worker.store.images import side_input
 from worker.store.start import NotStarted, refuse_start, start_job
 from worker.tencent.types import OcrRequest, OcrResult
@@ -184,6 +187,8 @@ class _Call:
     result: OcrResult | None = None
     error: ApiError | None = None
     input_error: InputError | None = None
+    # Answered with a success the client could not decode (a poison job; never retried).
+    undecodable: AnswerUndecodable | None = None
     slot_late_ms: int = 0
     # From the gate: how long we waited for the slot, whether we hold the pause's probe,
     # and the slot's window (evidence for the limiter when the call is throttled).
@@ -194,7 +199,7 @@ class _Call:
 
     @property
     def code(self) -> str:
-        if self.result is not None:
+        if self.result is not None or self.undecodable is not None:
             return "OK"
         if self.input_error is not None:
             return self.input_error.code
@@ -205,6 +210,9 @@ class _Call:
     def request_id(self) -> str | None:
         if self.result is not None:
             return self.result.request_id
+        if self.undecodable is not None:
+            rid = self.undecodable.answer.get("RequestId")
+            return rid if isinstance(rid, str) else None
         return self.error.request_id if self.error is not None else None
 
 
@@ -286,6 +294,7 @@ def _start(deps: PipelineDeps, job_id: uuid.UUID) -> _Started | Outcome:
         now=now,
         lease_until=_call_lease_until(deps, now),
         host=deps.worker_host,
+        max_worker_lost=deps.settings.max_worker_lost,
     )
     if isinstance(started, NotStarted):
         return Outcome(started.value)
@@ -411,6 +420,7 @@ async def _send(deps: PipelineDeps, request: OcrRequest, late_s: float) -> _Call
     result: OcrResult | None = None
     error: ApiError | None = None
     input_error: InputError | None = None
+    undecodable: AnswerUndecodable | None = None
     try:
         async with asyncio.timeout(deps.settings.total_timeout_s + CALL_GUARD_S):
             result = await deps.client.recognize(request)
@@ -418,6 +428,8 @@ async def _send(deps: PipelineDeps, request: OcrRequest, late_s: float) -> _Call
         error = err
     except InputError as err:
         input_error = err
+    except AnswerUndecodable as err:
+        undecodable = err
     except TimeoutError:
         error = TransportError("Transport.Timeout", "call exceeded the worker's guard timeout")
     except Exception as err:
@@ -433,6 +445,7 @@ async def _send(deps: PipelineDeps, request: OcrRequest, late_s: float) -> _Call
         result=result,
         error=error,
         input_error=input_error,
+        undecodable=undecodable,
         slot_late_ms=slot_late_ms,
     )
 
@@ -537,6 +550,66 @@ def _finalize_success(
     _with_db(deps, write, job_id=job_id, claimed=True)
 
 
+def _poison(
+    deps: PipelineDeps,
+    job_id: uuid.UUID,
+    number: int,
+    call: _Call,
+    error: StoreFailed,
+    answer: Mapping[str, Any] | None,
+    holds_probe: bool,
+) -> Outcome:
+    """The API answered but the answer could not be decoded or stored: fail the job at once
+    with Internal.StoreFailed and keep the answer for a replay (worker.store.kept). Left to
+    the lease instead, the sweeper would buy the job again after every lease."""
+    now = deps.clock()
+    record = replace(_record(call), message=error.message)
+
+    def keep() -> None:
+        with deps.transaction() as conn:
+            kept.fail_keeping_answer(
+                conn, job_id, number, record, answer=answer, error=error, now=now
+            )
+
+    kept_it = answer is not None
+    try:
+        _with_db(deps, keep, job_id=job_id, claimed=True)
+    except DatabaseUnavailable:
+        raise
+    except Exception as err:
+        # Not even the answer can be written: fail the job without it rather than buy it
+        # again on every lease (a replay then makes a new call).
+        kept_it = False
+        lost = StoreFailed(error.stage, error.reason)
+        lost.message = (
+            f"the API's answer could not be {error.stage}d ({error.reason}) nor kept "
+            f"({type(err).__name__}); a replay makes a new call"
+        )
+
+        def fail() -> None:
+            with deps.transaction() as conn:
+                kept.fail_keeping_answer(
+                    conn, job_id, number, record, answer=None, error=lost, now=now
+                )
+
+        _with_db(deps, fail, job_id=job_id, claimed=True)
+    log.error(
+        "job_store_failed",
+        job_id=str(job_id),
+        error_code=error.code,
+        stage=error.stage,
+        reason=error.reason,
+        answer_kept=kept_it,
+        attempt=number,
+        request_id=call.request_id,
+    )
+    metrics.job_finished(JobStatus.failed.value)
+    if holds_probe:
+        # The account answered a success: the pause is over whatever became of the answer.
+        _resume_account(deps, job_id)
+    return Outcome.failed
+
+
 def _finalize_failure(
     deps: PipelineDeps, job_id: uuid.UUID, number: int, call: _Call, info: _JobInfo
 ) -> Outcome:
@@ -636,6 +709,9 @@ def process_job(job_id: str | uuid.UUID, deps: PipelineDeps) -> Outcome:
             log.debug("job_not_claimed", job_id=str(jid))
         elif started is Outcome.already_succeeded:
             log.info("job_already_succeeded", job_id=str(jid))
+        elif started is Outcome.failed:
+            log.warning("job_failed", job_id=str(jid), error_code=WorkerLostError.CODE)
+            metrics.job_finished(JobStatus.failed.value)
         return started
     return _call_loop(deps, jid, started)
 
@@ -683,8 +759,18 @@ def _call_loop(deps: PipelineDeps, job_id: uuid.UUID, started: _Started) -> Outc
         if call.input_error is None:
             metrics.api_call(call.code, call.latency_ms / 1000.0)
 
+        if call.undecodable is not None:
+            bad = call.undecodable
+            return _poison(deps, job_id, number, call, bad, bad.answer, holds_probe)
         if call.result is not None:
-            _finalize_success(deps, job_id, number, call, info)
+            try:
+                _finalize_success(deps, job_id, number, call, info)
+            except DatabaseUnavailable:
+                raise
+            except Exception as err:
+                # After the API answered nothing may buy the job again (see _poison).
+                failed = StoreFailed("store", type(err).__name__)
+                return _poison(deps, job_id, number, call, failed, call.result.answer, holds_probe)
             log.info("job_succeeded", job_id=str(job_id), attempt=number)
             metrics.job_finished(JobStatus.succeeded.value)
             if holds_probe:

@@ -21,9 +21,9 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     Connection,
     LargeBinary,
-    BigInteger,
     String,
     Table,
     and_,
@@ -148,11 +148,15 @@ def _claim_and_open_statement(claim_statement: Any) -> Any:
 _CLAIM_AND_OPEN = _claim_and_open_statement(_CLAIM)
 _CLAIM_PLAIN = _claim_and_open_statement(_claim_statement(plain=True))
 
+WORKER_LOST = "WorkerLost"
+
 _CLOSE_LOST = (
     update(ATTEMPT)
     .where(ATTEMPT.c.job_id == _JID, ATTEMPT.c.finished_at.is_(None))
-    .values(finished_at=_at("now"), outcome_code="WorkerLost", message="worker lost mid-call")
+    .values(finished_at=_at("now"), outcome_code=WORKER_LOST, message="worker lost mid-call")
 )
+
+_RENEW_LEASE = _job_update(lease_expires_at=_at("lease_until"))
 
 _SPEND = _job_update(attempts=JOB.c.attempts + bindparam("n"))
 
@@ -367,6 +371,22 @@ def close_lost_attempts(conn: Connection, job_id: uuid.UUID, now: datetime) -> i
     if count:
         conn.execute(_SPEND, {"jid": job_id, "n": count})
     return count
+
+
+def count_lost(conn: Connection, job_id: uuid.UUID, *, since: datetime | None) -> int:
+    """Attempts of the job that ended with its worker lost, since `since` (the job's current
+    round: a replay clears `started_at`, so older rounds do not count)."""
+    query = select(func.count()).where(
+        ATTEMPT.c.job_id == job_id, ATTEMPT.c.outcome_code == WORKER_LOST
+    )
+    if since is not None:
+        query = query.where(ATTEMPT.c.started_at >= since)
+    return int(conn.execute(query).scalar() or 0)
+
+
+def renew_lease(conn: Connection, job_id: uuid.UUID, *, lease_until: datetime) -> None:
+    """Extend a running job's lease (it waits for memory before its call)."""
+    conn.execute(_RENEW_LEASE, {"jid": job_id, "lease_until": lease_until})
 
 
 def insert_attempt(

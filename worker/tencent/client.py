@@ -19,7 +19,7 @@ import structlog
 import yarl
 from pydantic import SecretStr
 
-from worker.errors import ApiError, ConfigError, TransportError, api_error
+from worker.errors import AnswerUndecodable, ApiError, ConfigError, TransportError, api_error
 from worker.settings import Settings, env_name
 from worker.tencent import signing
 from worker.tencent.response import parse_response
@@ -55,6 +55,8 @@ class ClientConfig:
     version: str = VERSION
     service: str = SERVICE
     request_client: str = REQUEST_CLIENT
+    # Answers larger than this are refused unread (Transport.ResponseTooLarge).
+    max_response_bytes: int = 16 * 1024 * 1024
 
     @property
     def url(self) -> str:
@@ -86,6 +88,7 @@ class ClientConfig:
             region=settings.api_region or None,
             language=language,
             session_token=SecretStr(token) if token else None,
+            max_response_bytes=settings.max_response_bytes,
         )
 
 
@@ -177,7 +180,11 @@ class OcrClient:
         validate_request(request)
         body = encode_body(build_payload(request))
         response = await self._exchange(body)
-        return parse_response(response)
+        try:
+            return parse_response(response)
+        except Exception as exc:
+            # Answered, so paid for: never a retry. The pipeline keeps the answer.
+            raise AnswerUndecodable(type(exc).__name__, response) from None
 
     async def _exchange(self, body: bytes) -> dict[str, Any]:
         """One signed POST; returns the success `Response` object or raises an ApiError."""
@@ -190,7 +197,7 @@ class OcrClient:
                 self.config.url, data=body, headers=headers, allow_redirects=False
             ) as resp:
                 status = resp.status
-                raw = await resp.read()
+                raw = await _read_capped(resp, self.config.max_response_bytes)
             response = _interpret(status, raw)
         except ApiError as exc:
             self._log(exc.code, exc.request_id, started, status)
@@ -226,6 +233,25 @@ class OcrClient:
             http_status=status or None,
             latency_ms=round((time.monotonic() - started) * 1000, 1),
         )
+
+
+async def _read_capped(resp: aiohttp.ClientResponse, cap_bytes: int) -> bytes:
+    """The body, refused (transient) as soon as it is known to exceed `cap_bytes`: by its
+    Content-Length before reading, or while reading a chunked one."""
+    too_large = TransportError(
+        "Transport.ResponseTooLarge",
+        f"response body over the {cap_bytes}-byte cap",
+        http_status=resp.status,
+    )
+    length = resp.content_length
+    if length is not None and length > cap_bytes:
+        raise too_large
+    body = bytearray()
+    async for chunk in resp.content.iter_any():
+        body += chunk
+        if len(body) > cap_bytes:
+            raise too_large
+    return bytes(body)
 
 
 def _interpret(status: int, raw: bytes) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from worker.tencent.types import WARNING_NAMES, WARNING_SERVICE_DISABLED, CardWa
 log = structlog.get_logger(__name__)
 
 DATE_FORMAT = "%d-%m-%Y"
+MAX_HEIGHT_M = Decimal(10)
 
 
 def warning_name(code: int) -> str:
@@ -72,7 +73,8 @@ def _height(resp: Mapping[str, Any], request_id: str) -> Decimal | None:
     except InvalidOperation:
         _malformed("Height", request_id)
         return None
-    if not height.is_finite() or height <= 0:
+    # Metres: anything from 10 m up is no reading (and would not fit its column).
+    if not height.is_finite() or height <= 0 or height >= MAX_HEIGHT_M:
         _malformed("Height", request_id)
         return None
     return height
@@ -170,4 +172,5 @@ def parse_response(resp: Mapping[str, Any]) -> OcrResult:
         portrait=_portrait(resp, request_id),
         warnings=warnings,
         warning_service_disabled=disabled,
+        answer=resp,
     )
