@@ -12,7 +12,7 @@ import io
 import json
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from functools import lru_cache
@@ -138,8 +138,13 @@ def make_specimen(
     no_expiry: bool = False,
     permanent: bool = True,
     portuguese_name: bool = False,
+    answer: Mapping[str, Any] | None = None,
 ) -> Specimen:
-    """Draw one specimen card. The same seed and options always give the same bytes."""
+    """Draw one specimen card. The same seed and options always give the same bytes.
+
+    `answer` overrides fields of the embedded answer key only (the card is drawn from the
+    invented ones): the emulator then returns any value a test needs, e.g. an ID number far
+    longer than a real one."""
     fmt = fmt.upper()
     if fmt == "JPG":
         fmt = "JPEG"
@@ -154,6 +159,8 @@ def make_specimen(
 
     card = _draw_card(rng, truth)
     card = _apply_warnings(card, codes, rng)
+    if answer:
+        truth.update(answer)
     portrait = _encode_jpeg(card.crop(PORTRAIT_BOX), quality=80)
     payload = json.dumps(
         {"truth": truth, "portrait": base64.b64encode(portrait).decode("ascii")},
