@@ -59,12 +59,13 @@ from worker.errors import (
     UnknownCodeError,
     WorkerLostError,
 )
+from worker.membudget import ByteBudget, Held, held_bytes
 from worker.quota.circuit import AccountCircuit
 from worker.quota.limiter import RateLimiter
 from worker.settings import Settings
 from worker.store import job_sql, kept
 from worker.store.images import side_input
-from worker.store.start import NotStarted, refuse_start, start_job
+from worker.store.start import NotStarted, Started, refuse_start, start_job
 from worker.tencent.types import OcrRequest, OcrResult
 
 log = structlog.get_logger(__name__)
@@ -157,6 +158,9 @@ class PipelineDeps:
     # the BEGIN and COMMIT round trips (`worker.store.engine.make_autocommit_engine`).
     # None: `transaction`.
     statement: Callable[[], AbstractContextManager[Connection]] | None = None
+    # The process's bound on image bytes in flight (MACAO_OCR_MAX_INFLIGHT_BYTES); None:
+    # unbounded (tests).
+    memory: ByteBudget | None = None
 
 
 @dataclass(frozen=True)
@@ -281,11 +285,9 @@ class _Started:
     number: int  # the first attempt, opened
 
 
-def _start(deps: PipelineDeps, job_id: uuid.UUID) -> _Started | Outcome:
-    """Claim, load and open the next attempt (`worker.store.start`), then check the input.
-
-    Rejected before any call: the producer validated, so this is rare (a stored image gone,
-    rules tightened since submit). The job fails with the rule's code; no call is made."""
+def _start(deps: PipelineDeps, job_id: uuid.UUID, inline_max: int) -> Started | Outcome:
+    """Claim, load (images up to `inline_max` bytes) and open the next attempt
+    (`worker.store.start`)."""
     now = deps.clock()
     started = start_job(
         job_id,
@@ -295,21 +297,95 @@ def _start(deps: PipelineDeps, job_id: uuid.UUID) -> _Started | Outcome:
         lease_until=_call_lease_until(deps, now),
         host=deps.worker_host,
         max_worker_lost=deps.settings.max_worker_lost,
+        inline_max=inline_max,
     )
     if isinstance(started, NotStarted):
         return Outcome(started.value)
-    claimed = started.claimed
+    return started
+
+
+def _prepare(
+    deps: PipelineDeps, job_id: uuid.UUID, started: Started, held: Held
+) -> _Started | Outcome:
+    """Room in memory for the job's images (read now if the claim left them out), then the
+    request, checked.
+
+    Rejected before any call: the producer validated, so this is rare (a stored image gone,
+    rules tightened since submit). The job fails with the rule's code; no call is made."""
+    claimed = _make_room(deps, job_id, started.claimed, held)
     try:
         request = _request_from(claimed)
         deps.validate(request)
     except (InputError, NotFoundError) as err:
-        with deps.transaction() as conn:
-            refuse_start(conn, job_id, started.number, now, err.code, err.message)
+        refused = err
+
+        def refuse() -> None:
+            with deps.transaction() as conn:
+                refuse_start(
+                    conn, job_id, started.number, deps.clock(), refused.code, refused.message
+                )
+
+        _with_db(deps, refuse, job_id=job_id, claimed=True)
         return _refused(job_id, err)
     info = _JobInfo(
         age_from=claimed.started_at, attempts=started.attempts, portrait=claimed.portrait
     )
     return _Started(request, info, started.number)
+
+
+def _make_room(
+    deps: PipelineDeps, job_id: uuid.UUID, claimed: job_sql.Claimed, held: Held
+) -> job_sql.Claimed:
+    """Hold the job's share of the process's memory budget: what its images and their
+    request body take. Images the claim left out are read once there is room; while it
+    waits, the job's lease is renewed (waiting for memory never fails a job)."""
+    sides = (
+        (claimed.front_image_id, claimed.front_data, claimed.front_size),
+        (claimed.back_image_id, claimed.back_data, claimed.back_size),
+    )
+    weight = held_bytes(sum(size for _, _, size in sides if size is not None))
+    missing = [
+        image_id
+        for image_id, data, size in sides
+        if image_id is not None and data is None and size is not None
+    ]
+    if not missing and weight <= held.bytes:
+        held.shrink_to(weight)
+        return claimed
+    # Give back the claim's reservation first: two large jobs each holding one while
+    # waiting for more could wait for each other.
+    held.release()
+    waited = False
+
+    def renew() -> None:
+        nonlocal waited
+        waited = True
+        _renew_lease(deps, job_id)
+
+    held.take(weight, on_wait=renew, tick_s=max(0.5, deps.settings.lease_s / 3))
+    if waited:
+        _renew_lease(deps, job_id)  # the call's full lease from now
+    if not missing:
+        return claimed
+
+    def load() -> dict[uuid.UUID, bytes]:
+        with deps.transaction() as conn:
+            return job_sql.load_images(conn, missing)
+
+    loaded = _with_db(deps, load, job_id=job_id, claimed=True)
+    return replace(
+        claimed,
+        front_data=claimed.front_data or loaded.get(claimed.front_image_id),  # type: ignore[arg-type]
+        back_data=claimed.back_data or loaded.get(claimed.back_image_id),  # type: ignore[arg-type]
+    )
+
+
+def _renew_lease(deps: PipelineDeps, job_id: uuid.UUID) -> None:
+    def write() -> None:
+        with deps.transaction() as conn:
+            job_sql.renew_lease(conn, job_id, lease_until=_call_lease_until(deps, deps.clock()))
+
+    _with_db(deps, write, job_id=job_id, claimed=True)
 
 
 def _refused(job_id: uuid.UUID, err: InputError | NotFoundError) -> Outcome:
@@ -702,18 +778,30 @@ def process_job(job_id: str | uuid.UUID, deps: PipelineDeps) -> Outcome:
     if jid is None:
         log.error("bad_job_id")  # not echoed: a malformed message is not ours to print
         return Outcome.not_claimed
-    # Nothing of the start holds unless all of it commits: not claimed on a database error.
-    started = _with_db(deps, lambda: _start(deps, jid), job_id=jid, claimed=False)
-    if isinstance(started, Outcome):
-        if started is Outcome.not_claimed:
-            log.debug("job_not_claimed", job_id=str(jid))
-        elif started is Outcome.already_succeeded:
-            log.info("job_already_succeeded", job_id=str(jid))
-        elif started is Outcome.failed:
-            log.warning("job_failed", job_id=str(jid), error_code=WorkerLostError.CODE)
-            metrics.job_finished(JobStatus.failed.value)
-        return started
-    return _call_loop(deps, jid, started)
+    held = Held(deps.memory)
+    try:
+        inline_max = job_sql.NO_INLINE_LIMIT
+        if deps.memory is not None:
+            # Room for the images the claim may bring, before it brings them.
+            inline_max = deps.memory.inline_max_bytes
+            held.take(held_bytes(2 * inline_max))
+        # Nothing of the start holds unless all of it commits: not claimed on a database error.
+        started = _with_db(deps, lambda: _start(deps, jid, inline_max), job_id=jid, claimed=False)
+        if isinstance(started, Outcome):
+            if started is Outcome.not_claimed:
+                log.debug("job_not_claimed", job_id=str(jid))
+            elif started is Outcome.already_succeeded:
+                log.info("job_already_succeeded", job_id=str(jid))
+            elif started is Outcome.failed:
+                log.warning("job_failed", job_id=str(jid), error_code=WorkerLostError.CODE)
+                metrics.job_finished(JobStatus.failed.value)
+            return started
+        prepared = _prepare(deps, jid, started, held)
+        if isinstance(prepared, Outcome):
+            return prepared
+        return _call_loop(deps, jid, prepared)
+    finally:
+        held.release()
 
 
 def _call_loop(deps: PipelineDeps, job_id: uuid.UUID, started: _Started) -> Outcome:

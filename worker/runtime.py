@@ -24,6 +24,7 @@ import structlog
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from worker.membudget import ByteBudget
 from worker.pipeline import PipelineDeps
 from worker.quota.circuit import AccountCircuit
 from worker.quota.limiter import RateLimiter, limiter_key
@@ -143,6 +144,8 @@ class WorkerRuntime:
     circuit: AccountCircuit
     limiter_key: str
     _parts: _AsyncParts
+    # One per process: every task thread's images count against it.
+    memory: ByteBudget | None = None
     # One PipelineDeps per worker host name, built on first use: building it per task
     # seeded a fresh random.Random from os.urandom every time.
     _deps: dict[str, PipelineDeps] = field(default_factory=dict)
@@ -193,6 +196,7 @@ class WorkerRuntime:
             circuit=parts.circuit,
             limiter_key=key,
             _parts=parts,
+            memory=ByteBudget(settings.max_inflight_bytes),
         )
 
     def deps(self, worker_host: str | None = None) -> PipelineDeps:
@@ -210,6 +214,7 @@ class WorkerRuntime:
                 limiter_key=self.limiter_key,
                 run=self.loop.run,
                 worker_host=host,
+                memory=self.memory,
             )
             # Two threads may both build one: setdefault keeps the first, either would do.
             deps = self._deps.setdefault(host, deps)

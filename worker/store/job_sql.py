@@ -23,11 +23,13 @@ from typing import Any
 from sqlalchemy import (
     BigInteger,
     Connection,
+    Integer,
     LargeBinary,
     String,
     Table,
     and_,
     bindparam,
+    case,
     cast,
     delete,
     func,
@@ -84,8 +86,15 @@ def _claim_statement(*, plain: bool = False) -> Any:
         ATTEMPT.c.job_id == job_id
     )
     bought = select(func.count()).where(RESULT.c.job_id == job_id)
-    front = select(IMAGE.c.data).where(IMAGE.c.id == literal_column(f"{JOB.name}.front_image_id"))
-    back = select(IMAGE.c.data).where(IMAGE.c.id == literal_column(f"{JOB.name}.back_image_id"))
+    front_id: Any = literal_column(f"{JOB.name}.front_image_id")
+    back_id: Any = literal_column(f"{JOB.name}.back_image_id")
+    # Images over `inline_max` are read only once the worker has room for them in memory
+    # (worker.membudget); their sizes come back either way.
+    inline = IMAGE.c.size_bytes <= bindparam("inline_max", type_=Integer())
+    front = select(case((inline, IMAGE.c.data))).where(IMAGE.c.id == front_id)
+    back = select(case((inline, IMAGE.c.data))).where(IMAGE.c.id == back_id)
+    front_size = select(IMAGE.c.size_bytes).where(IMAGE.c.id == front_id)
+    back_size = select(IMAGE.c.size_bytes).where(IMAGE.c.id == back_id)
     where = [JOB.c.id == _JID, claimable]
     if plain:
         # Only a start with nothing to sort out first: no attempt left open, no result.
@@ -118,11 +127,20 @@ def _claim_statement(*, plain: bool = False) -> Any:
             bought.scalar_subquery().label("bought"),
             front.scalar_subquery().label("front_data"),
             back.scalar_subquery().label("back_data"),
+            front_size.scalar_subquery().label("front_size"),
+            back_size.scalar_subquery().label("back_size"),
         )
     )
 
 
 _CLAIM = _claim_statement()
+
+# `inline_max` when every image comes with the claim (the largest value an INTEGER holds).
+NO_INLINE_LIMIT = 2**31 - 1
+
+_LOAD_IMAGES = select(IMAGE.c.id, IMAGE.c.data).where(
+    IMAGE.c.id.in_(bindparam("ids", expanding=True))
+)
 
 
 def _claim_and_open_statement(claim_statement: Any) -> Any:
@@ -300,8 +318,12 @@ class Claimed:
     open_attempts: int
     last_number: int
     bought: bool
+    # The stored images' bytes: None for a side over the claim's `inline_max` (read it with
+    # `load_images`) or with no stored image; their sizes whenever one is stored.
     front_data: bytes | None
     back_data: bytes | None
+    front_size: int | None = None
+    back_size: int | None = None
     # Whether the claim opened attempt `last_number + 1` (only with open_attempt=True, and
     # only when no attempt was left open and no result is stored).
     opened: bool = False
@@ -315,12 +337,20 @@ def claim(
     lease_until: datetime,
     host: str,
     open_attempt: bool = False,
+    inline_max: int = NO_INLINE_LIMIT,
 ) -> Claimed | None:
     """Take the job if it is due (queued/retrying) or its lease expired; None if not ours.
 
     With `open_attempt`, a plain start also opens its first attempt (`Claimed.opened`): in
-    the same statement on PostgreSQL, right after it elsewhere."""
-    params = {"jid": job_id, "now": now, "lease_until": lease_until, "host": host}
+    the same statement on PostgreSQL, right after it elsewhere. Images larger than
+    `inline_max` bytes are not read (their `Claimed` data is None, their size given)."""
+    params = {
+        "jid": job_id,
+        "now": now,
+        "lease_until": lease_until,
+        "host": host,
+        "inline_max": inline_max,
+    }
     in_one = open_attempt and conn.dialect.name == "postgresql"
     row = conn.execute(_CLAIM_AND_OPEN if in_one else _CLAIM, params).first()
     if row is None:
@@ -334,12 +364,24 @@ def claim(
 
 
 def claim_plain(
-    conn: Connection, job_id: uuid.UUID, *, now: datetime, lease_until: datetime, host: str
+    conn: Connection,
+    job_id: uuid.UUID,
+    *,
+    now: datetime,
+    lease_until: datetime,
+    host: str,
+    inline_max: int = NO_INLINE_LIMIT,
 ) -> Claimed | None:
     """PostgreSQL only: take the job if it is a plain start (due or its lease expired, no
     attempt left open, no result stored) and open its first attempt, in ONE statement, so
     it may run on its own, outside a transaction. None otherwise: `claim` sorts out why."""
-    params = {"jid": job_id, "now": now, "lease_until": lease_until, "host": host}
+    params = {
+        "jid": job_id,
+        "now": now,
+        "lease_until": lease_until,
+        "host": host,
+        "inline_max": inline_max,
+    }
     row = conn.execute(_CLAIM_PLAIN, params).first()
     if row is None:
         return None
@@ -360,6 +402,8 @@ def _claimed(m: Any, *, opened: bool) -> Claimed:
         bought=bool(m["bought"]),
         front_data=m["front_data"],
         back_data=m["back_data"],
+        front_size=m["front_size"],
+        back_size=m["back_size"],
         opened=opened,
     )
 
@@ -382,6 +426,11 @@ def count_lost(conn: Connection, job_id: uuid.UUID, *, since: datetime | None) -
     if since is not None:
         query = query.where(ATTEMPT.c.started_at >= since)
     return int(conn.execute(query).scalar() or 0)
+
+
+def load_images(conn: Connection, ids: list[uuid.UUID]) -> dict[uuid.UUID, bytes]:
+    """The bytes of stored images by id (those the claim left out for their size)."""
+    return {row.id: row.data for row in conn.execute(_LOAD_IMAGES, {"ids": ids})}
 
 
 def renew_lease(conn: Connection, job_id: uuid.UUID, *, lease_until: datetime) -> None:

@@ -49,20 +49,30 @@ def start_job(
     lease_until: datetime,
     host: str,
     max_worker_lost: int | None = None,
+    inline_max: int = job_sql.NO_INLINE_LIMIT,
 ) -> Started | NotStarted:
     """Claim `job_id` and open its next attempt. `statement` (PostgreSQL only) runs one
     statement with no transaction around it; None: every start is a transaction.
 
     Taking over a dead worker's lease counts its lost attempt; at `max_worker_lost` the job
-    fails as Internal.WorkerLost instead (as the sweeper would)."""
+    fails as Internal.WorkerLost instead (as the sweeper would). Images over `inline_max`
+    bytes are left out of the claim (see `job_sql.claim`)."""
     if statement is not None:
         with statement() as conn:
-            plain = job_sql.claim_plain(conn, job_id, now=now, lease_until=lease_until, host=host)
+            plain = job_sql.claim_plain(
+                conn, job_id, now=now, lease_until=lease_until, host=host, inline_max=inline_max
+            )
         if plain is not None:
             return Started(plain, plain.attempts, plain.last_number + 1)
     with transaction() as conn:
         claimed = job_sql.claim(
-            conn, job_id, now=now, lease_until=lease_until, host=host, open_attempt=True
+            conn,
+            job_id,
+            now=now,
+            lease_until=lease_until,
+            host=host,
+            open_attempt=True,
+            inline_max=inline_max,
         )
         if claimed is None:
             return NotStarted.not_claimed

@@ -1,0 +1,126 @@
+"""The memory bound of a worker process: image bytes in flight, counted and capped.
+
+One `ByteBudget` per process (`MACAO_OCR_MAX_INFLIGHT_BYTES`), shared by its task threads. A
+job holds `held_bytes(image bytes)`: the images and the base64 request body built from them,
+which is what a call keeps in memory. Jobs wait for room, first come first served (a large
+job is not starved by a stream of small ones), and never fail for it; a job larger than the
+whole cap runs when nothing else holds any room, alone.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import threading
+from collections import deque
+from collections.abc import Callable
+
+# Images up to this size (each side) come with the job's claim; larger ones are read after
+# their room is granted. Their room (both sides, at this size) is reserved before the claim.
+INLINE_MAX_BYTES = 512 * 1024
+
+
+def held_bytes(image_bytes: int) -> int:
+    """Memory a call holds for `image_bytes` of images: the bytes and their base64 body."""
+    return image_bytes + 4 * math.ceil(image_bytes / 3)
+
+
+def inline_max_bytes(cap_bytes: int) -> int:
+    """The largest side loaded with the claim: both sides' room must fit in the cap."""
+    side = INLINE_MAX_BYTES
+    while side > 0 and held_bytes(2 * side) > cap_bytes:
+        side //= 2
+    return side
+
+
+class ByteBudget:
+    """A counter of bytes held, capped, with waiters served in arrival order."""
+
+    def __init__(self, cap_bytes: int) -> None:
+        if cap_bytes <= 0:
+            raise ValueError("cap_bytes must be positive")
+        self.cap_bytes = cap_bytes
+        self.inline_max_bytes = inline_max_bytes(cap_bytes)
+        self._used = 0
+        self._cond = threading.Condition()
+        self._queue: deque[int] = deque()
+        self._tickets = itertools.count()
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes held now."""
+        return self._used
+
+    @property
+    def waiting(self) -> int:
+        """Threads waiting for room now."""
+        return len(self._queue)
+
+    def _fits(self, n: int) -> bool:
+        return self._used == 0 or self._used + n <= self.cap_bytes
+
+    def acquire(
+        self,
+        n: int,
+        *,
+        on_wait: Callable[[], None] | None = None,
+        tick_s: float = 1.0,
+    ) -> None:
+        """Hold `n` more bytes, waiting (in turn) for room. While it waits, `on_wait` runs
+        every `tick_s` (outside the lock; the place in line is kept): a claimed job renews
+        its lease there. If `on_wait` raises, nothing is held."""
+        if n <= 0:
+            return
+        with self._cond:
+            ticket = next(self._tickets)
+            self._queue.append(ticket)
+            try:
+                while not self._cond.wait_for(
+                    lambda: self._queue[0] == ticket and self._fits(n), tick_s
+                ):
+                    if on_wait is not None:
+                        self._cond.release()
+                        try:
+                            on_wait()
+                        finally:
+                            self._cond.acquire()
+                self._used += n
+            finally:
+                self._queue.remove(ticket)
+                # The next in line may fit now.
+                self._cond.notify_all()
+
+    def release(self, n: int) -> None:
+        """Give back `n` bytes."""
+        if n <= 0:
+            return
+        with self._cond:
+            self._used = max(0, self._used - n)
+            self._cond.notify_all()
+
+
+class Held:
+    """What one job holds of a budget (None: no budget, nothing counted)."""
+
+    def __init__(self, budget: ByteBudget | None) -> None:
+        self.budget = budget
+        self.bytes = 0
+
+    def take(
+        self, n: int, *, on_wait: Callable[[], None] | None = None, tick_s: float = 1.0
+    ) -> None:
+        """Hold `n` more bytes (see ByteBudget.acquire)."""
+        if self.budget is None or n <= 0:
+            return
+        self.budget.acquire(n, on_wait=on_wait, tick_s=tick_s)
+        self.bytes += n
+
+    def shrink_to(self, n: int) -> None:
+        """Hold only `n` bytes (n <= what is held)."""
+        if self.budget is not None and n < self.bytes:
+            self.budget.release(self.bytes - n)
+            self.bytes = n
+
+    def release(self) -> None:
+        """Give everything back."""
+        self.shrink_to(0)
