@@ -137,11 +137,16 @@ def _peak_in_flight(url: str) -> int:
             ).all()
     finally:
         engine.dispose()
+    return peak_overlap([(started, finished) for started, finished in rows])
+
+
+def peak_overlap(intervals: Sequence[tuple[datetime, datetime]]) -> int:
+    """Most intervals open at one instant (one ending as another starts: not both)."""
     events: list[tuple[datetime, int]] = []
-    for started, finished in rows:
+    for started, finished in intervals:
         events += [(started, 1), (finished, -1)]
     peak = current = 0
-    for _, step in sorted(events, key=lambda e: (e[0], e[1])):
+    for _, step in sorted(events):
         current += step
         peak = max(peak, current)
     return peak
