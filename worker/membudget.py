@@ -1,10 +1,10 @@
 """The memory bound of a worker process: image bytes in flight, counted and capped.
 
 One `ByteBudget` per process (`MACAO_OCR_MAX_INFLIGHT_BYTES`), shared by its task threads. A
-job holds `held_bytes(image bytes)`: the images and the base64 request body built from them,
-which is what a call keeps in memory. Jobs wait for room, first come first served (a large
-job is not starved by a stream of small ones), and never fail for it; a job larger than the
-whole cap runs when nothing else holds any room, alone.
+job holds `held_bytes(image bytes)`: the images, the base64 request body built from them and
+the base64 text while the body is built (11/3 of the image bytes). Jobs wait for room, first
+come first served (a large job is not starved by a stream of small ones), and never fail for
+it; a job larger than the whole cap runs when nothing else holds any room, alone.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ INLINE_MAX_BYTES = 512 * 1024
 
 
 def held_bytes(image_bytes: int) -> int:
-    """Memory a call holds for `image_bytes` of images: the bytes and their base64 body."""
-    return image_bytes + 4 * math.ceil(image_bytes / 3)
+    """Memory a call holds for `image_bytes` of images: the bytes, the base64 request body
+    and, while the body is built, the base64 itself (see worker.tencent.client.encode_request)."""
+    return image_bytes + 2 * 4 * math.ceil(image_bytes / 3)
 
 
 def inline_max_bytes(cap_bytes: int) -> int:

@@ -88,9 +88,9 @@ def test_wait_keeps_its_place_and_runs_on_wait() -> None:
     assert budget.used_bytes == 5
 
 
-def test_held_bytes_counts_the_base64_body_and_inline_fits_the_cap() -> None:
-    assert held_bytes(3) == 3 + 4
-    assert held_bytes(300_000) == 700_000
+def test_held_bytes_counts_the_base64_twice_and_inline_fits_the_cap() -> None:
+    assert held_bytes(3) == 3 + 2 * 4
+    assert held_bytes(300_000) == 1_100_000
     for cap in (10_000, 1_000_000, 256 * 1024 * 1024):
         assert held_bytes(2 * inline_max_bytes(cap)) <= cap
 
@@ -253,3 +253,18 @@ def test_settings_defaults() -> None:
     settings = Settings()
     assert settings.max_inflight_bytes == 256 * 1024 * 1024
     assert settings.max_worker_lost == 3
+
+
+@pytest.mark.parametrize("back", [None, "url", "data"])
+@pytest.mark.parametrize("portrait", [False, True])
+def test_encode_request_is_the_body_byte_for_byte(back: str | None, portrait: bool) -> None:
+    from worker.tencent.client import encode_request
+    from worker.tencent.validation import build_payload, encode_body
+
+    back_side = {
+        None: None,
+        "url": ImageInput(url='https://cards.example/b\u00e9ck.jpg?x="1"'),
+        "data": ImageInput(data=_noise_png(2000)),
+    }[back]
+    request = OcrRequest(front=ImageInput(data=_noise_png(5000)), back=back_side, portrait=portrait)
+    assert encode_request(request) == encode_body(build_payload(request))
