@@ -24,7 +24,7 @@ import structlog
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from worker.membudget import ByteBudget
+from worker.membudget import ByteBudget, return_large_buffers_to_os
 from worker.pipeline import PipelineDeps
 from worker.quota.circuit import AccountCircuit
 from worker.quota.limiter import RateLimiter, limiter_key
@@ -154,6 +154,8 @@ class WorkerRuntime:
     def start(cls, settings: Settings) -> WorkerRuntime:
         """Build everything; ConfigError (credentials, endpoint) before anything starts."""
         config = ClientConfig.from_settings(settings)
+        # Image buffers freed must leave the process, or the memory bound only bounds use.
+        return_large_buffers_to_os()
         pool: dict[str, Any] = {
             "max_overflow": DB_MAX_OVERFLOW,
             # Wait for a connection rather than fail: threads outnumber connections.

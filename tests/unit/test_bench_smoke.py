@@ -162,7 +162,8 @@ def test_memory_benchmark_prints_its_figures(redis_url: str, pg_admin_url: str) 
     out = subprocess.run(
         [
             sys.executable, "-m", "bench.memory", "--calls", "12", "--large", "2",
-            "--large-bytes", "200000", "--cap-mb", "4", "--latency-ms", "800",
+            "--large-bytes", "200000", "--cap-mb", "4", "--latency-ms", "1500",
+            "--large-latency-ms", "300",
             "--redis-url", redis_url, "--pg-admin-url", pg_admin_url,
             "--pg-prefix", os.environ.get("MACAO_OCR_TEST_PG_PREFIX", "macao_m"), "--json",
             "--timeout-s", "120",
@@ -172,7 +173,7 @@ def test_memory_benchmark_prints_its_figures(redis_url: str, pg_admin_url: str) 
     assert out.returncode in (0, 1), out.stderr[-2000:]
     figures = {f["name"]: f for f in json.loads(out.stdout.strip().splitlines()[-1])}
     assert figures["specimens"]["succeeded"] == 12 and figures["large"]["succeeded"] == 2
-    # 12 specimen calls fit a 4 MB cap (140 KB each): all of them were in flight at once.
+    # 12 specimen calls fit a 4 MB cap (220 KB each): all of them were in flight at once.
     assert figures["specimens"]["peak_in_flight"] == 12
     assert figures["large"]["peak_rss_mb"] >= figures["large"]["idle_rss_mb"] > 0
     assert "PASS specimens" in out.stdout or "FAIL specimens" in out.stdout

@@ -268,3 +268,10 @@ def test_encode_request_is_the_body_byte_for_byte(back: str | None, portrait: bo
     }[back]
     request = OcrRequest(front=ImageInput(data=_noise_png(5000)), back=back_side, portrait=portrait)
     assert encode_request(request) == encode_body(build_payload(request))
+
+
+def test_large_buffers_go_back_to_the_os() -> None:
+    from worker.membudget import return_large_buffers_to_os
+
+    # glibc here (Linux CI): the threshold is pinned.
+    assert return_large_buffers_to_os() is True
