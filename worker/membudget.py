@@ -45,10 +45,16 @@ def held_bytes(image_bytes: int) -> int:
     return image_bytes + 2 * 4 * math.ceil(image_bytes / 3)
 
 
+# The room a claim reserves is at most this share of the cap: every job in flight shrinks its
+# reservation to what it holds, but the next claim must find the whole reservation free.
+RESERVE_CAP_FRACTION = 1 / 64
+
+
 def inline_max_bytes(cap_bytes: int) -> int:
-    """The largest side loaded with the claim: both sides' room must fit in the cap."""
+    """The largest side loaded with the claim: both sides' room stays a small share of the
+    cap (a large reservation would keep small jobs from filling the room)."""
     side = INLINE_MAX_BYTES
-    while side > 0 and held_bytes(2 * side) > cap_bytes:
+    while side > 0 and held_bytes(2 * side) > cap_bytes * RESERVE_CAP_FRACTION:
         side //= 2
     return side
 
