@@ -140,6 +140,7 @@ def make_specimen(
     portuguese_name: bool = False,
     valid_on: date | None = None,
     fields: Mapping[str, Any] | None = None,
+    answer: Mapping[str, Any] | None = None,
 ) -> Specimen:
     """Draw one specimen card. The same seed and options always give the same bytes.
 
@@ -147,7 +148,8 @@ def make_specimen(
     years so that it is valid, and not about to expire, on that day. `fields`: any answer
     field set as given, after the rest is invented (API names, e.g. `{"ID": "9234567(8)"}`;
     `WarnCardInfos` replaces the drawn warnings' codes, so unlisted codes can be answered):
-    a card that trips any check."""
+    a card that trips any check. `answer` overrides fields of the embedded answer key only
+    (the card is drawn from the invented ones), e.g. an ID number far longer than a real one."""
     fmt = fmt.upper()
     if fmt == "JPG":
         fmt = "JPEG"
@@ -172,6 +174,8 @@ def make_specimen(
     }
     card = _draw_card(rng, shown)
     card = _apply_warnings(card, codes, rng)
+    if answer:
+        truth.update(answer)
     portrait = _encode_jpeg(card.crop(PORTRAIT_BOX), quality=80)
     payload = json.dumps(
         {"truth": truth, "portrait": base64.b64encode(portrait).decode("ascii")},

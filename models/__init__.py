@@ -4,7 +4,7 @@ from models.api import ApiKey, Batch, IdempotencyKey, Tenant
 from models.base import Base
 from models.decision import DecisionReason, WarningPolicy
 from models.job import TERMINAL_STATUSES, Attempt, Image, Job, JobEvent, JobStatus
-from models.result import Portrait, Result, Warning
+from models.result import KeptAnswer, Portrait, Result, Warning
 
 __all__ = [
     "TERMINAL_STATUSES",
@@ -18,6 +18,7 @@ __all__ = [
     "Job",
     "JobEvent",
     "JobStatus",
+    "KeptAnswer",
     "Portrait",
     "Result",
     "Tenant",

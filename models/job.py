@@ -85,7 +85,8 @@ class Job(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     # Every API call made for this job, whatever its outcome.
     api_calls: Mapped[int] = mapped_column(Integer, default=0)
-    last_error_code: Mapped[str | None] = mapped_column(String(100))
+    # Codes come from the API (no documented length) or are ours.
+    last_error_code: Mapped[str | None] = mapped_column(Text)
     last_error_message: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -131,9 +132,9 @@ class Attempt(Base):
     started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # "OK", a Tencent code, or one of ours (Transport.*, WorkerLost).
-    outcome_code: Mapped[str | None] = mapped_column(String(100))
+    outcome_code: Mapped[str | None] = mapped_column(Text)
     message: Mapped[str | None] = mapped_column(Text)
-    request_id: Mapped[str | None] = mapped_column(String(100))
+    request_id: Mapped[str | None] = mapped_column(Text)
     latency_ms: Mapped[int | None] = mapped_column(Integer)
     worker_host: Mapped[str | None] = mapped_column(String(200))
 
@@ -154,7 +155,7 @@ class JobEvent(Base):
     actor: Mapped[str | None] = mapped_column(String(200))
     reason: Mapped[str | None] = mapped_column(Text)
     previous_status: Mapped[str | None] = mapped_column(String(16))
-    previous_error_code: Mapped[str | None] = mapped_column(String(100))
+    previous_error_code: Mapped[str | None] = mapped_column(Text)
 
     job: Mapped[Job] = relationship(back_populates="events")
 

@@ -7,6 +7,7 @@ from datetime import date, datetime
 from decimal import Decimal
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     CheckConstraint,
     Date,
@@ -16,7 +17,6 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     Numeric,
-    SmallInteger,
     String,
     Text,
     Uuid,
@@ -27,32 +27,35 @@ from models.base import Base, UTCDateTime, utcnow
 
 
 class Result(Base):
-    """A column for every response field. job_id is the primary key: two results cannot exist."""
+    """A column for every response field. job_id is the primary key: two results cannot exist.
+
+    Every text the API returns is unbounded `Text`: the reference documents no lengths, and
+    a value longer than a guessed limit would fail a job whose answer is already paid for."""
 
     __tablename__ = "result"
 
     job_id: Mapped[uuid.UUID] = mapped_column(
         Uuid, ForeignKey("job.id", ondelete="CASCADE"), primary_key=True
     )
-    request_id: Mapped[str] = mapped_column(String(100))
+    request_id: Mapped[str] = mapped_column(Text)
     cn_last_name: Mapped[str | None] = mapped_column(Text)
     en_last_name: Mapped[str | None] = mapped_column(Text)
-    last_name_code: Mapped[str | None] = mapped_column(String(100))
+    last_name_code: Mapped[str | None] = mapped_column(Text)
     cn_first_name: Mapped[str | None] = mapped_column(Text)
     en_first_name: Mapped[str | None] = mapped_column(Text)
-    first_name_code: Mapped[str | None] = mapped_column(String(100))
-    id_number: Mapped[str | None] = mapped_column(String(32))
+    first_name_code: Mapped[str | None] = mapped_column(Text)
+    id_number: Mapped[str | None] = mapped_column(Text)
     birthday: Mapped[date | None] = mapped_column(Date)
-    sex: Mapped[str | None] = mapped_column(String(8))
+    sex: Mapped[str | None] = mapped_column(Text)
     first_issue_date: Mapped[date | None] = mapped_column(Date)
     current_issue_date: Mapped[date | None] = mapped_column(Date)
     validity_period: Mapped[date | None] = mapped_column(Date)
     # Kept verbatim; the only value when the card has no expiry date.
-    validity_period_text: Mapped[str | None] = mapped_column(String(64))
-    symbol: Mapped[str | None] = mapped_column(String(16))
+    validity_period_text: Mapped[str | None] = mapped_column(Text)
+    symbol: Mapped[str | None] = mapped_column(Text)
     height_m: Mapped[Decimal | None] = mapped_column(Numeric(4, 2))
     angle: Mapped[float | None] = mapped_column(Float)
-    resident_type: Mapped[str | None] = mapped_column(String(100))
+    resident_type: Mapped[str | None] = mapped_column(Text)
     warning_service_disabled: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     # Fields present in the answer but not readable as their type (comma-separated names):
@@ -81,8 +84,10 @@ class Warning(Base):
     job_id: Mapped[uuid.UUID] = mapped_column(
         ForeignKey("result.job_id", ondelete="CASCADE"), index=True
     )
-    code: Mapped[int] = mapped_column(SmallInteger)
-    name: Mapped[str] = mapped_column(String(32))
+    # WarnCardInfos is an array of integers of no documented range; an unknown code's name
+    # (`unknown_<code>`) grows with it.
+    code: Mapped[int] = mapped_column(BigInteger)
+    name: Mapped[str] = mapped_column(Text)
 
 
 class Portrait(Base):
@@ -94,3 +99,25 @@ class Portrait(Base):
         Uuid, ForeignKey("result.job_id", ondelete="CASCADE"), primary_key=True
     )
     data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class KeptAnswer(Base):
+    """An answer the API gave that could not be decoded or stored (a poison job).
+
+    The `Response` object exactly as received (JSON), so `macao-ocr replay` can store it once
+    the fault is fixed without buying the job again. It holds personal data like a result
+    does, and is deleted when the answer is stored."""
+
+    __tablename__ = "kept_answer"
+
+    job_id: Mapped[uuid.UUID] = mapped_column(
+        Uuid, ForeignKey("job.id", ondelete="CASCADE"), primary_key=True
+    )
+    # The attempt (API call) that bought it.
+    attempt_number: Mapped[int] = mapped_column(Integer)
+    request_id: Mapped[str | None] = mapped_column(Text)
+    response_json: Mapped[str] = mapped_column(Text)
+    # `decode` or `store`, and the exception's type (never its text, which may hold values).
+    stage: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(Text)
+    kept_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

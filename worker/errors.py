@@ -6,7 +6,7 @@ job's failure budget (`spends_budget`). Messages never carry personal data or se
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 
 class MacaoOcrError(Exception):
@@ -62,6 +62,51 @@ class ReplayRefused(MacaoOcrError):
     """Replaying this job would buy a result we already have (use force)."""
 
     kind = "replay_refused"
+
+
+class StoreFailed(MacaoOcrError):
+    """The API answered but its answer could not be decoded or stored.
+
+    Never retried (a retry would buy the job again): the job fails at once with
+    `Internal.StoreFailed`, the answer is kept (`kept_answer`), and `macao-ocr replay`
+    stores it without a new call once the fault is fixed. `reason` is the exception's type,
+    never its text (which may carry the values)."""
+
+    kind = "store_failed"
+    CODE: ClassVar[str] = "Internal.StoreFailed"
+
+    def __init__(self, stage: str, reason: str) -> None:
+        super().__init__(
+            f"the API's answer could not be {stage}d ({reason}); the answer is kept: "
+            "`macao-ocr replay` stores it without a new call once fixed",
+            code=self.CODE,
+        )
+        self.stage = stage
+        self.reason = reason
+
+
+class AnswerUndecodable(StoreFailed):
+    """The client could not turn a success answer into a result. Carries the `Response`
+    object for the pipeline to keep; it is in no message, repr or log."""
+
+    def __init__(self, reason: str, answer: dict[str, Any]) -> None:
+        super().__init__("decode", reason)
+        self.answer = answer
+
+
+class WorkerLostError(MacaoOcrError):
+    """A job's attempts ended with its worker lost `max_worker_lost` times (killed, out of
+    memory, a crash): it fails as `Internal.WorkerLost` instead of cycling. Replayable."""
+
+    kind = "worker_lost"
+    CODE: ClassVar[str] = "Internal.WorkerLost"
+
+    def __init__(self, lost: int) -> None:
+        super().__init__(
+            f"{lost} attempts ended with the worker lost (killed, out of memory or crashed); "
+            "replay once the cause is fixed",
+            code=self.CODE,
+        )
 
 
 class StateUnavailable(MacaoOcrError):

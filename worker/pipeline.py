@@ -29,7 +29,7 @@ import random
 import socket
 import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -49,23 +49,27 @@ from worker.decision.facts import same_image
 from worker.decision.policy import Policy, policy_for
 from worker.errors import (
     AccountError,
+    AnswerUndecodable,
     ApiError,
     InputError,
     NotFoundError,
     PermanentError,
     ResignError,
     StateUnavailable,
+    StoreFailed,
     ThrottledError,
     TransientError,
     TransportError,
     UnknownCodeError,
+    WorkerLostError,
 )
+from worker.membudget import ByteBudget, Held, held_bytes
 from worker.quota.circuit import AccountCircuit
 from worker.quota.limiter import RateLimiter
 from worker.settings import Settings
-from worker.store import job_sql
+from worker.store import job_sql, kept
 from worker.store.images import side_input
-from worker.store.start import NotStarted, refuse_start, start_job
+from worker.store.start import NotStarted, Started, refuse_start, start_job
 from worker.tencent.types import OcrRequest, OcrResult
 
 log = structlog.get_logger(__name__)
@@ -161,6 +165,9 @@ class PipelineDeps:
     # A tenant's warning policy (`worker.decision.store.PolicyCache` in a worker: read from
     # SQL at most once per 30 s per process). None: the defaults and MACAO_OCR_WARNING_POLICY.
     policies: Callable[[str], Policy] | None = None
+    # The process's bound on image bytes in flight (MACAO_OCR_MAX_INFLIGHT_BYTES); None:
+    # unbounded (tests).
+    memory: ByteBudget | None = None
 
 
 @dataclass(frozen=True)
@@ -191,6 +198,8 @@ class _Call:
     result: OcrResult | None = None
     error: ApiError | None = None
     input_error: InputError | None = None
+    # Answered with a success the client could not decode (a poison job; never retried).
+    undecodable: AnswerUndecodable | None = None
     slot_late_ms: int = 0
     # From the gate: how long we waited for the slot, whether we hold the pause's probe,
     # and the slot's window (evidence for the limiter when the call is throttled).
@@ -201,7 +210,7 @@ class _Call:
 
     @property
     def code(self) -> str:
-        if self.result is not None:
+        if self.result is not None or self.undecodable is not None:
             return "OK"
         if self.input_error is not None:
             return self.input_error.code
@@ -212,6 +221,9 @@ class _Call:
     def request_id(self) -> str | None:
         if self.result is not None:
             return self.result.request_id
+        if self.undecodable is not None:
+            rid = self.undecodable.answer.get("RequestId")
+            return rid if isinstance(rid, str) else None
         return self.error.request_id if self.error is not None else None
 
 
@@ -283,11 +295,9 @@ class _Started:
     number: int  # the first attempt, opened
 
 
-def _start(deps: PipelineDeps, job_id: uuid.UUID) -> _Started | Outcome:
-    """Claim, load and open the next attempt (`worker.store.start`), then check the input.
-
-    Rejected before any call: the producer validated, so this is rare (a stored image gone,
-    rules tightened since submit). The job fails with the rule's code; no call is made."""
+def _start(deps: PipelineDeps, job_id: uuid.UUID, inline_max: int) -> Started | Outcome:
+    """Claim, load (images up to `inline_max` bytes) and open the next attempt
+    (`worker.store.start`)."""
     now = deps.clock()
     started = start_job(
         job_id,
@@ -296,16 +306,36 @@ def _start(deps: PipelineDeps, job_id: uuid.UUID) -> _Started | Outcome:
         now=now,
         lease_until=_call_lease_until(deps, now),
         host=deps.worker_host,
+        max_worker_lost=deps.settings.max_worker_lost,
+        inline_max=inline_max,
     )
     if isinstance(started, NotStarted):
         return Outcome(started.value)
-    claimed = started.claimed
+    return started
+
+
+def _prepare(
+    deps: PipelineDeps, job_id: uuid.UUID, started: Started, held: Held
+) -> _Started | Outcome:
+    """Room in memory for the job's images (read now if the claim left them out), then the
+    request, checked.
+
+    Rejected before any call: the producer validated, so this is rare (a stored image gone,
+    rules tightened since submit). The job fails with the rule's code; no call is made."""
+    claimed = _make_room(deps, job_id, started.claimed, held)
     try:
         request = _request_from(claimed)
         deps.validate(request)
     except (InputError, NotFoundError) as err:
-        with deps.transaction() as conn:
-            refuse_start(conn, job_id, started.number, now, err.code, err.message)
+        refused = err
+
+        def refuse() -> None:
+            with deps.transaction() as conn:
+                refuse_start(
+                    conn, job_id, started.number, deps.clock(), refused.code, refused.message
+                )
+
+        _with_db(deps, refuse, job_id=job_id, claimed=True)
         return _refused(job_id, err)
     info = _JobInfo(
         age_from=claimed.started_at,
@@ -317,6 +347,61 @@ def _start(deps: PipelineDeps, job_id: uuid.UUID) -> _Started | Outcome:
         ),
     )
     return _Started(request, info, started.number)
+
+
+def _make_room(
+    deps: PipelineDeps, job_id: uuid.UUID, claimed: job_sql.Claimed, held: Held
+) -> job_sql.Claimed:
+    """Hold the job's share of the process's memory budget: what its images and their
+    request body take. Images the claim left out are read once there is room; while it
+    waits, the job's lease is renewed (waiting for memory never fails a job)."""
+    sides = (
+        (claimed.front_image_id, claimed.front_data, claimed.front_size),
+        (claimed.back_image_id, claimed.back_data, claimed.back_size),
+    )
+    weight = held_bytes(sum(size for _, _, size in sides if size is not None))
+    missing = [
+        image_id
+        for image_id, data, size in sides
+        if image_id is not None and data is None and size is not None
+    ]
+    if not missing and weight <= held.bytes:
+        held.shrink_to(weight)
+        return claimed
+    # Give back the claim's reservation first: two large jobs each holding one while
+    # waiting for more could wait for each other.
+    held.release()
+    waited = False
+
+    def renew() -> None:
+        nonlocal waited
+        waited = True
+        _renew_lease(deps, job_id)
+
+    held.take(weight, on_wait=renew, tick_s=max(0.5, deps.settings.lease_s / 3))
+    if waited:
+        _renew_lease(deps, job_id)  # the call's full lease from now
+    if not missing:
+        return claimed
+
+    def load() -> dict[uuid.UUID, bytes]:
+        with deps.transaction() as conn:
+            return job_sql.load_images(conn, missing)
+
+    loaded = _with_db(deps, load, job_id=job_id, claimed=True)
+    return replace(
+        claimed,
+        front_data=claimed.front_data or loaded.get(claimed.front_image_id),  # type: ignore[arg-type]
+        back_data=claimed.back_data or loaded.get(claimed.back_image_id),  # type: ignore[arg-type]
+    )
+
+
+def _renew_lease(deps: PipelineDeps, job_id: uuid.UUID) -> None:
+    def write() -> None:
+        with deps.transaction() as conn:
+            job_sql.renew_lease(conn, job_id, lease_until=_call_lease_until(deps, deps.clock()))
+
+    _with_db(deps, write, job_id=job_id, claimed=True)
 
 
 def _refused(job_id: uuid.UUID, err: InputError | NotFoundError) -> Outcome:
@@ -427,6 +512,7 @@ async def _send(deps: PipelineDeps, request: OcrRequest, late_s: float) -> _Call
     result: OcrResult | None = None
     error: ApiError | None = None
     input_error: InputError | None = None
+    undecodable: AnswerUndecodable | None = None
     try:
         async with asyncio.timeout(deps.settings.total_timeout_s + CALL_GUARD_S):
             result = await deps.client.recognize(request)
@@ -434,6 +520,8 @@ async def _send(deps: PipelineDeps, request: OcrRequest, late_s: float) -> _Call
         error = err
     except InputError as err:
         input_error = err
+    except AnswerUndecodable as err:
+        undecodable = err
     except TimeoutError:
         error = TransportError("Transport.Timeout", "call exceeded the worker's guard timeout")
     except Exception as err:
@@ -449,6 +537,7 @@ async def _send(deps: PipelineDeps, request: OcrRequest, late_s: float) -> _Call
         result=result,
         error=error,
         input_error=input_error,
+        undecodable=undecodable,
         slot_late_ms=slot_late_ms,
     )
 
@@ -585,6 +674,66 @@ def _finalize_success(
     return decided[0] if decided else None
 
 
+def _poison(
+    deps: PipelineDeps,
+    job_id: uuid.UUID,
+    number: int,
+    call: _Call,
+    error: StoreFailed,
+    answer: Mapping[str, Any] | None,
+    holds_probe: bool,
+) -> Outcome:
+    """The API answered but the answer could not be decoded or stored: fail the job at once
+    with Internal.StoreFailed and keep the answer for a replay (worker.store.kept). Left to
+    the lease instead, the sweeper would buy the job again after every lease."""
+    now = deps.clock()
+    record = replace(_record(call), message=error.message)
+
+    def keep() -> None:
+        with deps.transaction() as conn:
+            kept.fail_keeping_answer(
+                conn, job_id, number, record, answer=answer, error=error, now=now
+            )
+
+    kept_it = answer is not None
+    try:
+        _with_db(deps, keep, job_id=job_id, claimed=True)
+    except DatabaseUnavailable:
+        raise
+    except Exception as err:
+        # Not even the answer can be written: fail the job without it rather than buy it
+        # again on every lease (a replay then makes a new call).
+        kept_it = False
+        lost = StoreFailed(error.stage, error.reason)
+        lost.message = (
+            f"the API's answer could not be {error.stage}d ({error.reason}) nor kept "
+            f"({type(err).__name__}); a replay makes a new call"
+        )
+
+        def fail() -> None:
+            with deps.transaction() as conn:
+                kept.fail_keeping_answer(
+                    conn, job_id, number, record, answer=None, error=lost, now=now
+                )
+
+        _with_db(deps, fail, job_id=job_id, claimed=True)
+    log.error(
+        "job_store_failed",
+        job_id=str(job_id),
+        error_code=error.code,
+        stage=error.stage,
+        reason=error.reason,
+        answer_kept=kept_it,
+        attempt=number,
+        request_id=call.request_id,
+    )
+    metrics.job_finished(JobStatus.failed.value)
+    if holds_probe:
+        # The account answered a success: the pause is over whatever became of the answer.
+        _resume_account(deps, job_id)
+    return Outcome.failed
+
+
 def _finalize_failure(
     deps: PipelineDeps, job_id: uuid.UUID, number: int, call: _Call, info: _JobInfo
 ) -> Outcome:
@@ -677,15 +826,30 @@ def process_job(job_id: str | uuid.UUID, deps: PipelineDeps) -> Outcome:
     if jid is None:
         log.error("bad_job_id")  # not echoed: a malformed message is not ours to print
         return Outcome.not_claimed
-    # Nothing of the start holds unless all of it commits: not claimed on a database error.
-    started = _with_db(deps, lambda: _start(deps, jid), job_id=jid, claimed=False)
-    if isinstance(started, Outcome):
-        if started is Outcome.not_claimed:
-            log.debug("job_not_claimed", job_id=str(jid))
-        elif started is Outcome.already_succeeded:
-            log.info("job_already_succeeded", job_id=str(jid))
-        return started
-    return _call_loop(deps, jid, started)
+    held = Held(deps.memory)
+    try:
+        inline_max = job_sql.NO_INLINE_LIMIT
+        if deps.memory is not None:
+            # Room for the images the claim may bring, before it brings them.
+            inline_max = deps.memory.inline_max_bytes
+            held.take(held_bytes(2 * inline_max))
+        # Nothing of the start holds unless all of it commits: not claimed on a database error.
+        started = _with_db(deps, lambda: _start(deps, jid, inline_max), job_id=jid, claimed=False)
+        if isinstance(started, Outcome):
+            if started is Outcome.not_claimed:
+                log.debug("job_not_claimed", job_id=str(jid))
+            elif started is Outcome.already_succeeded:
+                log.info("job_already_succeeded", job_id=str(jid))
+            elif started is Outcome.failed:
+                log.warning("job_failed", job_id=str(jid), error_code=WorkerLostError.CODE)
+                metrics.job_finished(JobStatus.failed.value)
+            return started
+        prepared = _prepare(deps, jid, started, held)
+        if isinstance(prepared, Outcome):
+            return prepared
+        return _call_loop(deps, jid, prepared)
+    finally:
+        held.release()
 
 
 def _call_loop(deps: PipelineDeps, job_id: uuid.UUID, started: _Started) -> Outcome:
@@ -731,8 +895,18 @@ def _call_loop(deps: PipelineDeps, job_id: uuid.UUID, started: _Started) -> Outc
         if call.input_error is None:
             metrics.api_call(call.code, call.latency_ms / 1000.0)
 
+        if call.undecodable is not None:
+            bad = call.undecodable
+            return _poison(deps, job_id, number, call, bad, bad.answer, holds_probe)
         if call.result is not None:
-            decision = _finalize_success(deps, job_id, number, call, info)
+            try:
+                decision = _finalize_success(deps, job_id, number, call, info)
+            except DatabaseUnavailable:
+                raise
+            except Exception as err:
+                # After the API answered nothing may buy the job again (see _poison).
+                failed = StoreFailed("store", type(err).__name__)
+                return _poison(deps, job_id, number, call, failed, call.result.answer, holds_probe)
             log.info(
                 "job_succeeded",
                 job_id=str(job_id),

@@ -5,6 +5,11 @@ but deletes nothing of its past: Attempt rows stay (new calls continue the numbe
 JobEvent(kind="replay") records who, why, and the status and error code it had. The reset
 is committed before the ids are published, like any submit.
 
+A failed job whose answer was kept (a poison job: the API answered, storing failed; see
+`worker.store.kept`) is not sent round again: its kept answer is stored in the same
+transaction, with no API call, and the job succeeds (`ReplayReport.stored`). If it still
+cannot be stored, the job is refused with the reason and keeps its answer.
+
 A succeeded job is refused unless `force` (we would pay for a result we already hold); with
 force its result, warnings and portrait are deleted in the same transaction. Jobs still in
 flight (queued, running, retrying) are refused.
@@ -22,18 +27,19 @@ import structlog
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from models import Job, JobEvent, JobStatus, Portrait, Result, Warning
+from models import Job, JobEvent, JobStatus, KeptAnswer, Portrait, Result, Warning
 from models.base import utcnow
 from worker.broker.publish import Publisher
-from worker.errors import InputError
+from worker.errors import InputError, StoreFailed
 from worker.settings import Settings
-from worker.store import terminal
+from worker.store import kept, terminal
 from worker.store.filters import JobFilter
 
 log = structlog.get_logger(__name__)
 
 CHUNK = 500
 FORCED_NOTE = "forced: previous result, warnings and portrait deleted"
+KEPT_NOTE = "stored from the kept answer (no new call)"
 IN_FLIGHT = frozenset({JobStatus.queued, JobStatus.running, JobStatus.retrying})
 
 
@@ -44,6 +50,8 @@ class ReplayReport:
     matched: list[uuid.UUID] = field(default_factory=list)
     replayed: list[uuid.UUID] = field(default_factory=list)
     refused: dict[uuid.UUID, str] = field(default_factory=dict)
+    # Replayed jobs stored from their kept answer, without a call (and not published).
+    stored: list[uuid.UUID] = field(default_factory=list)
     # The last error code of every matched job (what a dry run lists).
     error_codes: dict[uuid.UUID, str | None] = field(default_factory=dict)
     dry_run: bool = False
@@ -57,6 +65,7 @@ class ReplayReport:
             "dry_run": self.dry_run,
             "matched": len(self.matched),
             "replayed": [str(i) for i in self.replayed],
+            "stored_without_call": [str(i) for i in self.stored],
             "refused": [{"job_id": str(i), "reason": r} for i, r in self.refused.items()],
             "jobs": [
                 {"job_id": str(i), "error_code": self.error_codes.get(i)} for i in self.matched
@@ -166,6 +175,8 @@ def replay(
             _explain_unmatched(session, tenant, ids, set(report.matched), report)
     if dry_run:
         report.replayed = eligible
+        with session_factory() as session:
+            report.stored = _with_kept_answer(session, eligible)
         return report
 
     for start in range(0, len(eligible), CHUNK):
@@ -208,6 +219,45 @@ def _explain_unmatched(
         report.refused[job_id] = "does not match the filters" if job_id in existing else "not found"
 
 
+def _with_kept_answer(session: Session, ids: Sequence[uuid.UUID]) -> list[uuid.UUID]:
+    """Those of `ids` that have a kept answer, in the order given."""
+    found: set[uuid.UUID] = set()
+    for start in range(0, len(ids), CHUNK):
+        chunk = ids[start : start + CHUNK]
+        found.update(session.scalars(select(KeptAnswer.job_id).where(KeptAnswer.job_id.in_(chunk))))
+    return [i for i in ids if i in found]
+
+
+def _store_kept(
+    session: Session, job: Job, now: datetime, actor: str, reason: str | None
+) -> str | None:
+    """Store a poison job's kept answer (no call), with its replay event, in a savepoint;
+    None when stored, else why not (nothing of it then holds)."""
+    try:
+        with session.begin_nested():
+            conn = session.connection()
+            conn.execute(
+                update(Job)
+                .where(Job.id == job.id)
+                .values(attempts=0, last_error_code=None, last_error_message=None)
+            )
+            kept.store_kept(conn, job.id, portrait=job.portrait, now=now)
+            session.add(
+                JobEvent(
+                    job_id=job.id,
+                    at=now,
+                    kind="replay",
+                    actor=actor,
+                    reason="; ".join(p for p in (reason, KEPT_NOTE) if p),
+                    previous_status=job.status.value,
+                    previous_error_code=job.last_error_code,
+                )
+            )
+    except StoreFailed as err:
+        return f"its kept answer still cannot be {err.stage}d ({err.reason}); it stays kept"
+    return None
+
+
 def _reset(
     session_factory: sessionmaker[Session],
     ids: Sequence[uuid.UUID],
@@ -223,10 +273,19 @@ def _reset(
         jobs = session.scalars(
             select(Job).where(Job.id.in_(ids)).order_by(Job.id).with_for_update()
         ).all()
+        with_answer = set(_with_kept_answer(session, [job.id for job in jobs]))
         for job in jobs:
             why = refusal(job, force=force)
             if why is not None:  # it changed since we matched it
                 report.refused[job.id] = why
+                continue
+            if job.id in with_answer:
+                why = _store_kept(session, job, now, actor, reason)
+                if why is not None:
+                    report.refused[job.id] = why
+                else:
+                    report.stored.append(job.id)
+                    report.replayed.append(job.id)
                 continue
             forced = job.status == JobStatus.succeeded
             if forced:

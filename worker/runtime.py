@@ -25,6 +25,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from worker.decision.store import PolicyCache, engine_loader
+from worker.membudget import ByteBudget, return_large_buffers_to_os
 from worker.pipeline import PipelineDeps
 from worker.quota.circuit import AccountCircuit
 from worker.quota.limiter import RateLimiter, limiter_key
@@ -147,6 +148,8 @@ class WorkerRuntime:
     _parts: _AsyncParts
     # Tenants' warning policies, read from SQL at most once per 30 s (worker.decision.store).
     policies: PolicyCache
+    # One per process: every task thread's images count against it.
+    memory: ByteBudget | None = None
     # One PipelineDeps per worker host name, built on first use: building it per task
     # seeded a fresh random.Random from os.urandom every time.
     _deps: dict[str, PipelineDeps] = field(default_factory=dict)
@@ -155,6 +158,8 @@ class WorkerRuntime:
     def start(cls, settings: Settings) -> WorkerRuntime:
         """Build everything; ConfigError (credentials, endpoint) before anything starts."""
         config = ClientConfig.from_settings(settings)
+        # Image buffers freed must leave the process, or the memory bound only bounds use.
+        return_large_buffers_to_os()
         pool: dict[str, Any] = {
             "max_overflow": DB_MAX_OVERFLOW,
             # Wait for a connection rather than fail: threads outnumber connections.
@@ -198,6 +203,7 @@ class WorkerRuntime:
             limiter_key=key,
             _parts=parts,
             policies=PolicyCache(engine_loader(engine.connect), settings.warning_policy_overrides),
+            memory=ByteBudget(settings.max_inflight_bytes),
         )
 
     def deps(self, worker_host: str | None = None) -> PipelineDeps:
@@ -216,6 +222,7 @@ class WorkerRuntime:
                 run=self.loop.run,
                 worker_host=host,
                 policies=self.policies,
+                memory=self.memory,
             )
             # Two threads may both build one: setdefault keeps the first, either would do.
             deps = self._deps.setdefault(host, deps)

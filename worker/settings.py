@@ -82,6 +82,9 @@ class Settings(BaseSettings):
     backoff_max_s: PositiveFloat = 300.0
     unknown_code_max_attempts: PositiveInt = 2
     db_write_retry_s: PositiveFloat = 600.0
+    # A job whose attempts end with its worker lost this many times fails as
+    # Internal.WorkerLost (a job that kills its worker must not cycle forever).
+    max_worker_lost: PositiveInt = 3
 
     # -- the worker
     worker_concurrency: PositiveInt = 200
@@ -93,6 +96,12 @@ class Settings(BaseSettings):
     # A queued job with no visible broker message for this long is published again.
     republish_after_s: PositiveFloat = 60.0
     circuit_probe_interval_s: PositiveFloat = 30.0
+    # Image bytes (and the request body built from them) one worker process holds at once;
+    # jobs wait for room, and a job larger than this runs alone.
+    max_inflight_bytes: PositiveInt = 256 * 1024 * 1024
+    # An answer larger than this is refused unread (transient): the largest real one is a
+    # portrait (at most the 7 MB image, base64) plus a few short fields.
+    max_response_bytes: PositiveInt = 16 * 1024 * 1024
 
     # The broker's Redis transport and Celery's consumer as worker.broker tunes them (fewer Redis
     # client objects, acks riding on the next delivery, task events in batches). False: both

@@ -44,8 +44,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from models import Attempt, Job, JobEvent, JobStatus
 from worker.broker.publish import Publisher
 from worker.broker.queue import broker_job_ids, broker_message_count, stale_deliveries
+from worker.errors import WorkerLostError
 from worker.settings import Settings
-from worker.store import terminal
+from worker.store import job_sql, terminal
 
 log = structlog.get_logger(__name__)
 
@@ -63,7 +64,7 @@ NEVER_PUBLISHED_GRACE_S = 5.0
 # Bounds one sweep's work; the rest waits for the next sweep.
 SWEEP_LIMIT = 5_000
 PUBLISH_CHUNK = 500
-WORKER_LOST = "WorkerLost"
+WORKER_LOST = job_sql.WORKER_LOST
 
 WAITING = (JobStatus.queued, JobStatus.retrying)
 
@@ -170,7 +171,19 @@ def _recover_dead_workers(
             job.last_error_code = WORKER_LOST
             job.last_error_message = message
             job.lease_expires_at = None
-            if job.attempts >= settings.max_attempts:
+            session.flush()
+            lost = job_sql.count_lost(session.connection(), job.id, since=job.started_at)
+            if lost >= settings.max_worker_lost:
+                # Its worker keeps dying under it: not the API's fault, and another round
+                # would cost another call (and perhaps another worker).
+                error = WorkerLostError(lost)
+                job.status = JobStatus.failed
+                job.finished_at = now
+                job.next_attempt_at = None
+                job.last_error_code = error.code
+                job.last_error_message = error.message
+                report.failed.append(job.id)
+            elif job.attempts >= settings.max_attempts:
                 job.status = JobStatus.failed
                 job.finished_at = now
                 job.next_attempt_at = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -152,3 +153,42 @@ def test_noquota_is_judged_only_where_the_fleet_has_a_process_per_core(
     assert "P=1" in ctx.infos[0] and "not judged" in ctx.infos[0]
     assert [line.split()[0] for line in ctx.verdicts] == ["PASS", "PASS"]
     assert all("P=2" in line for line in ctx.verdicts)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(240)
+def test_memory_benchmark_prints_its_figures(redis_url: str, pg_admin_url: str) -> None:
+    """bench.memory at toy sizes: both scenarios run and print RSS and calls in flight."""
+    out = subprocess.run(
+        [
+            sys.executable, "-m", "bench.memory", "--calls", "12", "--large", "2",
+            "--large-bytes", "200000", "--cap-mb", "4", "--latency-ms", "1500",
+            "--large-latency-ms", "300",
+            "--redis-url", redis_url, "--pg-admin-url", pg_admin_url,
+            "--pg-prefix", os.environ.get("MACAO_OCR_TEST_PG_PREFIX", "macao_m"), "--json",
+            "--timeout-s", "120",
+        ],
+        capture_output=True, text=True, timeout=230, cwd=h.REPO_ROOT,
+    )  # fmt: skip
+    assert out.returncode in (0, 1), out.stderr[-2000:]
+    figures = {f["name"]: f for f in json.loads(out.stdout.strip().splitlines()[-1])}
+    assert figures["specimens"]["succeeded"] == 12 and figures["large"]["succeeded"] == 2
+    # 12 specimen calls fit a 4 MB cap (220 KB each): all of them were in flight at once.
+    assert figures["specimens"]["peak_in_flight"] == 12
+    assert figures["large"]["peak_rss_mb"] >= figures["large"]["idle_rss_mb"] > 0
+    assert "PASS specimens" in out.stdout or "FAIL specimens" in out.stdout
+    assert "large: peak RSS" in out.stdout
+
+
+def test_memory_benchmark_counts_calls_in_flight_from_attempts() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from bench import memory
+
+    t0 = datetime(2030, 1, 1, tzinfo=UTC)
+
+    def at(s: float) -> datetime:
+        return t0 + timedelta(seconds=s)
+
+    assert memory.peak_overlap([(at(0), at(2)), (at(1), at(3)), (at(2), at(4))]) == 2
+    assert memory.peak_overlap([]) == 0

@@ -142,3 +142,59 @@ def test_alembic_command_line_from_repo_root(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr.decode()
     assert _tables(url) == TABLES
+
+
+def _job_with_result(
+    conn: sa.Connection, id_number: str, warning_code: int, request_id: str
+) -> uuid.UUID:
+    job_id = uuid.uuid4()
+    conn.execute(
+        sa.text(
+            "INSERT INTO job (id, tenant, status, front_url, portrait, attempts, api_calls,"
+            " created_at) VALUES (:id, 'default', 'succeeded', 'https://x.test/a.jpg', false,"
+            " 1, 1, now())"
+        ),
+        {"id": job_id},
+    )
+    conn.execute(
+        sa.text(
+            "INSERT INTO result (job_id, request_id, id_number, warning_service_disabled,"
+            " created_at) VALUES (:id, :rid, :num, false, now())"
+        ),
+        {"id": job_id, "rid": request_id, "num": id_number},
+    )
+    conn.execute(
+        sa.text("INSERT INTO warning (job_id, code, name) VALUES (:id, :code, :name)"),
+        {"id": job_id, "code": warning_code, "name": f"unknown_{warning_code}"},
+    )
+    return job_id
+
+
+def test_0003_stores_what_the_api_can_return_and_downgrades(
+    fresh_migrated_database: Callable[[], str],
+) -> None:
+    """Before 0003 a 40-character ID number, a 120-character request id or a warning code
+    beyond SMALLINT failed the store of an answer already paid for; now they are kept.
+    Downgrade works, and refuses (changing nothing) while a value is over the old limit."""
+    url = fresh_migrated_database()
+    engine = sa.create_engine(url)
+    try:
+        with engine.begin() as conn:
+            long_job = _job_with_result(conn, "1" * 40, -9_999_999, "r" * 120)
+        with engine.begin() as conn:
+            stored = conn.execute(
+                sa.text("SELECT id_number FROM result WHERE job_id = :id"), {"id": long_job}
+            ).scalar()
+        assert stored == "1" * 40
+        with pytest.raises(sa.exc.DBAPIError):
+            migrations.downgrade(url, "0002")
+        assert "kept_answer" in _tables(url)  # nothing of the downgrade held
+        with engine.begin() as conn:
+            conn.execute(sa.text("DELETE FROM job"))
+            _job_with_result(conn, "1234567(8)", -9101, str(uuid.uuid4()))
+    finally:
+        engine.dispose()
+    migrations.downgrade(url, "0002")
+    assert "kept_answer" not in _tables(url)
+    migrations.upgrade(url)
+    assert _diff(url) == []

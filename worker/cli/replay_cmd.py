@@ -123,6 +123,9 @@ def replay_command(
     else:
         verb = "would replay" if dry_run else "replayed"
         typer.echo(f"{len(report.matched)} matched, {verb} {len(report.replayed)}")
+        if report.stored:
+            stored = "would store" if dry_run else "stored"
+            typer.echo(f"{stored} {len(report.stored)} from their kept answer (no new call)")
         if dry_run:
             for job_id in report.replayed:
                 typer.echo(f"  {job_id}  {report.error_codes.get(job_id) or '-'}")

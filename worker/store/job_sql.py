@@ -22,13 +22,15 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     Connection,
+    Integer,
     LargeBinary,
-    SmallInteger,
     String,
     Table,
     and_,
     bindparam,
+    case,
     cast,
     delete,
     func,
@@ -88,8 +90,15 @@ def _claim_statement(*, plain: bool = False) -> Any:
         ATTEMPT.c.job_id == job_id
     )
     bought = select(func.count()).where(RESULT.c.job_id == job_id)
-    front = select(IMAGE.c.data).where(IMAGE.c.id == literal_column(f"{JOB.name}.front_image_id"))
-    back = select(IMAGE.c.data).where(IMAGE.c.id == literal_column(f"{JOB.name}.back_image_id"))
+    front_id: Any = literal_column(f"{JOB.name}.front_image_id")
+    back_id: Any = literal_column(f"{JOB.name}.back_image_id")
+    # Images over `inline_max` are read only once the worker has room for them in memory
+    # (worker.membudget); their sizes come back either way.
+    inline = IMAGE.c.size_bytes <= bindparam("inline_max", type_=Integer())
+    front = select(case((inline, IMAGE.c.data))).where(IMAGE.c.id == front_id)
+    back = select(case((inline, IMAGE.c.data))).where(IMAGE.c.id == back_id)
+    front_size = select(IMAGE.c.size_bytes).where(IMAGE.c.id == front_id)
+    back_size = select(IMAGE.c.size_bytes).where(IMAGE.c.id == back_id)
     where = [JOB.c.id == _JID, claimable]
     if plain:
         # Only a start with nothing to sort out first: no attempt left open, no result.
@@ -123,11 +132,20 @@ def _claim_statement(*, plain: bool = False) -> Any:
             bought.scalar_subquery().label("bought"),
             front.scalar_subquery().label("front_data"),
             back.scalar_subquery().label("back_data"),
+            front_size.scalar_subquery().label("front_size"),
+            back_size.scalar_subquery().label("back_size"),
         )
     )
 
 
 _CLAIM = _claim_statement()
+
+# `inline_max` when every image comes with the claim (the largest value an INTEGER holds).
+NO_INLINE_LIMIT = 2**31 - 1
+
+_LOAD_IMAGES = select(IMAGE.c.id, IMAGE.c.data).where(
+    IMAGE.c.id.in_(bindparam("ids", expanding=True))
+)
 
 
 def _claim_and_open_statement(claim_statement: Any) -> Any:
@@ -153,11 +171,15 @@ def _claim_and_open_statement(claim_statement: Any) -> Any:
 _CLAIM_AND_OPEN = _claim_and_open_statement(_CLAIM)
 _CLAIM_PLAIN = _claim_and_open_statement(_claim_statement(plain=True))
 
+WORKER_LOST = "WorkerLost"
+
 _CLOSE_LOST = (
     update(ATTEMPT)
     .where(ATTEMPT.c.job_id == _JID, ATTEMPT.c.finished_at.is_(None))
-    .values(finished_at=_at("now"), outcome_code="WorkerLost", message="worker lost mid-call")
+    .values(finished_at=_at("now"), outcome_code=WORKER_LOST, message="worker lost mid-call")
 )
+
+_RENEW_LEASE = _job_update(lease_expires_at=_at("lease_until"))
 
 _SPEND = _job_update(attempts=JOB.c.attempts + bindparam("n"))
 
@@ -282,7 +304,7 @@ def _succeed_statement() -> Any:
     )
     rows = (
         func.unnest(
-            bindparam("w_codes", type_=ARRAY(SmallInteger())),
+            bindparam("w_codes", type_=ARRAY(BigInteger())),
             bindparam("w_names", type_=ARRAY(String())),
         )
         .table_valued("code", "name")
@@ -349,8 +371,12 @@ class Claimed:
     open_attempts: int
     last_number: int
     bought: bool
+    # The stored images' bytes: None for a side over the claim's `inline_max` (read it with
+    # `load_images`) or with no stored image; their sizes whenever one is stored.
     front_data: bytes | None
     back_data: bytes | None
+    front_size: int | None = None
+    back_size: int | None = None
     # Whether the claim opened attempt `last_number + 1` (only with open_attempt=True, and
     # only when no attempt was left open and no result is stored).
     opened: bool = False
@@ -366,12 +392,20 @@ def claim(
     lease_until: datetime,
     host: str,
     open_attempt: bool = False,
+    inline_max: int = NO_INLINE_LIMIT,
 ) -> Claimed | None:
     """Take the job if it is due (queued/retrying) or its lease expired; None if not ours.
 
     With `open_attempt`, a plain start also opens its first attempt (`Claimed.opened`): in
-    the same statement on PostgreSQL, right after it elsewhere."""
-    params = {"jid": job_id, "now": now, "lease_until": lease_until, "host": host}
+    the same statement on PostgreSQL, right after it elsewhere. Images larger than
+    `inline_max` bytes are not read (their `Claimed` data is None, their size given)."""
+    params = {
+        "jid": job_id,
+        "now": now,
+        "lease_until": lease_until,
+        "host": host,
+        "inline_max": inline_max,
+    }
     in_one = open_attempt and conn.dialect.name == "postgresql"
     row = conn.execute(_CLAIM_AND_OPEN if in_one else _CLAIM, params).first()
     if row is None:
@@ -385,12 +419,24 @@ def claim(
 
 
 def claim_plain(
-    conn: Connection, job_id: uuid.UUID, *, now: datetime, lease_until: datetime, host: str
+    conn: Connection,
+    job_id: uuid.UUID,
+    *,
+    now: datetime,
+    lease_until: datetime,
+    host: str,
+    inline_max: int = NO_INLINE_LIMIT,
 ) -> Claimed | None:
     """PostgreSQL only: take the job if it is a plain start (due or its lease expired, no
     attempt left open, no result stored) and open its first attempt, in ONE statement, so
     it may run on its own, outside a transaction. None otherwise: `claim` sorts out why."""
-    params = {"jid": job_id, "now": now, "lease_until": lease_until, "host": host}
+    params = {
+        "jid": job_id,
+        "now": now,
+        "lease_until": lease_until,
+        "host": host,
+        "inline_max": inline_max,
+    }
     row = conn.execute(_CLAIM_PLAIN, params).first()
     if row is None:
         return None
@@ -411,6 +457,8 @@ def _claimed(m: Any, *, opened: bool) -> Claimed:
         bought=bool(m["bought"]),
         front_data=m["front_data"],
         back_data=m["back_data"],
+        front_size=m["front_size"],
+        back_size=m["back_size"],
         opened=opened,
         tenant=m["tenant"],
     )
@@ -423,6 +471,27 @@ def close_lost_attempts(conn: Connection, job_id: uuid.UUID, now: datetime) -> i
     if count:
         conn.execute(_SPEND, {"jid": job_id, "n": count})
     return count
+
+
+def count_lost(conn: Connection, job_id: uuid.UUID, *, since: datetime | None) -> int:
+    """Attempts of the job that ended with its worker lost, since `since` (the job's current
+    round: a replay clears `started_at`, so older rounds do not count)."""
+    query = select(func.count()).where(
+        ATTEMPT.c.job_id == job_id, ATTEMPT.c.outcome_code == WORKER_LOST
+    )
+    if since is not None:
+        query = query.where(ATTEMPT.c.started_at >= since)
+    return int(conn.execute(query).scalar() or 0)
+
+
+def load_images(conn: Connection, ids: list[uuid.UUID]) -> dict[uuid.UUID, bytes]:
+    """The bytes of stored images by id (those the claim left out for their size)."""
+    return {row.id: row.data for row in conn.execute(_LOAD_IMAGES, {"ids": ids})}
+
+
+def renew_lease(conn: Connection, job_id: uuid.UUID, *, lease_until: datetime) -> None:
+    """Extend a running job's lease (it waits for memory before its call)."""
+    conn.execute(_RENEW_LEASE, {"jid": job_id, "lease_until": lease_until})
 
 
 def insert_attempt(

@@ -17,6 +17,7 @@ from datetime import datetime
 
 from sqlalchemy import Connection
 
+from worker.errors import WorkerLostError
 from worker.store import job_sql
 
 ConnectionScope = Callable[[], AbstractContextManager[Connection]]
@@ -27,6 +28,7 @@ class NotStarted(enum.StrEnum):
 
     not_claimed = "not_claimed"  # a duplicate or early message: someone else has it
     already_succeeded = "already_succeeded"  # a result is stored: never bought twice
+    failed = "failed"  # its worker was lost max_worker_lost times: failed, no call
 
 
 @dataclass(frozen=True)
@@ -46,17 +48,31 @@ def start_job(
     now: datetime,
     lease_until: datetime,
     host: str,
+    max_worker_lost: int | None = None,
+    inline_max: int = job_sql.NO_INLINE_LIMIT,
 ) -> Started | NotStarted:
     """Claim `job_id` and open its next attempt. `statement` (PostgreSQL only) runs one
-    statement with no transaction around it; None: every start is a transaction."""
+    statement with no transaction around it; None: every start is a transaction.
+
+    Taking over a dead worker's lease counts its lost attempt; at `max_worker_lost` the job
+    fails as Internal.WorkerLost instead (as the sweeper would). Images over `inline_max`
+    bytes are left out of the claim (see `job_sql.claim`)."""
     if statement is not None:
         with statement() as conn:
-            plain = job_sql.claim_plain(conn, job_id, now=now, lease_until=lease_until, host=host)
+            plain = job_sql.claim_plain(
+                conn, job_id, now=now, lease_until=lease_until, host=host, inline_max=inline_max
+            )
         if plain is not None:
             return Started(plain, plain.attempts, plain.last_number + 1)
     with transaction() as conn:
         claimed = job_sql.claim(
-            conn, job_id, now=now, lease_until=lease_until, host=host, open_attempt=True
+            conn,
+            job_id,
+            now=now,
+            lease_until=lease_until,
+            host=host,
+            open_attempt=True,
+            inline_max=inline_max,
         )
         if claimed is None:
             return NotStarted.not_claimed
@@ -65,6 +81,12 @@ def start_job(
             # We took a dead worker's expired lease: close its call as the sweeper would,
             # spending budget so a poison job ends.
             attempts += job_sql.close_lost_attempts(conn, job_id, now)
+            lost = job_sql.count_lost(conn, job_id, since=claimed.started_at)
+            if max_worker_lost is not None and lost >= max_worker_lost and not claimed.bought:
+                error = WorkerLostError(lost)
+                job_sql.uncount_call(conn, job_id)
+                job_sql.mark_failed(conn, job_id, now, error.code, error.message)
+                return NotStarted.failed
         if claimed.bought:
             # Bought already (a crash between finalize and ack, or a replayed message).
             job_sql.mark_already_succeeded(conn, job_id, now)

@@ -27,6 +27,7 @@ _DATE_FIELDS = {
     "FirstIssueDate": "first_issue_date",
     "CurrentIssueDate": "current_issue_date",
 }
+MAX_HEIGHT_M = Decimal(10)
 
 
 def warning_name(code: int) -> str:
@@ -90,7 +91,8 @@ def _height(resp: Mapping[str, Any], request_id: str) -> Decimal | None:
     except InvalidOperation:
         _malformed("Height", request_id)
         return None
-    if not height.is_finite() or height <= 0:
+    # Metres: anything from 10 m up is no reading (and would not fit its column).
+    if not height.is_finite() or height <= 0 or height >= MAX_HEIGHT_M:
         _malformed("Height", request_id)
         return None
     return height
@@ -192,4 +194,5 @@ def parse_response(resp: Mapping[str, Any]) -> OcrResult:
         warnings=warnings,
         warning_service_disabled=disabled,
         unreadable=unreadable,
+        answer=resp,
     )

@@ -6,9 +6,11 @@ classes never print personal data or image bytes.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date
 from decimal import Decimal
+from typing import Any
 
 # Stable names for WarnCardInfos codes (reference, WarnCardInfos table).
 WARNING_NAMES: dict[int, str] = {
@@ -96,6 +98,9 @@ class OcrResult:
     # snake_case names of date fields present in the answer but not DD-MM-YYYY dates (their
     # value above is None): the decision's `date_unreadable` check reads them.
     unreadable: tuple[str, ...] = ()
+    # The `Response` object this was parsed from, kept with the result until it is stored:
+    # if storing fails, it is what `kept_answer` keeps (see worker.store.kept).
+    answer: Mapping[str, Any] | None = field(default=None, compare=False)
 
     @property
     def validity_not_a_date(self) -> bool:
