@@ -3,10 +3,20 @@
 from models.base import Base
 from models.job import TERMINAL_STATUSES, Attempt, Image, Job, JobEvent, JobStatus
 from models.result import Portrait, Result, Warning
+from models.webhook import (
+    DeliveryStatus,
+    EventType,
+    WebhookAttempt,
+    WebhookDelivery,
+    WebhookEndpoint,
+    WebhookSecret,
+)
 
 __all__ = [
     "TERMINAL_STATUSES",
     "Attempt",
+    "DeliveryStatus",
+    "EventType",
     "Base",
     "Image",
     "Job",
@@ -15,4 +25,8 @@ __all__ = [
     "Portrait",
     "Result",
     "Warning",
+    "WebhookAttempt",
+    "WebhookDelivery",
+    "WebhookEndpoint",
+    "WebhookSecret",
 ]

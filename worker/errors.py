@@ -53,6 +53,15 @@ class ReplayRefused(MacaoOcrError):
     kind = "replay_refused"
 
 
+class WebhookUrlRefused(MacaoOcrError):
+    """A webhook URL leads to a non-public address (checked at every connection). Retried
+    within the delivery's window: DNS may be fixed, or the policy relaxed."""
+
+    retryable = True
+    spends_budget = False
+    kind = "webhook_url"
+
+
 class StateUnavailable(MacaoOcrError):
     """Redis (limiter, circuit) cannot be reached. We fail closed: wait, never call blind."""
 

@@ -43,6 +43,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from models import Attempt, Image, Job, JobStatus, Portrait, Result, Warning
 from models.base import UTCDateTime, utcnow
 from worker.tencent.types import OcrResult
+from worker.webhooks import outbox
 
 JOB: Table = Job.__table__  # type: ignore[assignment]
 ATTEMPT: Table = Attempt.__table__  # type: ignore[assignment]
@@ -276,7 +277,9 @@ def _succeed_statement() -> Any:
         .cte("new_portrait")
     )
     attempt = _CLOSE_ATTEMPT.cte("closed_attempt")
-    return _SUCCEEDED.add_cte(result, warnings, portrait, attempt)
+    # The webhook outbox rows (job.succeeded, and batch.completed for a batch's last job),
+    # in this same statement, only for a tenant with an endpoint.
+    return _SUCCEEDED.add_cte(result, warnings, portrait, attempt, *outbox.success_ctes())
 
 
 _SUCCEED_PG = _succeed_statement()
@@ -442,25 +445,32 @@ def store_success(
         **call.params(),
         **{f"r_{name}": getattr(result, name) for name in _RESULT_FIELDS},
         "p_data": result.portrait if portrait else None,
+        **outbox.event_params(call.finished_at, prefix="wh"),
+        **outbox.event_params(call.finished_at, prefix="whb"),
     }
     conn.execute(_SUCCEED_PG, params)
 
 
 def mark_succeeded(conn: Connection, job_id: uuid.UUID, done_at: datetime) -> None:
-    """The job succeeded with this attempt (which spent one unit of its budget)."""
+    """The job succeeded with this attempt (which spent one unit of its budget); its webhook
+    outbox rows in the same transaction."""
     conn.execute(_SUCCEEDED, {"jid": job_id, "done_at": done_at})
+    outbox.record_job_finished(conn, job_id, done_at)
 
 
 def mark_already_succeeded(conn: Connection, job_id: uuid.UUID, now: datetime) -> None:
     """A result was stored before this claim: succeeded, and the claim's count undone."""
     conn.execute(_ALREADY_SUCCEEDED, {"jid": job_id, "now": now})
+    outbox.record_job_finished(conn, job_id, now)
 
 
 def mark_failed(
     conn: Connection, job_id: uuid.UUID, now: datetime, code: str, message: str
 ) -> None:
-    """Terminal failure with its error code and message."""
+    """Terminal failure with its error code and message; its webhook outbox rows in the same
+    transaction."""
     conn.execute(_FAIL, {"jid": job_id, "now": now, "code": code, "message": message})
+    outbox.record_job_finished(conn, job_id, now)
 
 
 def uncount_call(conn: Connection, job_id: uuid.UUID) -> None:
