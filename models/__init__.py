@@ -15,9 +15,9 @@ from models.webhook import (
 __all__ = [
     "TERMINAL_STATUSES",
     "Attempt",
+    "Base",
     "DeliveryStatus",
     "EventType",
-    "Base",
     "Image",
     "Job",
     "JobEvent",

@@ -17,7 +17,19 @@ import migrations
 import models
 from models import Job, JobStatus, Result
 
-TABLES = {"image", "job", "attempt", "job_event", "result", "warning", "portrait"}
+TABLES = {
+    "image",
+    "job",
+    "attempt",
+    "job_event",
+    "result",
+    "warning",
+    "portrait",
+    "webhook_endpoint",
+    "webhook_secret",
+    "webhook_delivery",
+    "webhook_attempt",
+}
 
 
 def _tables(url: str) -> set[str]:

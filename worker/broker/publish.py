@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -47,8 +48,10 @@ class CeleryPublisher:
         if not ids:
             return
         with self.app.connection_for_write() as connection:
-            producer = self.app.amqp.Producer(connection, auto_declare=False)
-            with producer.batch(max_size=PIPELINE_COMMANDS):
+            producer: Any = self.app.amqp.Producer(connection, auto_declare=False)
+            # kombu < 5.7 has no publish batch: one round trip per message, as before.
+            batch = getattr(producer, "batch", None)
+            with batch(max_size=PIPELINE_COMMANDS) if batch else contextlib.nullcontext():
                 for one in ids:
                     self.app.send_task(
                         self.task, args=[str(one)], queue=self.queue, producer=producer

@@ -16,6 +16,7 @@ from worker.cli import (
     read_cmd,
     replay_cmd,
     tenants_cmd,
+    webhooks_cmd,
     worker_cmd,
 )
 
@@ -36,6 +37,7 @@ for _module in (
     read_cmd,
     ops_cmd,
     tenants_cmd,
+    webhooks_cmd,
 ):
     _module.register(app)
 

@@ -13,4 +13,7 @@ tenants_app = typer.Typer(
 
 def register(app: typer.Typer) -> None:
     """Add the `tenants` group (with every concern's subcommands) to the CLI."""
+    # Each concern's module adds its commands to tenants_app when imported.
+    from worker.cli import tenants_webhook_cmd  # noqa: F401
+
     app.add_typer(tenants_app, name="tenants")

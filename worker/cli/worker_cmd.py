@@ -1,4 +1,6 @@
-"""`macao-ocr worker`: N Celery worker processes (one per core), each a threads pool of C.
+"""`macao-ocr worker`: N Celery worker processes (one per core), each a threads pool of C,
+plus one process for webhook deliveries (their own queue: a slow receiver never holds a
+thread an OCR job could use).
 
 Each child is `celery -A worker worker -P threads -c C -Q macao-ocr -n macao-ocr-<i>@%h`:
 inside it one event loop carries hundreds of calls (worker/runtime.py). The launcher
@@ -20,7 +22,7 @@ from typing import Annotated
 import structlog
 import typer
 
-from worker.broker.publish import QUEUE
+from worker.broker.publish import QUEUE, WEBHOOK_QUEUE
 from worker.errors import ConfigError
 from worker.settings import Settings, load_settings
 
@@ -41,6 +43,19 @@ def worker_command(index: int, concurrency: int, loglevel: str) -> list[str]:
         "-n", f"macao-ocr-{index}@%h",
         "--loglevel", loglevel,
         # Nodes need no startup sync or gossip: the database coordinates jobs.
+        "--without-mingle", "--without-gossip",
+    ]  # fmt: skip
+
+
+def webhook_command(concurrency: int, loglevel: str) -> list[str]:
+    """The command line of the webhook delivery process."""
+    return [
+        sys.executable, "-m", "celery", "-A", "worker", "worker",
+        "-P", "threads",
+        "-c", str(concurrency),
+        "-Q", WEBHOOK_QUEUE,
+        "-n", "macao-ocr-webhooks@%h",
+        "--loglevel", loglevel,
         "--without-mingle", "--without-gossip",
     ]  # fmt: skip
 
@@ -147,8 +162,10 @@ def run_workers(settings: Settings, *, processes: int, concurrency: int, logleve
         # The aggregate is read from here by this process's collector, too.
         os.environ[MULTIPROC_ENV] = metrics_dir
         server = serve_metrics(settings)
+    commands = [worker_command(i, concurrency, loglevel) for i in range(1, processes + 1)]
+    commands.append(webhook_command(settings.webhook_concurrency, loglevel))
     supervisor = Supervisor(
-        commands=[worker_command(i, concurrency, loglevel) for i in range(1, processes + 1)],
+        commands=commands,
         env=_child_env(settings, concurrency, metrics_dir),
         metrics_dir=metrics_dir,
     )

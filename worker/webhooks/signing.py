@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-SECRET_PREFIX = "whsec_"
+SECRET_PREFIX = "whsec_"  # noqa: S105 (the format's prefix, not a secret)
 SECRET_BYTES = 32  # the specification asks for 24 to 64
 
 
@@ -43,7 +43,9 @@ def signature(secrets_in_use: Sequence[str], msg_id: str, timestamp: int, body: 
     return " ".join(parts)
 
 
-def headers(secrets_in_use: Sequence[str], msg_id: str, body: bytes, *, now: datetime) -> dict[str, str]:
+def headers(
+    secrets_in_use: Sequence[str], msg_id: str, body: bytes, *, now: datetime
+) -> dict[str, str]:
     """The request headers of one attempt (a fresh timestamp each time, same id and body)."""
     timestamp = int(now.timestamp())
     return {

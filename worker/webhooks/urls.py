@@ -79,7 +79,9 @@ def _addresses(host: str, port: int, resolve: bool) -> list[str]:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError:
-        raise InputError("webhook_url_unresolvable", f"webhook host {host} does not resolve") from None
+        raise InputError(
+            "webhook_url_unresolvable", f"webhook host {host} does not resolve"
+        ) from None
     return sorted({str(info[4][0]) for info in infos})
 
 
@@ -90,7 +92,9 @@ class PolicyResolver(AbstractResolver):
         self._allow_private = allow_private
         self._inner = inner or DefaultResolver()
 
-    async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET) -> Any:
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> Any:
         if not self._allow_private and host.rstrip(".").lower() in BLOCKED_NAMES:
             raise WebhookUrlRefused("webhook host is not a public address")
         results = await self._inner.resolve(host, port, family)
