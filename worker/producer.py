@@ -268,14 +268,17 @@ def _image_key(data: bytes) -> ImageKey:
 
 def _chunk_images(
     session: Session, tenant: str, requests: Sequence[OcrRequest]
-) -> dict[ImageKey, uuid.UUID]:
-    """The id of every image the chunk uploads: found (one query) or inserted (one
-    multi-row INSERT). The same bytes twice are stored once, as `store_image` does."""
+) -> dict[int, uuid.UUID]:
+    """The image id of every uploaded side of the chunk, by `id()` of its bytes: found (one
+    query) or inserted (one multi-row INSERT). The same bytes twice are stored once, as
+    `store_image` does."""
     wanted: dict[ImageKey, bytes] = {}
+    key_of: dict[int, ImageKey] = {}
     for request in requests:
         for side in (request.front, request.back):
             if side is not None and side.data is not None:
-                wanted.setdefault(_image_key(side.data), side.data)
+                key = key_of[id(side.data)] = _image_key(side.data)
+                wanted.setdefault(key, side.data)
     if not wanted:
         return {}
     ids: dict[ImageKey, uuid.UUID] = {}
@@ -311,7 +314,7 @@ def _chunk_images(
         )
     if rows:
         session.execute(insert(IMAGE_TABLE), rows)
-    return ids
+    return {data_id: ids[key] for data_id, key in key_of.items()}
 
 
 def _insert_chunk(
@@ -329,7 +332,7 @@ def _insert_chunk(
             return None, None
         if image.url is not None:
             return image.url, None
-        return None, images[_image_key(image.data or b"")]
+        return None, images[id(image.data)]
 
     now = utcnow()
     ids = [uuid.uuid4() for _ in specs]
