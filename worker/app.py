@@ -243,6 +243,20 @@ def get_app() -> MacaoCelery:
         return _app
 
 
+def _close_webhook_sender(app: MacaoCelery) -> None:
+    """Close the webhook sender's HTTP session on its loop, before the loop stops."""
+    from worker.runtime import get_runtime
+
+    with _senders_lock:
+        sender = _senders.pop(id(app), None)
+    if sender is None:
+        return
+    try:
+        get_runtime(app.settings).loop.run(sender.close(), timeout_s=5.0)
+    except Exception as err:
+        log.warning("webhook_sender_close_failed", error_type=type(err).__name__)
+
+
 # -- worker lifecycle: fail fast on bad config, warm the runtime, run the sweeper
 
 
@@ -287,6 +301,7 @@ def _connect_worker_signals(app: MacaoCelery) -> None:
             thread.stop()
         from worker.runtime import shutdown_runtime
 
+        _close_webhook_sender(app)
         shutdown_runtime()
 
     signals.worker_init.connect(on_worker_init, weak=False, dispatch_uid=f"{uid}.init")

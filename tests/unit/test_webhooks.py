@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import os
 import random
 import threading
 import time
@@ -452,3 +453,90 @@ def test_rotation_without_an_endpoint_names_the_missing_url(pg: sa.Engine) -> No
     with pytest.raises(InputError) as err:
         admin.set_endpoint(factory, "nobody", None, rotate_secret=True)
     assert err.value.rule == "webhook_url_missing"
+
+
+# -- the sweeper publishes due deliveries --------------------------------------------------
+
+
+def test_the_sweeper_publishes_due_deliveries_once_and_again_when_lost(pg: sa.Engine) -> None:
+    from worker.sweeper import sweep_once
+
+    add_endpoint(pg)
+    ids = add_jobs(pg, 1, batch=None)
+    with pg.begin() as conn:
+        job_sql.mark_failed(conn, ids[0], NOW, "X", "m")
+    (row,) = deliveries(pg)
+    factory = sessionmaker(pg, expire_on_commit=False)
+    settings = Settings(republish_after_s=60)
+    webhooks = RecordingPublisher()
+
+    def sweep(at: datetime) -> None:
+        sweep_once(factory, RecordingPublisher(), settings, now=at, webhook_publisher=webhooks)
+
+    sweep(NOW + timedelta(seconds=1))
+    assert webhooks.published == [row.id]
+    sweep(NOW + timedelta(seconds=2))
+    assert webhooks.published == [row.id]  # its message is out: not again
+    sweep(NOW + timedelta(seconds=62))  # never taken (lost with a Redis restart): again
+    assert webhooks.published == [row.id, row.id]
+    # Delivered: never again.
+    deliver(row.id, delivery_deps(pg, FakeReceiver([200]), lambda: NOW + timedelta(seconds=63)))
+    sweep(NOW + timedelta(seconds=200))
+    assert webhooks.published == [row.id, row.id]
+
+
+# -- the commands --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cli_db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    migrations.upgrade(url)
+    for name in list(os.environ):
+        if name.startswith("MACAO_OCR_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("MACAO_OCR_DATABASE_URL", url)
+    monkeypatch.setenv("MACAO_OCR_LOG_LEVEL", "WARNING")
+    return url
+
+
+def test_tenants_webhook_prints_the_secret_once(cli_db: str) -> None:
+    from typer.testing import CliRunner
+
+    from worker.cli import app
+
+    runner = CliRunner()
+    made = runner.invoke(
+        app, ["tenants", "webhook", "acme", "--url", "https://8.8.8.8/h", "--json"]
+    )
+    assert made.exit_code == 0, made.output
+    first = json.loads(made.stdout)
+    assert first["tenant"] == "acme" and first["secret"].startswith("whsec_")
+    moved = runner.invoke(
+        app, ["tenants", "webhook", "acme", "--url", "https://8.8.4.4/h", "--json"]
+    )
+    assert json.loads(moved.stdout) == {"tenant": "acme", "url": "https://8.8.4.4/h"}
+    rotated = runner.invoke(app, ["tenants", "webhook", "acme", "--rotate-secret", "--json"])
+    out = json.loads(rotated.stdout)
+    assert out["secret"] != first["secret"] and "previous_secret_expires_at" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["tenants", "webhook", "acme", "--url", "http://10.0.0.7/h"], "not a public address"),
+        (["tenants", "webhook", "acme"], "give --url"),
+        (["webhooks", "redeliver", "nope"], "not a delivery id"),
+        (["webhooks", "redeliver"], "give delivery ids or --failed"),
+    ],
+)
+def test_commands_refuse_bad_input_naming_it(cli_db: str, args: list[str], message: str) -> None:
+    from typer.testing import CliRunner
+
+    from worker.cli import app
+
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    assert message in result.output
+    with Session(sa.create_engine(cli_db)) as session:
+        assert session.scalar(sa.select(sa.func.count()).select_from(WebhookEndpoint)) == 0
