@@ -33,9 +33,7 @@ from sqlalchemy import (
     select,
     text,
 )
-from sqlalchemy import (
-    insert as sa_insert,
-)
+from sqlalchemy import insert as sa_insert
 
 from models import DeliveryStatus, EventType, Job, JobStatus, WebhookDelivery, WebhookEndpoint
 from models.base import UTCDateTime
