@@ -5,6 +5,14 @@ from models.base import Base
 from models.decision import DecisionReason, WarningPolicy
 from models.job import TERMINAL_STATUSES, Attempt, Image, Job, JobEvent, JobStatus
 from models.result import KeptAnswer, Portrait, Result, Warning
+from models.webhook import (
+    DeliveryStatus,
+    EventType,
+    WebhookAttempt,
+    WebhookDelivery,
+    WebhookEndpoint,
+    WebhookSecret,
+)
 
 __all__ = [
     "TERMINAL_STATUSES",
@@ -13,6 +21,8 @@ __all__ = [
     "Base",
     "Batch",
     "DecisionReason",
+    "DeliveryStatus",
+    "EventType",
     "IdempotencyKey",
     "Image",
     "Job",
@@ -24,4 +34,8 @@ __all__ = [
     "Tenant",
     "Warning",
     "WarningPolicy",
+    "WebhookAttempt",
+    "WebhookDelivery",
+    "WebhookEndpoint",
+    "WebhookSecret",
 ]

@@ -16,7 +16,13 @@ import structlog
 from celery import Celery, signals
 from celery.exceptions import Reject
 
-from worker.broker.publish import QUEUE, TASK_NAME, CeleryPublisher
+from worker.broker.publish import (
+    QUEUE,
+    TASK_NAME,
+    WEBHOOK_QUEUE,
+    WEBHOOK_TASK_NAME,
+    CeleryPublisher,
+)
 from worker.logs import bind_job, clear_job
 from worker.settings import Settings, load_settings
 
@@ -84,7 +90,7 @@ def create_app(settings: Settings) -> MacaoCelery:
         accept_content=["json"],
         event_serializer="json",
         task_default_queue=QUEUE,
-        task_routes={TASK_NAME: {"queue": QUEUE}},
+        task_routes={TASK_NAME: {"queue": QUEUE}, WEBHOOK_TASK_NAME: {"queue": WEBHOOK_QUEUE}},
         # Ack after the task body: a worker killed mid-job leaves its message to redeliver.
         task_acks_late=True,
         # ...and a lost worker process must not ack on its way out either.
@@ -193,7 +199,55 @@ def register_tasks(app: MacaoCelery) -> Any:
     def process_job_task(self: Any, job_id: str) -> str:
         return run_job(app, str(job_id), getattr(self.request, "hostname", None))
 
+    @app.task(  # type: ignore[untyped-decorator,misc]
+        name=WEBHOOK_TASK_NAME,
+        shared=False,
+        queue=WEBHOOK_QUEUE,
+        acks_late=True,
+        reject_on_worker_lost=True,
+        ignore_result=True,
+        # Retries are scheduled in the outbox row, never by Celery.
+        max_retries=0,
+    )
+    def deliver_webhook_task(delivery_id: str) -> str:
+        return run_delivery(app, str(delivery_id))
+
     return process_job_task
+
+
+def run_delivery(app: MacaoCelery, delivery_id: str) -> str:
+    """The webhook task's body: one attempt at one delivery (worker.webhooks.delivery)."""
+    from worker.runtime import get_runtime
+    from worker.webhooks.delivery import DeliveryDeps, deliver
+
+    try:
+        runtime = get_runtime(app.settings)
+        deps = DeliveryDeps(
+            settings=app.settings, transaction=runtime.engine.begin, send=_webhook_sender(app)
+        )
+        return deliver(delivery_id, deps)
+    except Exception as err:
+        # The delivery's lease brings it back through the sweeper. No text: it could hold
+        # a URL with a token in it.
+        log.error("webhook_crashed", error_type=type(err).__name__)
+        raise TaskCrashed(type(err).__name__) from None
+
+
+_senders: dict[int, Any] = {}
+_senders_lock = threading.Lock()
+
+
+def _webhook_sender(app: MacaoCelery) -> Any:
+    """One HTTP sender per app (one aiohttp session on the runtime's loop)."""
+    from worker.runtime import get_runtime
+    from worker.webhooks.sender import HttpSender
+
+    with _senders_lock:
+        sender = _senders.get(id(app))
+        if sender is None:
+            runtime = get_runtime(app.settings)
+            sender = _senders[id(app)] = HttpSender(app.settings, runtime.loop.run)
+        return sender
 
 
 _app: MacaoCelery | None = None
@@ -207,6 +261,20 @@ def get_app() -> MacaoCelery:
         if _app is None:
             _app = create_app(load_settings())
         return _app
+
+
+def _close_webhook_sender(app: MacaoCelery) -> None:
+    """Close the webhook sender's HTTP session on its loop, before the loop stops."""
+    from worker.runtime import get_runtime
+
+    with _senders_lock:
+        sender = _senders.pop(id(app), None)
+    if sender is None:
+        return
+    try:
+        get_runtime(app.settings).loop.run(sender.close(), timeout_s=5.0)
+    except Exception as err:
+        log.warning("webhook_sender_close_failed", error_type=type(err).__name__)
 
 
 # -- worker lifecycle: fail fast on bad config, warm the runtime, run the sweeper
@@ -240,7 +308,10 @@ def _connect_worker_signals(app: MacaoCelery) -> None:
         from worker.sweeper import start_sweeper_thread
 
         runtime = get_runtime(app.settings)
-        thread = start_sweeper_thread(app.settings, runtime.session_factory, CeleryPublisher(app))
+        webhooks = CeleryPublisher(app, task=WEBHOOK_TASK_NAME, queue=WEBHOOK_QUEUE)
+        thread = start_sweeper_thread(
+            app.settings, runtime.session_factory, CeleryPublisher(app), webhooks
+        )
         sweeper.append(thread)
 
     def on_worker_shutdown(sender: Any = None, **_: Any) -> None:
@@ -250,6 +321,7 @@ def _connect_worker_signals(app: MacaoCelery) -> None:
             thread.stop()
         from worker.runtime import shutdown_runtime
 
+        _close_webhook_sender(app)
         shutdown_runtime()
 
     signals.worker_init.connect(on_worker_init, weak=False, dispatch_uid=f"{uid}.init")

@@ -109,6 +109,15 @@ class WorkerLostError(MacaoOcrError):
         )
 
 
+class WebhookUrlRefused(MacaoOcrError):
+    """A webhook URL leads to a non-public address (checked at every connection). Retried
+    within the delivery's window: DNS may be fixed, or the policy relaxed."""
+
+    retryable = True
+    spends_budget = False
+    kind = "webhook_url"
+
+
 class StateUnavailable(MacaoOcrError):
     """Redis (limiter, circuit) cannot be reached. We fail closed: wait, never call blind."""
 

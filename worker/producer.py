@@ -3,28 +3,34 @@
 A job that is committed but not published (broker down, producer killed) is not lost: its
 `enqueued_at` stays NULL and the sweeper publishes it. The reverse (a message for a row that
 does not exist yet) cannot happen, because publishing waits for the commit.
+
+Many jobs (`submit_many`, the CLI manifest) go in chunks: per chunk one query finds the images
+already stored, one multi-row INSERT adds the new ones, one the jobs, one commit, and then
+one pipelined publish of the chunk's ids (`CeleryPublisher`). A chunk that fails to commit
+publishes nothing; the chunks before it stay submitted.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
-from sqlalchemy import update
+from sqlalchemy import Table, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from models import Job, JobStatus
+from models import Image, Job, JobStatus
 from models.base import utcnow
 from worker.broker.publish import Publisher
 from worker.errors import InputError
 from worker.settings import Settings
-from worker.store.images import store_image
+from worker.store.images import CONTENT_TYPES, store_image
 from worker.tencent.types import ImageInput, OcrRequest
-from worker.tencent.validation import validate_request
+from worker.tencent.validation import sniff_image_type, validate_request
 
 log = structlog.get_logger(__name__)
 
@@ -33,6 +39,8 @@ Source = str | Path | bytes
 ProgressFn = Callable[[int, int], None]
 
 CHUNK_ROWS = 500
+JOB_TABLE: Table = Job.__table__  # type: ignore[assignment]
+IMAGE_TABLE: Table = Image.__table__  # type: ignore[assignment]
 MAX_LABEL_CHARS = 200  # job.tag and job.batch columns
 MANIFEST_COLUMNS = ("front", "back", "tag")
 
@@ -248,10 +256,7 @@ def submit_many(
     for chunk in _chunks(specs, chunk_rows):
         requests = [prepare(spec) for spec in chunk]
         with session_factory() as session:
-            chunk_ids = [
-                _add_job(session, settings, request, spec, batch, batch_id)
-                for request, spec in zip(requests, chunk, strict=True)
-            ]
+            chunk_ids = _insert_chunk(session, settings.tenant, requests, chunk, batch, batch_id)
             session.commit()
         if not _publish(session_factory, publisher, chunk_ids):
             unpublished += len(chunk_ids)
@@ -259,6 +264,111 @@ def submit_many(
         if progress is not None:
             progress(len(ids), len(specs))
     log.info("jobs_submitted", jobs=len(ids), unpublished=unpublished)
+    return ids
+
+
+ImageKey = tuple[str, int]  # (sha256, size): how the image table finds a tenant's duplicate
+
+
+def _image_key(data: bytes) -> ImageKey:
+    return hashlib.sha256(data).hexdigest(), len(data)
+
+
+def _chunk_images(
+    session: Session, tenant: str, requests: Sequence[OcrRequest]
+) -> dict[int, uuid.UUID]:
+    """The image id of every uploaded side of the chunk, by `id()` of its bytes: found (one
+    query) or inserted (one multi-row INSERT). The same bytes twice are stored once, as
+    `store_image` does."""
+    wanted: dict[ImageKey, bytes] = {}
+    key_of: dict[int, ImageKey] = {}
+    for request in requests:
+        for side in (request.front, request.back):
+            if side is not None and side.data is not None:
+                key = key_of[id(side.data)] = _image_key(side.data)
+                wanted.setdefault(key, side.data)
+    if not wanted:
+        return {}
+    ids: dict[ImageKey, uuid.UUID] = {}
+    found = session.execute(
+        select(IMAGE_TABLE.c.id, IMAGE_TABLE.c.sha256, IMAGE_TABLE.c.size_bytes).where(
+            IMAGE_TABLE.c.tenant == tenant,
+            IMAGE_TABLE.c.sha256.in_(sorted({sha for sha, _ in wanted})),
+        )
+    )
+    for row in found:
+        ids.setdefault((row.sha256, row.size_bytes), row.id)
+    now = utcnow()
+    rows = []
+    for key, data in wanted.items():
+        if key in ids:
+            continue
+        kind = sniff_image_type(data)
+        if kind is None:  # validated already; a file changed since is refused here
+            raise InputError(
+                "not_png_or_jpeg", "image is neither PNG nor JPEG (rule not_png_or_jpeg)"
+            )
+        ids[key] = uuid.uuid4()
+        rows.append(
+            {
+                "id": ids[key],
+                "tenant": tenant,
+                "sha256": key[0],
+                "content_type": CONTENT_TYPES[kind],
+                "size_bytes": key[1],
+                "data": data,
+                "created_at": now,
+            }
+        )
+    if rows:
+        session.execute(insert(IMAGE_TABLE), rows)
+    return {data_id: ids[key] for data_id, key in key_of.items()}
+
+
+def _insert_chunk(
+    session: Session,
+    tenant: str,
+    requests: Sequence[OcrRequest],
+    specs: Sequence[JobSpec],
+    batch: str | None,
+    batch_id: uuid.UUID | None = None,
+) -> list[uuid.UUID]:
+    """The chunk's images and jobs as multi-row INSERTs (not committed); ids in order."""
+    images = _chunk_images(session, tenant, requests)
+
+    def side(image: ImageInput | None) -> tuple[str | None, uuid.UUID | None]:
+        if image is None:
+            return None, None
+        if image.url is not None:
+            return image.url, None
+        return None, images[id(image.data)]
+
+    now = utcnow()
+    ids = [uuid.uuid4() for _ in specs]
+    rows = []
+    for job_id, request, spec in zip(ids, requests, specs, strict=True):
+        front_url, front_image_id = side(request.front)
+        back_url, back_image_id = side(request.back)
+        rows.append(
+            {
+                "id": job_id,
+                "tenant": tenant,
+                "status": JobStatus.queued,
+                "front_url": front_url,
+                "front_image_id": front_image_id,
+                "back_url": back_url,
+                "back_image_id": back_image_id,
+                "portrait": request.portrait,
+                "tag": spec.tag,
+                "batch": batch,
+                "batch_id": batch_id,
+                "attempts": 0,
+                "api_calls": 0,
+                "created_at": now,
+            }
+        )
+    # One statement: SQLAlchemy sends an executemany of one INSERT as multi-row VALUES.
+    session.execute(insert(JOB_TABLE), rows)
     return ids
 
 

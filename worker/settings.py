@@ -125,6 +125,17 @@ class Settings(BaseSettings):
     # from the image limits).
     http_max_batch_body_bytes: PositiveInt = 64 * 1024 * 1024
 
+    # -- webhooks (worker/webhooks/)
+    # Allow receivers on loopback/private/link-local addresses (tests, on-premise receivers).
+    webhook_allow_private: bool = False
+    webhook_timeout_s: PositiveFloat = 10.0
+    # Exponential backoff with full jitter between attempts, for webhook_max_age_s (24 h).
+    webhook_backoff_base_s: PositiveFloat = 5.0
+    webhook_backoff_max_s: PositiveFloat = 3_600.0
+    webhook_max_age_s: PositiveFloat = 86_400.0
+    # Threads of the worker process that sends webhooks (its own queue and process).
+    webhook_concurrency: PositiveInt = 16
+
     # -- operations
     log_level: str = "INFO"
     log_json: bool = True

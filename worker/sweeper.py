@@ -16,7 +16,10 @@ forever:
    but we don't flood);
 4. dead workers: `running` jobs whose lease expired get their open attempt closed as
    `WorkerLost` (a budget attempt, so a job that kills its worker cannot loop forever) and go
-   back to `retrying`, due now; rule 1 of the same sweep publishes them.
+   back to `retrying`, due now; rule 1 of the same sweep publishes them (or fail, with their
+   webhook outbox rows in the same transaction);
+5. webhooks: deliveries due in the outbox (new, due for a retry, or their message lost) get
+   a message on the webhook queue (worker.webhooks.dispatch).
 
 State changes are committed BEFORE anything is published; `enqueued_at` is written only after
 a publish succeeded, so a failed publish is simply picked up by the next sweep.
@@ -47,6 +50,7 @@ from worker.broker.queue import broker_job_ids, broker_message_count, stale_deli
 from worker.errors import WorkerLostError
 from worker.settings import Settings
 from worker.store import job_sql, terminal
+from worker.webhooks import dispatch, outbox
 
 log = structlog.get_logger(__name__)
 
@@ -83,6 +87,8 @@ class SweepReport:
     broker_restarted: bool = False
     broker_scanned: bool = False
     published: int = 0
+    # Webhook deliveries published (rule 5).
+    deliveries: list[uuid.UUID] = field(default_factory=list)
     publish_failed: bool = False
 
     @property
@@ -106,14 +112,18 @@ def sweep_once(
     *,
     redis: redis.Redis | None = None,
     now: datetime | None = None,
+    webhook_publisher: Publisher | None = None,
 ) -> SweepReport:
-    """Run every sweep rule once. `redis` is the broker's Redis; without it rule 3 is skipped."""
+    """Run every sweep rule once. `redis` is the broker's Redis; without it rule 3 is skipped.
+    Without `webhook_publisher` rule 5 is."""
     report = SweepReport(at=_utc(now))
     _recover_dead_workers(session_factory, settings, report)
     _publish_due_retries(session_factory, publisher, report)
     _publish_never_published(session_factory, publisher, report)
     if redis is not None:
         _republish_lost(session_factory, publisher, settings, redis, report)
+    if webhook_publisher is not None:
+        _publish_due_deliveries(session_factory, webhook_publisher, settings, report)
     if report.changed:
         log.info(
             "sweep",
@@ -189,6 +199,9 @@ def _recover_dead_workers(
                 job.next_attempt_at = None
                 report.failed.append(job.id)
                 terminal.on_job_terminal(session.connection(), job.id, JobStatus.failed)
+                # Its webhook outbox rows read the failed row: write it first.
+                session.flush()
+                outbox.record_job_finished(session.connection(), job.id, now)
             else:
                 job.status = JobStatus.retrying
                 job.next_attempt_at = now
@@ -276,6 +289,32 @@ def _publish(
         done.extend(chunk)
         report.published += len(chunk)
     return done
+
+
+# -- rule 5: webhook deliveries ----------------------------------------------------------
+
+
+def _publish_due_deliveries(
+    session_factory: sessionmaker[Session],
+    publisher: Publisher,
+    settings: Settings,
+    report: SweepReport,
+) -> None:
+    with session_factory() as session:
+        ids = dispatch.due_deliveries(
+            session, report.at, republish_after_s=settings.republish_after_s, limit=SWEEP_LIMIT
+        )
+    for chunk in _chunks(ids, PUBLISH_CHUNK):
+        try:
+            publisher.publish(chunk)
+        except Exception as exc:  # the broker is down: the next sweep tries again
+            log.warning(
+                "sweep_webhook_publish_failed", deliveries=len(chunk), error=type(exc).__name__
+            )
+            return
+        with session_factory() as session, session.begin():
+            dispatch.mark_enqueued(session, chunk, report.at)
+        report.deliveries.extend(chunk)
 
 
 # -- rule 3: messages lost with the broker ----------------------------------------------
@@ -401,11 +440,19 @@ def sweep_if_leader(
     client: redis.Redis,
     *,
     now: datetime | None = None,
+    webhook_publisher: Publisher | None = None,
 ) -> SweepReport | None:
     """One tick of the loop: sweep when this process leads, else None."""
     if not leader.try_lead():
         return None
-    return sweep_once(session_factory, publisher, settings, redis=client, now=now)
+    return sweep_once(
+        session_factory,
+        publisher,
+        settings,
+        redis=client,
+        now=now,
+        webhook_publisher=webhook_publisher,
+    )
 
 
 def run_sweeper(
@@ -415,6 +462,7 @@ def run_sweeper(
     stop: threading.Event,
     *,
     client: redis.Redis | None = None,
+    webhook_publisher: Publisher | None = None,
 ) -> None:
     """The loop: sweep every sweep_interval_s while leading; outages are logged and outlived."""
     client = client or broker_client(settings)
@@ -424,7 +472,14 @@ def run_sweeper(
         while not stop.is_set():
             started = time.monotonic()
             try:
-                sweep_if_leader(leader, session_factory, publisher, settings, client)
+                sweep_if_leader(
+                    leader,
+                    session_factory,
+                    publisher,
+                    settings,
+                    client,
+                    webhook_publisher=webhook_publisher,
+                )
                 if failing:
                     log.info("sweeper_recovered")
                 failing = False
@@ -445,14 +500,19 @@ class SweeperThread(threading.Thread):
     """The sweeper loop in a daemon thread; `stop()` ends it and gives up the lead."""
 
     def __init__(
-        self, settings: Settings, session_factory: sessionmaker[Session], publisher: Publisher
+        self,
+        settings: Settings,
+        session_factory: sessionmaker[Session],
+        publisher: Publisher,
+        webhook_publisher: Publisher | None = None,
     ) -> None:
         super().__init__(name="macao-ocr-sweeper", daemon=True)
         self.stop_event = threading.Event()
         self._args = (settings, session_factory, publisher)
+        self._webhook_publisher = webhook_publisher
 
     def run(self) -> None:
-        run_sweeper(*self._args, self.stop_event)
+        run_sweeper(*self._args, self.stop_event, webhook_publisher=self._webhook_publisher)
 
     def stop(self, timeout_s: float | None = 5.0) -> None:
         self.stop_event.set()
@@ -461,9 +521,12 @@ class SweeperThread(threading.Thread):
 
 
 def start_sweeper_thread(
-    settings: Settings, session_factory: sessionmaker[Session], publisher: Publisher
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+    publisher: Publisher,
+    webhook_publisher: Publisher | None = None,
 ) -> SweeperThread:
     """Start the sweeper loop in a daemon thread (one per worker process; one leader sweeps)."""
-    thread = SweeperThread(settings, session_factory, publisher)
+    thread = SweeperThread(settings, session_factory, publisher, webhook_publisher)
     thread.start()
     return thread

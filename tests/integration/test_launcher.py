@@ -88,9 +88,11 @@ class Launcher:
             )
 
     def wait_children(self, n: int, broker_url: str) -> list[int]:
-        """Wait until `n` children answer a ping under our hostname; their pids."""
+        """Wait until `n` OCR children and the webhook process answer a ping under our
+        hostname; all their pids."""
         deadline = time.monotonic() + START_TIMEOUT_S
         want = {f"macao-ocr-{i}@{self.hostname}" for i in range(1, n + 1)}
+        want.add(f"macao-ocr-webhooks@{self.hostname}")
         while True:
             if self.proc.poll() is not None:
                 pytest.fail(f"launcher exited:\n{self.log.read_text()[-3000:]}", pytrace=False)
@@ -99,7 +101,7 @@ class Launcher:
             if time.monotonic() > deadline:
                 pytest.fail(f"children not ready:\n{self.log.read_text()[-3000:]}", pytrace=False)
         pids = started_pids(self.log)
-        assert len(pids) == n, pids
+        assert len(pids) == n + 1, pids
         return pids
 
     def cleanup(self, pids: list[int]) -> None:

@@ -341,7 +341,8 @@ def test_fleet_gauges_are_set_from_the_first_scrape_and_alerts_fire(
         m = scrape(url)
         assert m[("macao_ocr_api_calls_total", (("outcome_code", "OK"),))] == 1
         assert m[("macao_ocr_quota_per_second", ())] == 5
-        assert m[("macao_ocr_workers_alive", ())] == 2
+        # Two OCR processes and the webhook delivery process.
+        assert m[("macao_ocr_workers_alive", ())] == 3
         # One family, one sample each: the workers' own copies are not served beside them.
         for name in ("macao_ocr_quota_per_second", "macao_ocr_effective_rate_per_second"):
             assert [k for k in m if k[0] == name] == [(name, ())]

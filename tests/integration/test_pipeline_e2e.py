@@ -330,8 +330,8 @@ def test_one_process_keeps_a_hundred_slow_calls_in_flight(
 def test_launcher_runs_supervises_and_stops_its_processes(
     worker_env: dict[str, str], clean_redis: str, tmp_path: Path
 ) -> None:
-    """`macao-ocr worker --processes 2`: two nodes answer, a killed child is replaced, and
-    SIGTERM stops everything."""
+    """`macao-ocr worker --processes 2`: two OCR nodes and the webhook node answer, a killed
+    child is replaced, and SIGTERM stops everything."""
     from celery import Celery
 
     log = (tmp_path / "launcher.log").open("wb")
@@ -344,10 +344,14 @@ def test_launcher_runs_supervises_and_stops_its_processes(
     )
     app = Celery("ping", broker=clean_redis, set_as_current=False)
     try:
-        nodes = _wait_nodes(app, 2, timeout_s=60)
-        assert all(n.startswith(("macao-ocr-1@", "macao-ocr-2@")) for n in nodes)
+        nodes = _wait_nodes(app, 3, timeout_s=60)
+        assert sorted(n.split("@")[0] for n in nodes) == [
+            "macao-ocr-1",
+            "macao-ocr-2",
+            "macao-ocr-webhooks",
+        ]
         pids = {reply["pid"] for reply in _stats(app).values()}
-        assert len(pids) == 2
+        assert len(pids) == 3
         victim = next(iter(pids))
         import os
 
@@ -355,7 +359,7 @@ def test_launcher_runs_supervises_and_stops_its_processes(
         deadline = time.monotonic() + 60
         while True:
             current = {reply["pid"] for reply in _stats(app).values()}
-            if len(current) == 2 and victim not in current:
+            if len(current) == 3 and victim not in current:
                 break
             assert time.monotonic() < deadline, "killed worker was not replaced"
             time.sleep(1)

@@ -7,6 +7,7 @@ import json
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -320,3 +321,56 @@ def test_sqlite_embedded_default(tmp_path: Path) -> None:
         front = load_request(session, job).front
         assert front is not None and front.data == data
     engine.dispose()
+
+
+def test_a_chunk_that_fails_to_commit_publishes_nothing(
+    committed: tuple[sessionmaker[Session], sa.Engine], settings: Settings
+) -> None:
+    factory, observer = committed
+    commits = 0
+
+    def fail_second_chunk(_session: Session) -> None:
+        nonlocal commits
+        commits += 1
+        # Commits: chunk 1, chunk 1's enqueued_at, chunk 2 (refused here).
+        if commits == 3:
+            raise sa.exc.OperationalError("COMMIT", {}, ConnectionError("server closed"))
+
+    sa.event.listen(factory, "before_commit", fail_second_chunk)
+    publisher = RecordingPublisher()
+    specs = [JobSpec(front=image_bytes(color=(i, 9, 9)), tag=f"row-{i}") for i in range(6)]
+    with pytest.raises(sa.exc.OperationalError):
+        submit_many(factory, publisher, settings, specs, chunk_rows=2)
+
+    assert len(publisher.batches) == 1
+    with observer.connect() as conn:
+        stored = set(conn.scalars(sa.select(Job.id)))
+        tags = set(conn.scalars(sa.select(Job.tag)))
+    assert stored == set(publisher.batches[0])
+    assert tags == {"row-0", "row-1"}
+
+
+def test_a_chunk_is_one_insert_of_its_jobs_and_one_of_its_new_images(
+    committed: tuple[sessionmaker[Session], sa.Engine], settings: Settings
+) -> None:
+    factory, observer = committed
+    statements: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        statements.append(statement.split("(")[0].strip())
+
+    engine = factory.kw["bind"]
+    sa.event.listen(engine, "before_cursor_execute", record)
+    shared = image_bytes(color=(1, 2, 3))
+    specs = [JobSpec(front=shared if i % 2 else image_bytes(color=(i, 0, 5))) for i in range(8)]
+    ids = submit_many(factory, RecordingPublisher(), settings, specs, chunk_rows=4)
+
+    assert statements.count("INSERT INTO job") == 2
+    assert statements.count("INSERT INTO image") == 2
+    with observer.connect() as conn:
+        assert conn.scalar(sa.select(sa.func.count()).select_from(Image)) == 5  # 4 + shared
+        assert conn.scalar(sa.select(sa.func.count()).select_from(Job)) == 8
+    with factory() as session:
+        for job_id, spec in zip(ids, specs, strict=True):
+            request = load_request(session, session.get_one(Job, job_id))
+            assert request.front is not None and request.front.data == spec.front

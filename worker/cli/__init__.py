@@ -21,6 +21,7 @@ from worker.cli import (
     read_cmd,
     replay_cmd,
     tenants_cmd,
+    webhooks_cmd,
     worker_cmd,
 )
 from worker.cli.common import BoundaryGroup, CliOptions
@@ -75,6 +76,7 @@ for _module in (
     tenants_cmd,
     decide_cmd,
     api_cmd,
+    webhooks_cmd,
 ):
     _module.register(app)
 

@@ -153,19 +153,24 @@ def sweep_command(
 def _sweep(
     settings: Settings, session_factory: sessionmaker[Session], *, once: bool, as_json: bool
 ) -> None:
+    from worker.broker.publish import WEBHOOK_QUEUE, WEBHOOK_TASK_NAME, CeleryPublisher
     from worker.sweeper import broker_client, run_sweeper, sweep_once
 
-    publisher = make_publisher(settings)[0]
+    publisher, app = make_publisher(settings)
+    webhooks = CeleryPublisher(app, task=WEBHOOK_TASK_NAME, queue=WEBHOOK_QUEUE)
     client = broker_client(settings)
     if once:
         # An operator's explicit sweep runs even while a worker leads: the rules are idempotent.
-        report = sweep_once(session_factory, publisher, settings, redis=client)
+        report = sweep_once(
+            session_factory, publisher, settings, redis=client, webhook_publisher=webhooks
+        )
         counts = {
             "due_retries": len(report.due_retries),
             "never_published": len(report.never_published),
             "lost": len(report.lost),
             "recovered": len(report.recovered),
             "failed": len(report.failed),
+            "webhook_deliveries": len(report.deliveries),
             "broker_restarted": report.broker_restarted,
             "publish_failed": report.publish_failed,
         }
@@ -183,7 +188,9 @@ def _sweep(
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    run_sweeper(settings, session_factory, publisher, stop, client=client)
+    run_sweeper(
+        settings, session_factory, publisher, stop, client=client, webhook_publisher=webhooks
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import typer
 
-from worker.cli import api_keys_cmd, policy_cmd
+from worker.cli import api_keys_cmd, policy_cmd, tenants_webhook_cmd
 from worker.cli.tenants_group import tenants_app
 
 # The modules whose import adds their `tenants` subcommands.
-CONCERNS = (api_keys_cmd, policy_cmd)
+CONCERNS = (api_keys_cmd, policy_cmd, tenants_webhook_cmd)
 
 
 def register(app: typer.Typer) -> None:

@@ -1,4 +1,6 @@
-"""`macao-ocr worker`: N Celery worker processes (one per core), each a threads pool of C.
+"""`macao-ocr worker`: N Celery worker processes (one per core), each a threads pool of C,
+plus one process for webhook deliveries (their own queue: a slow receiver never holds a
+thread an OCR job could use).
 
 Each child is `celery -A worker worker -P threads -c C -Q macao-ocr -n macao-ocr-<i>@<host>`:
 inside it one event loop carries hundreds of calls (worker/runtime.py). The launcher first
@@ -24,7 +26,7 @@ from typing import TYPE_CHECKING, Annotated
 import structlog
 import typer
 
-from worker.broker.publish import QUEUE
+from worker.broker.publish import QUEUE, WEBHOOK_QUEUE
 from worker.errors import ConfigError, DeploymentError
 from worker.procs import die_with_parent
 from worker.settings import Settings, env_name, load_settings
@@ -56,6 +58,19 @@ def worker_command(index: int, concurrency: int, loglevel: str, hostname: str) -
 def node_name(index: int, hostname: str) -> str:
     """Celery's node name of child `index`: unique per launcher when hostnames differ."""
     return f"macao-ocr-{index}@{hostname}"
+
+
+def webhook_command(concurrency: int, loglevel: str, hostname: str) -> list[str]:
+    """The command line of the webhook delivery process."""
+    return [
+        sys.executable, "-m", "celery", "-A", "worker", "worker",
+        "-P", "threads",
+        "-c", str(concurrency),
+        "-Q", WEBHOOK_QUEUE,
+        "-n", f"macao-ocr-webhooks@{hostname}",
+        "--loglevel", loglevel,
+        "--without-mingle", "--without-gossip",
+    ]  # fmt: skip
 
 
 @dataclass
@@ -214,8 +229,10 @@ def run_workers(
         metrics_dir = prepare_multiproc_dir(settings)
         # The aggregate is read from here by this process's collector, too.
         os.environ[MULTIPROC_ENV] = metrics_dir
+    commands = [worker_command(i, concurrency, loglevel, host) for i in range(1, processes + 1)]
+    commands.append(webhook_command(settings.webhook_concurrency, loglevel, host))
     supervisor = Supervisor(
-        commands=[worker_command(i, concurrency, loglevel, host) for i in range(1, processes + 1)],
+        commands=commands,
         env=_child_env(settings, concurrency, metrics_dir),
         metrics_dir=metrics_dir,
     )

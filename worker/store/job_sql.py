@@ -48,6 +48,7 @@ from models.base import UTCDateTime, utcnow
 from worker.decision.engine import Decision
 from worker.store import terminal
 from worker.tencent.types import OcrResult
+from worker.webhooks import outbox
 
 JOB: Table = Job.__table__  # type: ignore[assignment]
 ATTEMPT: Table = Attempt.__table__  # type: ignore[assignment]
@@ -349,8 +350,10 @@ def _succeed_statement() -> Any:
         .cte("new_reasons")
     )
     attempt = _CLOSE_ATTEMPT.cte("closed_attempt")
-    # The batch counter (and any other terminal side effect) in the same statement.
-    side_effects = terminal.terminal_ctes(JobStatus.succeeded)
+    # Terminal side effects in the same statement: the batch counter, and the webhook outbox
+    # rows (job.succeeded, and batch.completed for a batch's last job; only for a tenant with
+    # an endpoint).
+    side_effects = (*terminal.terminal_ctes(JobStatus.succeeded), *outbox.success_ctes())
     return _SUCCEEDED.add_cte(result, warnings, reasons, portrait, attempt, *side_effects)
 
 
@@ -576,28 +579,34 @@ def store_success(
         **call.params(),
         **{f"r_{name}": getattr(result, name) for name in _RESULT_FIELDS},
         "p_data": result.portrait if portrait else None,
+        **outbox.event_params(call.finished_at, prefix="wh"),
+        **outbox.event_params(call.finished_at, prefix="whb"),
     }
     conn.execute(_SUCCEED_PG, params)
 
 
 def mark_succeeded(conn: Connection, job_id: uuid.UUID, done_at: datetime) -> None:
-    """The job succeeded with this attempt (which spent one unit of its budget). The caller
-    runs `terminal.on_job_terminal` in the same transaction (store_success does)."""
+    """The job succeeded with this attempt (which spent one unit of its budget), with its
+    terminal side effects (batch counter, webhook outbox rows) in the same transaction."""
     conn.execute(_SUCCEEDED, {"jid": job_id, "done_at": done_at})
+    outbox.record_job_finished(conn, job_id, done_at)
 
 
 def mark_already_succeeded(conn: Connection, job_id: uuid.UUID, now: datetime) -> None:
     """A result was stored before this claim: succeeded, and the claim's count undone."""
     conn.execute(_ALREADY_SUCCEEDED, {"jid": job_id, "now": now})
     terminal.on_job_terminal(conn, job_id, JobStatus.succeeded)
+    outbox.record_job_finished(conn, job_id, now)
 
 
 def mark_failed(
     conn: Connection, job_id: uuid.UUID, now: datetime, code: str, message: str
 ) -> None:
-    """Terminal failure with its error code and message (and its terminal side effects)."""
+    """Terminal failure with its error code and message, and its terminal side effects (batch
+    counter, webhook outbox rows) in the same transaction."""
     conn.execute(_FAIL, {"jid": job_id, "now": now, "code": code, "message": message})
     terminal.on_job_terminal(conn, job_id, JobStatus.failed)
+    outbox.record_job_finished(conn, job_id, now)
 
 
 def uncount_call(conn: Connection, job_id: uuid.UUID) -> None:
