@@ -19,7 +19,7 @@ from models import Job, JobStatus
 from worker.broker.publish import Publisher
 from worker.cli.common import database, fail, load_or_exit, make_publisher
 from worker.errors import InputError, StateUnavailable
-from worker.producer import JobSpec, ManifestError, read_manifest, submit_many
+from worker.producer import MAX_ROWS, JobSpec, ManifestError, read_manifest, submit_many
 from worker.producer import submit as submit_one
 from worker.settings import Settings
 from worker.store.views import job_view, not_found_view
@@ -35,17 +35,25 @@ def _emit(obj: dict[str, Any]) -> None:
 
 
 def _specs(
-    front: str | None, back: str | None, manifest: Path | None, portrait: bool, tag: str | None
+    front: str | None,
+    back: str | None,
+    manifest: Path | None,
+    portrait: bool,
+    tag: str | None,
+    max_rows: int = MAX_ROWS,
 ) -> list[JobSpec]:
     if manifest is not None:
         if front is not None or back is not None or tag is not None:
             raise fail("give either FRONT [--back] [--tag] or --manifest, not both")
-        specs = read_manifest(manifest, portrait=portrait)
+        specs = read_manifest(manifest, portrait=portrait, max_rows=max_rows)
         if not specs:
             raise fail(f"manifest has no rows: {manifest} (rule empty_manifest)")
         return specs
     if front is None and back is None:
         raise fail("give a FRONT image (file or http(s) URL), --back, or --manifest")
+    if front is None:
+        # The API reads ImageUrl/ImageBase64 as the front: a back alone buys MissingParameter.
+        raise fail("--back needs a FRONT image too: the API reads the front side (rule no_front)")
     return [JobSpec(front=front, back=back, portrait=portrait, tag=tag)]
 
 
@@ -72,18 +80,39 @@ def submit(
     tag: Annotated[str | None, typer.Option(help="Your label for the job.")] = None,
     batch: Annotated[str | None, typer.Option(help="Name the jobs' batch.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object a line.")] = False,
+    max_rows: Annotated[
+        int, typer.Option("--max-rows", min=1, help="Refuse a manifest of more rows than this.")
+    ] = MAX_ROWS,
+    base_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--base-dir",
+            help="Every manifest file path must lie inside this folder (symlinks resolved).",
+        ),
+    ] = None,
 ) -> None:
     """Validate and queue cards for reading. Bad input: nothing is submitted."""
     settings = load_or_exit()
+    if base_dir is not None and not base_dir.is_dir():
+        raise fail(f"--base-dir is not a folder: {base_dir}")
     try:
-        specs = _specs(front, back, manifest, portrait, tag)
+        specs = _specs(front, back, manifest, portrait, tag, max_rows)
     except InputError as exc:
         _print_input_error(exc)
         raise typer.Exit(2) from None
     publisher, app = make_publisher(settings)
     try:
         with database(settings) as factory:
-            ids = _submit(factory, publisher, settings, specs, batch, manifest=manifest is not None)
+            ids = _submit(
+                factory,
+                publisher,
+                settings,
+                specs,
+                batch,
+                manifest=manifest is not None,
+                max_rows=max_rows,
+                base_dir=base_dir,
+            )
             with factory() as session:
                 jobs = {j.id: j for j in session.scalars(select(Job).where(Job.id.in_(ids))).all()}
     finally:
@@ -116,6 +145,8 @@ def _submit(
     batch: str | None,
     *,
     manifest: bool,
+    max_rows: int = MAX_ROWS,
+    base_dir: Path | None = None,
 ) -> list[uuid.UUID]:
     try:
         if not manifest:
@@ -143,6 +174,8 @@ def _submit(
                 specs,
                 batch=batch,
                 progress=lambda done, _total: bar.update(task, completed=done),
+                max_rows=max_rows,
+                base_dir=base_dir,
             )
     except InputError as exc:
         _print_input_error(exc)
