@@ -122,20 +122,13 @@ def read_image_file(path: Path, side: str) -> bytes:
         raise InputError(
             "file_not_found", f"{side} image file not found: {path} (rule file_not_found)"
         ) from None
-    except IsADirectoryError:
-        fd = -1
     except OSError as exc:
         raise InputError(
             "file_unreadable",
             f"{side} image file cannot be read: {path}: {exc.strerror} (rule file_unreadable)",
         ) from None
-    if fd < 0:
-        raise InputError(
-            "not_a_regular_file",
-            f"{side} image {path} is a directory, not a file (rule not_a_regular_file)",
-        )
-    with os.fdopen(fd, "rb") as handle:
-        info = os.fstat(handle.fileno())
+    try:
+        info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise InputError(
                 "not_a_regular_file",
@@ -144,6 +137,10 @@ def read_image_file(path: Path, side: str) -> bytes:
             )
         if info.st_size > MAX_FILE_BYTES:
             raise _file_too_large(path, side, info.st_size)
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as handle:
         try:
             # One byte over the cap tells a file that grew since fstat.
             data = handle.read(MAX_FILE_BYTES + 1)
