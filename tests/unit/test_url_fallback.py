@@ -1,3 +1,4 @@
+# ruff: noqa: F811 -- the pipeline tests' fixtures are imported by name, then used
 """DownLoadError's own budget, and the URL fallback: our own pinned, checked fetch, sent
 inline once (a local HTTP server plays the user's image host)."""
 
