@@ -24,6 +24,7 @@ from worker.settings import Settings, env_name
 from worker.tencent import signing
 from worker.tencent.response import parse_response
 from worker.tencent.types import OcrRequest, OcrResult
+from worker.tencent.urls import PUBLIC_ONLY, UrlPolicy
 from worker.tencent.validation import build_payload, encode_body, validate_request
 
 log = structlog.get_logger(__name__)
@@ -55,6 +56,8 @@ class ClientConfig:
     version: str = VERSION
     service: str = SERVICE
     request_client: str = REQUEST_CLIENT
+    # The URL policy the last check before sending applies (loopback only in tests).
+    url_policy: UrlPolicy = PUBLIC_ONLY
 
     @property
     def url(self) -> str:
@@ -86,6 +89,7 @@ class ClientConfig:
             region=settings.api_region or None,
             language=language,
             session_token=SecretStr(token) if token else None,
+            url_policy=UrlPolicy(allow_loopback=settings.url_allow_loopback),
         )
 
 
@@ -174,7 +178,7 @@ class OcrClient:
 
         Raises `worker.errors.ApiError` subclasses for every failure of the exchange.
         """
-        validate_request(request)
+        validate_request(request, self.config.url_policy)
         body = encode_body(build_payload(request))
         response = await self._exchange(body)
         return parse_response(response)
