@@ -204,7 +204,8 @@ def prepare(
         back=_resolve(spec.back, "back", base_dir),
         portrait=spec.portrait,
     )
-    (preflight or make_preflight(Settings())).check(request)
+    # model_construct: the documented defaults, without reading the environment.
+    (preflight or make_preflight(Settings.model_construct())).check(request)
     return request
 
 

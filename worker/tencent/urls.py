@@ -16,6 +16,7 @@ from __future__ import annotations
 import concurrent.futures
 import ipaddress
 import socket
+import threading
 import unicodedata
 import urllib.parse
 from collections.abc import Callable, Iterable
@@ -237,13 +238,27 @@ def check_url(url: str, side: str, policy: UrlPolicy = PUBLIC_ONLY) -> ParsedUrl
     return ParsedUrl(parsed, host, None)
 
 
+_POOL: list[concurrent.futures.ThreadPoolExecutor] = []
+_POOL_LOCK = threading.Lock()
+
+
+def _resolver_pool() -> concurrent.futures.ThreadPoolExecutor:
+    # One small pool per process, made on first use: a lookup that outlives its timeout
+    # keeps a thread busy, and a pool per submit would leave such threads behind.
+    with _POOL_LOCK:
+        if not _POOL:
+            _POOL.append(
+                concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="resolve")
+            )
+        return _POOL[0]
+
+
 def system_resolver(timeout_s: float) -> Resolver:
     """`socket.getaddrinfo` bounded by `timeout_s` (it has no timeout of its own). A name
     that does not resolve, or not in time, gives no addresses."""
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="resolve")
 
     def resolve(host: str) -> list[IPAddress]:
-        future = pool.submit(socket.getaddrinfo, host, None, type=socket.SOCK_STREAM)
+        future = _resolver_pool().submit(socket.getaddrinfo, host, None, type=socket.SOCK_STREAM)
         try:
             infos = future.result(timeout=timeout_s)
         except (OSError, UnicodeError, concurrent.futures.TimeoutError):
