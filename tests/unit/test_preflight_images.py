@@ -67,3 +67,11 @@ def test_nothing_in_the_package_turns_truncated_loading_on() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("missing", [2, 10, 200])
+def test_a_jpeg_missing_only_its_last_bytes_is_refused(missing: int) -> None:
+    # The decode runs at a reduced scale for speed; it must still read every byte.
+    data = _image("JPEG")
+    with pytest.raises(InputError, match="image_undecodable"):
+        check_image_decodes(data[:-missing], "front", min_side_px=200)
