@@ -204,3 +204,20 @@ def test_back_without_front_is_refused(
         submit(session_factory, publisher, settings, None, card())
     assert info.value.rule == "no_front"
     assert publisher.published == [] and count(db_session, Job) == 0
+
+
+def test_cli_max_rows_and_no_front_are_refused_before_the_database(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from worker.cli import app
+
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("front\n" + "".join(f"https://e.com/{n}.jpg\n" for n in range(3)))
+    # An unreachable database: the refusals must come first.
+    env = {"MACAO_OCR_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none"}
+    runner = CliRunner()
+    result = runner.invoke(app, ["submit", "--manifest", str(manifest), "--max-rows", "2"], env=env)
+    assert result.exit_code == 2
+    assert "too_many_rows" in result.output and "--max-rows" in result.output
+    result = runner.invoke(app, ["submit", "--back", str(manifest)], env=env)
+    assert result.exit_code != 0 and "no_front" in result.output
