@@ -267,6 +267,8 @@ def demo_environment(
             f"{ENV_PREFIX}BACKOFF_MAX_S": "5",
             f"{ENV_PREFIX}SWEEP_INTERVAL_S": "1",
             f"{ENV_PREFIX}CIRCUIT_PROBE_INTERVAL_S": "5",
+            # The demo shows the URL fallback; in production it is the operator's decision.
+            f"{ENV_PREFIX}URL_FALLBACK": "true",
             RUN_MARKER_VAR: run_id,
             "PYTHONUNBUFFERED": "1",
         }

@@ -161,6 +161,8 @@ class _FrontError(Exception):
 async def _recognize(state: State, p: params.Params, request_id: str) -> dict[str, Any]:
     knobs = state.knobs
     assert state.session is not None
+    if (p.image_url or p.back_image_url) and state.roll(knobs.url_download_error):
+        raise CallError("FailedOperation.DownLoadError", "File download failed.")
     front = await params.obtain(
         state.session,
         p.image_url,

@@ -34,6 +34,9 @@ class Knobs:
     internal_error: float = 0.0
     reset: float = 0.0
     http_502: float = 0.0
+    # P(FailedOperation.DownLoadError) for a call that carries an image URL, answered before
+    # downloading it (Tencent could not fetch the URL); base64-only calls are unaffected.
+    url_download_error: float = 0.0
     # Every call that passes all checks answers this error code instead of a result.
     force_error_code: str | None = None
     # The account has no warning service: every result carries WarnCardInfos [-9109].
@@ -51,7 +54,7 @@ class Knobs:
         return dataclasses.asdict(self)
 
 
-_PROBABILITIES = frozenset({*FAULT_KINDS, "latency_tail_prob"})
+_PROBABILITIES = frozenset({*FAULT_KINDS, "latency_tail_prob", "url_download_error"})
 _NON_NEGATIVE = frozenset(
     {
         "latency_median_ms",

@@ -41,7 +41,7 @@ from sqlalchemy import Connection, exc
 
 from models import JobStatus
 from models.base import utcnow
-from worker import metrics
+from worker import metrics, url_fallback
 from worker.backoff import full_jitter_s, retry_for
 from worker.decision.apply import decide_answer, limits_of
 from worker.decision.engine import Decision
@@ -67,7 +67,7 @@ from worker.membudget import ByteBudget, Held, held_bytes
 from worker.quota.circuit import AccountCircuit
 from worker.quota.limiter import RateLimiter
 from worker.settings import Settings
-from worker.store import job_sql, kept
+from worker.store import fallback_sql, job_sql, kept
 from worker.store.images import side_input
 from worker.store.start import NotStarted, Started, refuse_start, start_job
 from worker.tencent.types import OcrRequest, OcrResult
@@ -735,9 +735,16 @@ def _poison(
 
 
 def _finalize_failure(
-    deps: PipelineDeps, job_id: uuid.UUID, number: int, call: _Call, info: _JobInfo
+    deps: PipelineDeps,
+    job_id: uuid.UUID,
+    number: int,
+    call: _Call,
+    info: _JobInfo,
+    *,
+    give_up: bool = False,
 ) -> Outcome:
-    """A budget-spending failure: retry later (scheduled in the database) or dead-letter."""
+    """A budget-spending failure: retry later (scheduled in the database) or dead-letter
+    (at once with `give_up`: a budget of its own is spent)."""
     error = call.error
     assert error is not None
     now = deps.clock()
@@ -748,7 +755,7 @@ def _finalize_failure(
         else deps.settings.max_attempts
     )
     too_old = (now - info.age_from).total_seconds() > deps.settings.max_age_s
-    give_up = isinstance(error, PermanentError) or attempts >= limit or too_old
+    give_up = give_up or isinstance(error, PermanentError) or attempts >= limit or too_old
     delay_s = 0.0
     if not give_up:
         delay_s = full_jitter_s(
@@ -861,6 +868,7 @@ def _call_loop(deps: PipelineDeps, job_id: uuid.UUID, started: _Started) -> Outc
     holds_probe = False
     number = started.number
     first = True
+    fallback_used = False
     while True:
         if not first:
             number += 1
@@ -953,6 +961,12 @@ def _call_loop(deps: PipelineDeps, job_id: uuid.UUID, started: _Started) -> Outc
                 error=error,
             )
             return Outcome.deferred
+        if error.code == fallback_sql.DOWNLOAD_ERROR:
+            after = _download_error(deps, job_id, number, call, info, request, fallback_used)
+            if isinstance(after, Outcome):
+                return after
+            request, fallback_used = after, True
+            continue
         if isinstance(error, TransientError | PermanentError):
             return _finalize_failure(deps, job_id, number, call, info)
         # Any other ApiError subclass: treat like an unknown code (small budget).
@@ -964,6 +978,62 @@ def _call_loop(deps: PipelineDeps, job_id: uuid.UUID, started: _Started) -> Outc
             replace(call, error=unknown),
             info,
         )
+
+
+def _download_error(
+    deps: PipelineDeps,
+    job_id: uuid.UUID,
+    number: int,
+    call: _Call,
+    info: _JobInfo,
+    request: OcrRequest,
+    fallback_used: bool,
+) -> OcrRequest | Outcome:
+    """DownLoadError has a budget of its own (`download_max_attempts`). Once it is spent,
+    with `url_fallback` on, the worker fetches the URL itself and the next call (made by
+    the caller's loop) sends the image inline, once; else the job fails."""
+    settings = deps.settings
+
+    def read() -> tuple[int, bool]:
+        with deps.transaction() as conn:
+            return fallback_sql.download_errors(conn, job_id), fallback_sql.fallback_used(
+                conn, job_id
+            )
+
+    earlier, used = _with_db(deps, read, job_id=job_id, claimed=True)
+    if earlier + 1 < settings.download_max_attempts:
+        return _finalize_failure(deps, job_id, number, call, info)
+    if not settings.url_fallback or used or fallback_used or not url_fallback.has_url(request):
+        return _finalize_failure(deps, job_id, number, call, info, give_up=True)
+    error = call.error
+    assert error is not None
+    try:
+        inline = url_fallback.fetch_inline(deps.run, request, settings)
+    except InputError as err:
+        log.warning("url_fallback_refused", job_id=str(job_id), rule=err.rule, attempt=number)
+        refused = TransientError(
+            error.code, f"{error.message}; {err.message}", request_id=error.request_id
+        )
+        return _finalize_failure(
+            deps, job_id, number, replace(call, error=refused), info, give_up=True
+        )
+    reason = (
+        f"{earlier + 1} DownLoadError answers: the worker fetched the image URL itself "
+        "and sends it inline once"
+    )
+
+    def write() -> None:
+        with deps.transaction() as conn:
+            _close_attempt(conn, job_id, number, call)
+            job_sql.spend(conn, job_id)
+            job_sql.set_last_error(conn, job_id, error.code, error.message)
+            fallback_sql.record_fallback(conn, job_id, deps.clock(), reason)
+
+    _with_db(deps, write, job_id=job_id, claimed=True)
+    info.attempts += 1
+    log.info("url_fallback_used", job_id=str(job_id), attempt=number)
+    metrics.retry(error.code)
+    return inline
 
 
 def _throttled(deps: PipelineDeps, call: _Call) -> None:

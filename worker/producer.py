@@ -14,6 +14,10 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
+import os
+import stat
+import unicodedata
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -29,8 +33,14 @@ from worker.broker.publish import Publisher
 from worker.errors import InputError
 from worker.settings import Settings
 from worker.store.images import CONTENT_TYPES, store_image
+from worker.tencent.preflight import Preflight
 from worker.tencent.types import ImageInput, OcrRequest
-from worker.tencent.validation import sniff_image_type, validate_request
+from worker.tencent.urls import UrlPolicy, system_resolver
+from worker.tencent.validation import (
+    MAX_IMAGE_BASE64_BYTES,
+    base64_size,
+    sniff_image_type,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -43,6 +53,22 @@ JOB_TABLE: Table = Job.__table__  # type: ignore[assignment]
 IMAGE_TABLE: Table = Image.__table__  # type: ignore[assignment]
 MAX_LABEL_CHARS = 200  # job.tag and job.batch columns
 MANIFEST_COLUMNS = ("front", "back", "tag")
+# Rows a manifest (or one submit_many) may hold: past it, refused before more is read.
+MAX_ROWS = 100_000
+# The largest raw image whose base64 fits the API's 7 MB: a bigger file is not even read.
+MAX_FILE_BYTES = MAX_IMAGE_BASE64_BYTES // 4 * 3
+# Control and format characters (bidi overrides U+202A-U+202E and U+2066-U+2069 are Cf),
+# and line/paragraph separators: a label shows in tables and logs, and these rewrite them.
+_LABEL_FORBIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
+
+
+def make_preflight(settings: Settings) -> Preflight:
+    """The pre-flight rules as `settings` configure them (one per submit or manifest)."""
+    return Preflight(
+        resolve=system_resolver(settings.url_resolve_timeout_s),
+        min_side_px=settings.min_image_side_px,
+        policy=UrlPolicy(allow_loopback=settings.url_allow_loopback),
+    )
 
 
 @dataclass(frozen=True)
@@ -82,17 +108,28 @@ def _is_url(text: str) -> bool:
     return "://" in text
 
 
-def _resolve(source: Source | None, side: str) -> ImageInput | None:
-    """Turn a source into what the API gets: a URL, or the file's / the caller's bytes."""
-    if source is None:
-        return None
-    if isinstance(source, bytes):
-        return ImageInput(data=source)
-    if isinstance(source, str) and _is_url(source):
-        return ImageInput(url=source)
-    path = Path(source)
+def _inside(path: Path, base_dir: Path, side: str) -> None:
+    """`path` (symlinks resolved) must lie inside `base_dir` (symlinks resolved)."""
     try:
-        return ImageInput(data=path.read_bytes())
+        real = path.resolve(strict=False)
+        base = base_dir.resolve(strict=False)
+    except (OSError, RuntimeError):
+        real, base = path, base_dir  # a symlink loop: judged as written, then fails to open
+    if not real.is_relative_to(base):
+        raise InputError(
+            "outside_base_dir",
+            f"{side} image file {path} is outside the base directory {base_dir} "
+            "(rule outside_base_dir)",
+        )
+
+
+def read_image_file(path: Path, side: str) -> bytes:
+    """A regular file's bytes, its size checked before reading (fstat of the opened file,
+    so a file swapped after the check is still the one judged). Devices, FIFOs and
+    directories are refused without blocking on them or reading them."""
+    try:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused right after.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise InputError(
             "file_not_found", f"{side} image file not found: {path} (rule file_not_found)"
@@ -102,25 +139,85 @@ def _resolve(source: Source | None, side: str) -> ImageInput | None:
             "file_unreadable",
             f"{side} image file cannot be read: {path}: {exc.strerror} (rule file_unreadable)",
         ) from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise InputError(
+                "not_a_regular_file",
+                f"{side} image {path} is not a regular file (a directory, device or FIFO) "
+                "(rule not_a_regular_file)",
+            )
+        if info.st_size > MAX_FILE_BYTES:
+            raise _file_too_large(path, side, info.st_size)
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as handle:
+        try:
+            # One byte over the cap tells a file that grew since fstat.
+            data = handle.read(MAX_FILE_BYTES + 1)
+        except OSError as exc:
+            raise InputError(
+                "file_unreadable",
+                f"{side} image file cannot be read: {path}: {exc.strerror} (rule file_unreadable)",
+            ) from None
+    if len(data) > MAX_FILE_BYTES:
+        raise _file_too_large(path, side, len(data))
+    return data
+
+
+def _file_too_large(path: Path, side: str, size: int) -> InputError:
+    return InputError(
+        "image_too_large",
+        f"{side} image file {path} is {size} bytes ({base64_size(size)} as base64), over the "
+        f"{MAX_IMAGE_BASE64_BYTES}-byte limit; it was not read (rule image_too_large)",
+    )
+
+
+def _resolve(source: Source | None, side: str, base_dir: Path | None = None) -> ImageInput | None:
+    """Turn a source into what the API gets: a URL, or the file's / the caller's bytes."""
+    if source is None:
+        return None
+    if isinstance(source, bytes):
+        return ImageInput(data=source)
+    if isinstance(source, str) and _is_url(source):
+        return ImageInput(url=source)
+    path = Path(source)
+    if base_dir is not None:
+        _inside(path, base_dir, side)
+    return ImageInput(data=read_image_file(path, side))
 
 
 def _check_label(value: str | None, what: str) -> None:
-    if value is not None and len(value) > MAX_LABEL_CHARS:
+    if value is None:
+        return
+    if len(value) > MAX_LABEL_CHARS:
         raise InputError(
             f"{what}_too_long",
             f"{what} is over {MAX_LABEL_CHARS} characters (rule {what}_too_long)",
         )
+    for index, char in enumerate(value):
+        if unicodedata.category(char) in _LABEL_FORBIDDEN_CATEGORIES:
+            raise InputError(
+                f"{what}_bad_character",
+                f"{what} has a control or bidi character U+{ord(char):04X} at position "
+                f"{index + 1} (rule {what}_bad_character)",
+            )
 
 
-def prepare(spec: JobSpec) -> OcrRequest:
-    """Read and validate one job's inputs; raises InputError naming the rule."""
+def prepare(
+    spec: JobSpec, preflight: Preflight | None = None, *, base_dir: Path | None = None
+) -> OcrRequest:
+    """Read and check one job's inputs against every pre-flight rule; raises InputError
+    naming the rule. `preflight`: the rules' configuration (defaults without one)."""
     _check_label(spec.tag, "tag")
     request = OcrRequest(
-        front=_resolve(spec.front, "front"),
-        back=_resolve(spec.back, "back"),
+        front=_resolve(spec.front, "front", base_dir),
+        back=_resolve(spec.back, "back", base_dir),
         portrait=spec.portrait,
     )
-    validate_request(request)
+    # model_construct: the documented defaults, without reading the environment.
+    (preflight or make_preflight(Settings.model_construct())).check(request)
     return request
 
 
@@ -205,7 +302,7 @@ def submit(
     """Validate, commit and publish one job; returns its id (also if the broker is down)."""
     _check_label(batch, "batch")
     spec = JobSpec(front=front, back=back, portrait=portrait, tag=tag)
-    request = prepare(spec)
+    request = prepare(spec, make_preflight(settings))
     with session_factory() as session:
         job_id = _add_job(session, settings, request, spec, batch)
         session.commit()
@@ -214,11 +311,11 @@ def submit(
     return job_id
 
 
-def _validate_all(specs: Sequence[JobSpec]) -> None:
+def _validate_all(specs: Sequence[JobSpec], preflight: Preflight, base_dir: Path | None) -> None:
     problems: list[RowProblem] = []
     for index, spec in enumerate(specs, start=1):
         try:
-            prepare(spec)
+            prepare(spec, preflight, base_dir=base_dir)
         except InputError as exc:
             problems.append(RowProblem(spec.line or index, exc.rule, exc.message))
     if problems:
@@ -240,21 +337,28 @@ def submit_many(
     batch_id: uuid.UUID | None = None,
     progress: ProgressFn | None = None,
     chunk_rows: int = CHUNK_ROWS,
+    max_rows: int = MAX_ROWS,
+    base_dir: Path | None = None,
 ) -> list[uuid.UUID]:
     """All-or-nothing validation of every item (ManifestError lists each bad row), then
     commit in chunks, publishing each chunk after its commit. Ids come back in input order.
     `batch_id` names an existing batch row (whose `total` counts these jobs).
 
-    Files are read twice (validate, then store) rather than all held in memory; a file that
-    changes in between fails its chunk, and earlier chunks stay submitted.
+    More than `max_rows` items are refused before any is checked (at most max_rows + 1 are
+    taken from `items`). With `base_dir`, every file path must lie inside it (symlinks
+    resolved). Files are read twice (validate, then store) rather than all held in memory;
+    a file that changes in between fails its chunk, and earlier chunks stay submitted.
     """
     _check_label(batch, "batch")
-    specs = list(items)
-    _validate_all(specs)
+    specs = list(itertools.islice(items, max_rows + 1))
+    if len(specs) > max_rows:
+        raise too_many_rows(max_rows)
+    preflight = make_preflight(settings)
+    _validate_all(specs, preflight, base_dir)
     ids: list[uuid.UUID] = []
     unpublished = 0
     for chunk in _chunks(specs, chunk_rows):
-        requests = [prepare(spec) for spec in chunk]
+        requests = [prepare(spec, preflight, base_dir=base_dir) for spec in chunk]
         with session_factory() as session:
             chunk_ids = _insert_chunk(session, settings.tenant, requests, chunk, batch, batch_id)
             session.commit()
@@ -372,20 +476,48 @@ def _insert_chunk(
     return ids
 
 
-def read_manifest(path: Path, *, portrait: bool = False) -> list[JobSpec]:
-    """Rows of a CSV with columns front, back, tag (a header line). Relative file paths are
-    resolved against the CSV's folder; URLs are kept as they are."""
+def too_many_rows(max_rows: int) -> InputError:
+    """The row cap's refusal (nothing submitted)."""
+    return InputError(
+        "too_many_rows",
+        f"more than {max_rows} rows; nothing submitted: split the manifest or raise "
+        "--max-rows (rule too_many_rows)",
+    )
+
+
+def read_manifest(path: Path, *, portrait: bool = False, max_rows: int = MAX_ROWS) -> list[JobSpec]:
+    """Rows of a CSV with columns front, back, tag (a header line), read as a stream: past
+    `max_rows` rows it stops and refuses. Relative file paths are resolved against the CSV's
+    folder; URLs are kept as they are."""
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        handle = path.open(encoding="utf-8-sig", newline="")
     except FileNotFoundError:
         raise InputError(
             "file_not_found", f"manifest file not found: {path} (rule file_not_found)"
         ) from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
         raise InputError(
-            "file_unreadable", f"manifest cannot be read: {path}: {exc} (rule file_unreadable)"
+            "file_unreadable",
+            f"manifest cannot be read: {path}: {exc.strerror} (rule file_unreadable)",
         ) from None
-    reader = csv.DictReader(text.splitlines())
+    with handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            raise InputError(
+                "not_a_regular_file",
+                f"manifest {path} is not a regular file (rule not_a_regular_file)",
+            )
+        try:
+            return _read_rows(handle, path, portrait=portrait, max_rows=max_rows)
+        except (csv.Error, UnicodeDecodeError) as exc:
+            raise InputError(
+                "file_unreadable", f"manifest cannot be read: {path}: {exc} (rule file_unreadable)"
+            ) from None
+
+
+def _read_rows(
+    handle: Iterable[str], path: Path, *, portrait: bool, max_rows: int
+) -> list[JobSpec]:
+    reader = csv.DictReader(handle)
     columns = [c.strip() for c in reader.fieldnames or []]
     unknown = sorted(set(columns) - set(MANIFEST_COLUMNS))
     if ("front" not in columns and "back" not in columns) or unknown:
@@ -399,6 +531,8 @@ def read_manifest(path: Path, *, portrait: bool = False) -> list[JobSpec]:
     folder = path.parent
     specs: list[JobSpec] = []
     for row in reader:
+        if len(specs) >= max_rows:
+            raise too_many_rows(max_rows)
         specs.append(
             JobSpec(
                 front=_manifest_source(_cell(row, "front"), folder),

@@ -16,6 +16,7 @@ import threading
 from collections.abc import Coroutine
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, TypeVar
 
 import aiohttp
@@ -32,6 +33,8 @@ from worker.quota.limiter import RateLimiter, limiter_key
 from worker.settings import Settings
 from worker.store.engine import make_autocommit_engine, make_engine, make_sessionmaker
 from worker.tencent.client import ClientConfig, OcrClient, make_session
+from worker.tencent.urls import UrlPolicy
+from worker.tencent.validation import validate_request
 
 log = structlog.get_logger(__name__)
 
@@ -223,6 +226,10 @@ class WorkerRuntime:
                 worker_host=host,
                 policies=self.policies,
                 memory=self.memory,
+                validate=partial(
+                    validate_request,
+                    policy=UrlPolicy(allow_loopback=self.settings.url_allow_loopback),
+                ),
             )
             # Two threads may both build one: setdefault keeps the first, either would do.
             deps = self._deps.setdefault(host, deps)

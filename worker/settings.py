@@ -86,6 +86,27 @@ class Settings(BaseSettings):
     # Internal.WorkerLost (a job that kills its worker must not cycle forever).
     max_worker_lost: PositiveInt = 3
 
+    # FailedOperation.DownLoadError answers a URL job may get (its own budget, inside
+    # max_attempts): Tencent could not fetch the URL, and more tries rarely change that.
+    download_max_attempts: PositiveInt = 3
+
+    # -- pre-flight and the URL fallback (worker.tencent.preflight, worker.tencent.fetch)
+    # Shortest side an image must have. The reference states no pixel limit; a card's
+    # smallest print (ID number, dates) needs about 200 px across the card's 54 mm height
+    # to be legible at all, so below that a call is bought to be told nothing. 0: off.
+    min_image_side_px: int = Field(default=200, ge=0)
+    # A URL host name is resolved at submit to refuse one that leads to a private address;
+    # a name that does not resolve in this time is accepted (Tencent resolves it, not us).
+    url_resolve_timeout_s: PositiveFloat = 2.0
+    # After download_max_attempts DownLoadErrors, fetch the URL ourselves and send the image
+    # inline once. Off by default: fetching user-supplied URLs from inside the operator's
+    # network is the operator's decision.
+    url_fallback: bool = False
+    url_fallback_timeout_s: PositiveFloat = 10.0
+    # TESTS ONLY: lets image URLs and the fallback reach loopback addresses (test servers
+    # listen on 127.0.0.1). Every other non-public address stays refused.
+    url_allow_loopback: bool = False
+
     # -- the worker
     worker_concurrency: PositiveInt = 200
     worker_processes: PositiveInt = 1

@@ -31,7 +31,8 @@ T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 
 def png(color: tuple[int, int, int] = (10, 20, 30)) -> bytes:
     buffer = io.BytesIO()
-    PILImage.new("RGB", (8, 8), color).save(buffer, format="PNG")
+    # Above the pre-flight's minimum side (200 px by default).
+    PILImage.new("RGB", (240, 200), color).save(buffer, format="PNG")
     return buffer.getvalue()
 
 

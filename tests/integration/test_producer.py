@@ -29,7 +29,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def image_bytes(fmt: str = "PNG", color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
     buffer = io.BytesIO()
-    PILImage.new("RGB", (8, 8), color).save(buffer, format=fmt)
+    # Above the pre-flight's minimum side (200 px by default).
+    PILImage.new("RGB", (240, 200), color).save(buffer, format=fmt)
     return buffer.getvalue()
 
 

@@ -107,7 +107,7 @@ def stub() -> Iterator[Stub]:
 @pytest.fixture
 def card(tmp_path: Path) -> Path:
     path = tmp_path / "front.jpg"
-    Image.new("RGB", (8, 8)).save(path, format="JPEG")
+    Image.new("RGB", (240, 200)).save(path, format="JPEG")  # over the 200 px minimum
     return path
 
 

@@ -29,7 +29,7 @@ from worker.cli.common import (
 )
 from worker.decision.codes import Outcome, is_reason_code
 from worker.errors import InputError, StateUnavailable
-from worker.producer import JobSpec, ManifestError, read_manifest, submit_many
+from worker.producer import MAX_ROWS, JobSpec, ManifestError, read_manifest, submit_many
 from worker.producer import submit as submit_one
 from worker.settings import Settings
 from worker.store.filters import JobFilter
@@ -46,17 +46,25 @@ def _emit(obj: dict[str, Any]) -> None:
 
 
 def _specs(
-    front: str | None, back: str | None, manifest: Path | None, portrait: bool, tag: str | None
+    front: str | None,
+    back: str | None,
+    manifest: Path | None,
+    portrait: bool,
+    tag: str | None,
+    max_rows: int = MAX_ROWS,
 ) -> list[JobSpec]:
     if manifest is not None:
         if front is not None or back is not None or tag is not None:
             raise fail("give either FRONT [--back] [--tag] or --manifest, not both")
-        specs = read_manifest(manifest, portrait=portrait)
+        specs = read_manifest(manifest, portrait=portrait, max_rows=max_rows)
         if not specs:
             raise fail(f"manifest has no rows: {manifest} (rule empty_manifest)")
         return specs
     if front is None and back is None:
         raise fail("give a FRONT image (file or http(s) URL), --back, or --manifest")
+    if front is None:
+        # The API reads ImageUrl/ImageBase64 as the front: a back alone buys MissingParameter.
+        raise fail("--back needs a FRONT image too: the API reads the front side (rule no_front)")
     return [JobSpec(front=front, back=back, portrait=portrait, tag=tag)]
 
 
@@ -95,11 +103,23 @@ def submit(
     tag: Annotated[str | None, typer.Option(help="Your label for the job.")] = None,
     batch: Annotated[str | None, typer.Option(help="Name the jobs' batch.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object a line.")] = False,
+    max_rows: Annotated[
+        int, typer.Option("--max-rows", min=1, help="Refuse a manifest of more rows than this.")
+    ] = MAX_ROWS,
+    base_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--base-dir",
+            help="Every manifest file path must lie inside this folder (symlinks resolved).",
+        ),
+    ] = None,
 ) -> None:
     """Validate and queue cards for reading. Bad input: nothing is submitted."""
     settings = load_or_exit()
+    if base_dir is not None and not base_dir.is_dir():
+        raise fail(f"--base-dir is not a folder: {base_dir}")
     try:
-        specs = _specs(front, back, manifest, portrait, tag)
+        specs = _specs(front, back, manifest, portrait, tag, max_rows)
     except InputError as exc:
         raise _input_failure(exc, json_out) from None
     publisher, app = make_publisher(settings)
@@ -107,7 +127,14 @@ def submit(
         with database(settings, tenant=settings.tenant) as factory:
             try:
                 ids = _submit(
-                    factory, publisher, settings, specs, batch, manifest=manifest is not None
+                    factory,
+                    publisher,
+                    settings,
+                    specs,
+                    batch,
+                    manifest=manifest is not None,
+                    max_rows=max_rows,
+                    base_dir=base_dir,
                 )
             except InputError as exc:
                 raise _input_failure(exc, json_out) from None
@@ -153,6 +180,8 @@ def _submit(
     batch: str | None,
     *,
     manifest: bool,
+    max_rows: int = MAX_ROWS,
+    base_dir: Path | None = None,
 ) -> list[uuid.UUID]:
     if not manifest:
         spec = specs[0]
@@ -179,6 +208,8 @@ def _submit(
             specs,
             batch=batch,
             progress=lambda done, _total: bar.update(task, completed=done),
+            max_rows=max_rows,
+            base_dir=base_dir,
         )
 
 

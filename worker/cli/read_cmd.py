@@ -92,6 +92,10 @@ def read(
             back=None if back is None else image_input(back, "back"),
             portrait=portrait_out is not None,
         )
+        # The producer's pre-flight: a call is bought only for what could be read.
+        from worker.producer import make_preflight
+
+        make_preflight(settings).check(request)
         result = asyncio.run(read_card(settings, request))
     except (ConfigError, InputError, ApiError) as exc:
         raise _fail(exc) from None

@@ -25,6 +25,7 @@ from worker.settings import Settings, env_name
 from worker.tencent import signing
 from worker.tencent.response import parse_response
 from worker.tencent.types import OcrRequest, OcrResult
+from worker.tencent.urls import PUBLIC_ONLY, UrlPolicy
 from worker.tencent.validation import Base64Text, build_payload, validate_request
 
 log = structlog.get_logger(__name__)
@@ -58,6 +59,8 @@ class ClientConfig:
     request_client: str = REQUEST_CLIENT
     # Answers larger than this are refused unread (Transport.ResponseTooLarge).
     max_response_bytes: int = 16 * 1024 * 1024
+    # The URL policy the last check before sending applies (loopback only in tests).
+    url_policy: UrlPolicy = PUBLIC_ONLY
 
     @property
     def url(self) -> str:
@@ -90,6 +93,7 @@ class ClientConfig:
             language=language,
             session_token=SecretStr(token) if token else None,
             max_response_bytes=settings.max_response_bytes,
+            url_policy=UrlPolicy(allow_loopback=settings.url_allow_loopback),
         )
 
 
@@ -200,7 +204,7 @@ class OcrClient:
 
         Raises `worker.errors.ApiError` subclasses for every failure of the exchange.
         """
-        validate_request(request)
+        validate_request(request, self.config.url_policy)
         body = encode_request(request)
         response = await self._exchange(body)
         try:

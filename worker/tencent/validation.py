@@ -17,6 +17,7 @@ import yarl
 
 from worker.errors import InputError
 from worker.tencent.types import PORTRAIT_CONFIG, ImageInput, OcrRequest
+from worker.tencent.urls import PUBLIC_ONLY, UrlPolicy, check_url
 
 # Tencent's limits are stated in MB; we read them as MiB, the SDK's and console's unit.
 MAX_IMAGE_BASE64_BYTES: Final = 7 * 1024 * 1024
@@ -71,11 +72,13 @@ def validate_image_bytes(data: bytes, side: str) -> None:
         )
 
 
-def validate_url(url: str, side: str) -> None:
-    """An image URL must be absolute http(s) with a host and no whitespace or control chars."""
+def validate_url(url: str, side: str, policy: UrlPolicy = PUBLIC_ONLY) -> None:
+    """An image URL must be absolute http(s) with a host and no whitespace or control chars,
+    and pass the URL policy that needs no network (`worker.tencent.urls.check_url`)."""
     problem = _url_problem(url)
     if problem is not None:
         raise InputError("bad_url", f"{side} image URL {problem} (rule bad_url)")
+    check_url(url, side, policy)
 
 
 def _url_problem(url: str) -> str | None:
@@ -109,15 +112,20 @@ def validate_config(config: dict[str, str] | None) -> None:
             )
 
 
-def validate_request(request: OcrRequest) -> None:
-    """Every pre-flight rule, in order; raises the first `InputError` found."""
+def validate_request(request: OcrRequest, policy: UrlPolicy = PUBLIC_ONLY) -> None:
+    """Every pre-flight rule that reads no pixels and asks no network, in order; raises the
+    first `InputError` found. The producer adds `worker.tencent.preflight`'s on top."""
     if request.front is None and request.back is None:
         raise InputError("no_image", "neither a front nor a back image was given (rule no_image)")
+    if request.front is None:
+        # The API's ImageUrl/ImageBase64 are the front; a back alone is MissingParameter,
+        # a call bought to be told so.
+        raise InputError("no_front", "a back image was given without a front image (rule no_front)")
     for side, image in (("front", request.front), ("back", request.back)):
         if image is None:
             continue
         if image.url is not None:
-            validate_url(image.url, side)
+            validate_url(image.url, side, policy)
         else:
             validate_image_bytes(image.data or b"", side)
     validate_config(request.config())
