@@ -202,6 +202,14 @@ def test_every_event_is_signed_delivered_once_acknowledged_and_carries_no_person
         assert body["type"] == delivery.event_type
         if delivery.event_type == "batch.completed":
             assert body["data"] == {"batch": delivery.batch, "status": "completed"}
+        elif delivery.event_type == "job.succeeded":
+            # A succeeded job's decision rides along, as codes (the specimen cards are clear
+            # or carry only warning codes).
+            assert set(body["data"]) == DATA_KEYS | {"decision", "reasons"}
+            assert body["data"]["decision"] in ("clear", "consider", "reject")
+            assert all(isinstance(code, str) for code in body["data"]["reasons"])
+            assert body["data"]["job_id"] == str(delivery.job_id)
+            assert body["data"]["error_code"] is None
         else:
             assert set(body["data"]) == DATA_KEYS
             assert body["data"]["job_id"] == str(delivery.job_id)

@@ -26,7 +26,15 @@ from typing import Any
 import structlog
 from sqlalchemy import Connection, Table, bindparam, insert, or_, select, update
 
-from models import DeliveryStatus, WebhookAttempt, WebhookDelivery, WebhookEndpoint, WebhookSecret
+from models import (
+    DecisionReason,
+    DeliveryStatus,
+    Result,
+    WebhookAttempt,
+    WebhookDelivery,
+    WebhookEndpoint,
+    WebhookSecret,
+)
 from models.base import UTCDateTime, utcnow
 from worker.backoff import full_jitter_s
 from worker.settings import Settings
@@ -117,9 +125,22 @@ def event_data(row: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def decision_fields(row: Mapping[str, Any]) -> dict[str, Any]:
-    """Hook for the card decision (`decision`, `reasons` codes) once jobs carry one: the
-    outbox row would snapshot them beside the status. None today."""
-    return {}
+    """A succeeded job's card decision and its reason codes (codes only, never a detail:
+    the receiver reads the rest with its key). Empty for other events."""
+    if row["event_type"] != "job.succeeded" or "decision" not in row:
+        return {}
+    return {"decision": row["decision"], "reasons": list(row["reasons"])}
+
+
+def _read_decision(conn: Connection, job_id: uuid.UUID) -> dict[str, Any]:
+    """The stored decision of a succeeded job and its reason codes, in listed order."""
+    decision = conn.execute(select(Result.decision).where(Result.job_id == job_id)).scalar()
+    codes = conn.execute(
+        select(DecisionReason.code)
+        .where(DecisionReason.job_id == job_id)
+        .order_by(DecisionReason.id)
+    ).scalars()
+    return {"decision": decision, "reasons": tuple(codes)}
 
 
 def message_id(delivery_id: uuid.UUID) -> str:
@@ -142,6 +163,8 @@ def deliver(delivery_id: str | uuid.UUID, deps: DeliveryDeps) -> str:
         if row is None:
             return "not_claimed"
         claimed = dict(row._mapping)
+        if claimed["event_type"] == "job.succeeded" and claimed["job_id"] is not None:
+            claimed.update(_read_decision(conn, claimed["job_id"]))
         url = conn.execute(
             select(ENDPOINT.c.url).where(ENDPOINT.c.tenant == claimed["tenant"])
         ).scalar()
