@@ -34,3 +34,7 @@ PERSONAL_BLOB_COLUMNS: Final = (
     ("portrait", "data"),
     ("kept_answer", "response_json"),
 )
+
+# Keyed hashes that find a person's jobs without decrypting (worker/privacy/lookup.py):
+# personal data too, so retention and erasure clear them with the fields above.
+RESULT_LOOKUP_COLUMNS: Final[tuple[str, ...]] = ()
