@@ -20,6 +20,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from worker.errors import ConfigError
+from worker.policy_text import PolicyError, parse_policy_text
 
 DEFAULT_ENDPOINT = "https://ocr.intl.tencentcloudapi.com"
 ENV_PREFIX = "MACAO_OCR_"
@@ -188,8 +189,6 @@ class Settings(BaseSettings):
     @field_validator("warning_policy")
     @classmethod
     def _warning_policy_parses(cls, value: str) -> str:
-        from worker.decision.policy import PolicyError, parse_policy_text
-
         try:
             parse_policy_text(value)
         except PolicyError as exc:
@@ -199,8 +198,6 @@ class Settings(BaseSettings):
     @property
     def warning_policy_overrides(self) -> dict[str, Any]:
         """MACAO_OCR_WARNING_POLICY parsed (checked at load): code → Effect."""
-        from worker.decision.policy import parse_policy_text
-
         return dict(parse_policy_text(self.warning_policy))
 
     @field_validator("broker_url", "redis_url")

@@ -26,11 +26,11 @@ from models.base import utcnow
 from tests.integration import test_pipeline
 from tests.integration.test_pipeline import Harness, ok_result
 from worker.cli import app
-from worker.decision.codes import Effect
 from worker.decision.policy import Policy
 from worker.decision.redecide import redecide
 from worker.decision.store import load_overrides, save_overrides
 from worker.pipeline import Outcome
+from worker.reason_codes import Effect
 from worker.store import job_sql
 from worker.store.views import job_view
 

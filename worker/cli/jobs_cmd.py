@@ -27,10 +27,10 @@ from worker.cli.common import (
     make_publisher,
     scope,
 )
-from worker.decision.codes import Outcome, is_reason_code
 from worker.errors import InputError, StateUnavailable
 from worker.producer import MAX_ROWS, JobSpec, ManifestError, read_manifest, submit_many
 from worker.producer import submit as submit_one
+from worker.reason_codes import Outcome, is_reason_code
 from worker.settings import Settings
 from worker.store.filters import JobFilter
 from worker.store.views import job_view, not_found_view
