@@ -31,11 +31,12 @@ from models import Image, Job, JobStatus
 from models.base import utcnow
 from worker.broker.publish import Publisher
 from worker.errors import InputError
+from worker.netpolicy import UrlPolicy
 from worker.settings import Settings
 from worker.store.images import CONTENT_TYPES, store_image
 from worker.tencent.preflight import Preflight
 from worker.tencent.types import ImageInput, OcrRequest
-from worker.tencent.urls import UrlPolicy, system_resolver
+from worker.tencent.urls import system_resolver
 from worker.tencent.validation import (
     MAX_IMAGE_BASE64_BYTES,
     base64_size,
