@@ -228,6 +228,22 @@ def _with_kept_answer(session: Session, ids: Sequence[uuid.UUID]) -> list[uuid.U
     return [i for i in ids if i in found]
 
 
+def _replay_event(
+    job: Job, now: datetime, actor: str, reason: str | None, note: str | None
+) -> JobEvent:
+    """The job's `replay` event: who, why (the operator's reason, then what the replay did),
+    and the status and error code it had. Built before the job is reset."""
+    return JobEvent(
+        job_id=job.id,
+        at=now,
+        kind="replay",
+        actor=actor,
+        reason="; ".join(p for p in (reason, note) if p) or None,
+        previous_status=job.status.value,
+        previous_error_code=job.last_error_code,
+    )
+
+
 def _store_kept(
     session: Session, job: Job, now: datetime, actor: str, reason: str | None
 ) -> str | None:
@@ -242,17 +258,7 @@ def _store_kept(
                 .values(attempts=0, last_error_code=None, last_error_message=None)
             )
             kept.store_kept(conn, job.id, portrait=job.portrait, now=now)
-            session.add(
-                JobEvent(
-                    job_id=job.id,
-                    at=now,
-                    kind="replay",
-                    actor=actor,
-                    reason="; ".join(p for p in (reason, KEPT_NOTE) if p),
-                    previous_status=job.status.value,
-                    previous_error_code=job.last_error_code,
-                )
-            )
+            session.add(_replay_event(job, now, actor, reason, KEPT_NOTE))
     except StoreFailed as err:
         return f"its kept answer still cannot be {err.stage}d ({err.reason}); it stays kept"
     return None
@@ -292,18 +298,7 @@ def _reset(
                 session.execute(delete(Portrait).where(Portrait.job_id == job.id))
                 session.execute(delete(Warning).where(Warning.job_id == job.id))
                 session.execute(delete(Result).where(Result.job_id == job.id))
-            note = FORCED_NOTE if forced else None
-            session.add(
-                JobEvent(
-                    job_id=job.id,
-                    at=now,
-                    kind="replay",
-                    actor=actor,
-                    reason="; ".join(p for p in (reason, note) if p) or None,
-                    previous_status=job.status.value,
-                    previous_error_code=job.last_error_code,
-                )
-            )
+            session.add(_replay_event(job, now, actor, reason, FORCED_NOTE if forced else None))
             terminal.on_job_reopened(session.connection(), job.id, job.status)
             job.status = JobStatus.queued
             job.attempts = 0
