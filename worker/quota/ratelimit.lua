@@ -24,10 +24,11 @@ ARGV[7]  coalesce_s              throttles within this of a decrease are the sam
 ARGV[8]  probe_settle_s          a probe window's answers are in this long after it ends
 ARGV[9]  probe_gap_min_s         spacing of probes after a passed one
 ARGV[10] probe_gap_max_s         a failed probe doubles the spacing up to this
-ARGV[11] max_wait_s              ("reserve") refuse slots further away than this; unused by
+ARGV[11] lost_state_guard_s      how far ahead a lost state may have booked (the horizon)
+ARGV[12] max_wait_s              ("reserve") refuse slots further away than this; unused by
                                  "throttled" (pass 0)
-ARGV[12] window                  ("throttled") the throttled call's window, from its reserve
-ARGV[13] window_cap              ("throttled") that window's slots; 0 = no evidence
+ARGV[13] window                  ("throttled") the throttled call's window, from its reserve
+ARGV[14] window_cap              ("throttled") that window's slots; 0 = no evidence
 
 Clock: Redis TIME, so every host agrees on window edges whatever its own clock says.
 
@@ -56,6 +57,14 @@ last_slot good_cap probe_cap probe_win probe_sent probe_next probe_gap_s tally_w
 plus qps, inc and
 settle (probe_settle_s) for "rate".
 Times absent from a fresh state are -1 (before any Redis TIME), standing for "never".
+
+A lost state (why): no state is either a key never used (or expired idle) or one Redis lost
+(a restart without persistence, a FLUSHDB) while calls it scheduled, up to
+lost_state_guard_s ahead, are still on their way. Handing their windows out again would
+overfill them, and the throttles would teach a quota lower than the real one. So a fresh
+state's first reservation stamps an empty window (win = floor(now + lost_state_guard_s),
+cap 0): the first slot is in the window after it. The stamp is saved even when that
+reservation is refused, or every retry would push it further.
 ]]
 
 local key = KEYS[1]
@@ -121,6 +130,7 @@ local coalesce_s = tonumber(ARGV[7])
 local probe_settle_s = tonumber(ARGV[8])
 local probe_gap_min_s = tonumber(ARGV[9])
 local probe_gap_max_s = tonumber(ARGV[10])
+local lost_state_guard_s = tonumber(ARGV[11])
 
 local s = load()
 if s ~= nil then
@@ -186,7 +196,13 @@ local function open(rate, win)
 end
 
 if op == 'reserve' then
-  local max_wait_s = tonumber(ARGV[11])
+  local max_wait_s = tonumber(ARGV[12])
+  local stamped = false
+  if s.win < 0 and lost_state_guard_s > 0 then
+    -- A fresh state: an empty window over whatever a lost state may have booked.
+    s.win, s.cap, s.used = math.floor(now + lost_state_guard_s), 0, 0
+    stamped = true
+  end
   local rate = current_rate(s, qps, inc)
   local k = math.floor(now)
   if s.win < k then
@@ -215,6 +231,9 @@ if op == 'reserve' then
   local send = math.max(s.win + (index + 0.5) / s.cap, now)
   local wait_s = send - now
   if wait_s > max_wait_s then
+    if stamped then
+      save()
+    end
     return { 0, fmt(wait_s), '0', 0, 0 }
   end
   s.rate, s.rate_ts, s.used = rate, now, index + 1
@@ -252,8 +271,8 @@ end
 
 if op == 'throttled' then
   local changed = step_down()
-  local window = tonumber(ARGV[12])
-  local window_cap = tonumber(ARGV[13])
+  local window = tonumber(ARGV[13])
+  local window_cap = tonumber(ARGV[14])
   if window_cap > 0 and window >= s.tally_win then
     if window == s.tally_win then
       s.tally_n = s.tally_n + 1
