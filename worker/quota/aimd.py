@@ -30,14 +30,15 @@ teaches the real quota in one window instead of one decrease step per window.
 tests/unit/test_limiter_aimd.py simulates configured 10/s against a real quota of 7/s:
 these constants give ~100% of 7/s with well under 2% of calls throttled.
 
-A lost state. A state that is not there is either a key never used (or idle long enough to
-expire) or one that Redis lost (a restart without persistence, a FLUSHDB) while calls it had
-scheduled are still on their way: up to `lost_state_guard_s` (the booking horizon,
-`quota_horizon_s`) ahead. A fresh schedule that handed out those windows again would
-overfill them, and the throttles would teach it a quota lower than the real one (measured:
-a fleet at 5/s dropped to 3/s for 25 s, then 4/s for 30 s). So a fresh state's first window
-is the first one that starts after `lost_state_guard_s` from now (`stamp`): at most
-1 + lost_state_guard_s of quota unused once, after a loss or the first call on a key.
+A lost state. A state that is not there is either a key never used (the Redis script keeps
+an idle one's key for a day and restarts it afresh without what follows) or one that Redis
+lost (a restart without persistence, a FLUSHDB) while calls it had scheduled are still on
+their way: up to `lost_state_guard_s` (the booking horizon, `quota_horizon_s`) ahead. A
+fresh schedule that handed out those windows again would overfill them, and the throttles
+would teach it a quota lower than the real one (measured: a fleet at 5/s dropped to 3/s for
+25 s, then 4/s for 30 s). So a fresh state's first window is the first one that starts
+after `lost_state_guard_s` from now (`stamp`): at most 1 + lost_state_guard_s of quota
+unused once, after a loss or the first call on a key.
 """
 
 from __future__ import annotations

@@ -64,10 +64,14 @@ lost_state_guard_s ahead, are still on their way. Handing their windows out agai
 overfill them, and the throttles would teach a quota lower than the real one. So a fresh
 state's first reservation stamps an empty window (win = floor(now + lost_state_guard_s),
 cap 0): the first slot is in the window after it. The stamp is saved even when that
-reservation is refused, or every retry would push it further.
+reservation is refused, or every retry would push it further. A state merely idle is not
+gone: past its schedule and a full recovery (idle_at) it starts afresh without the guard,
+and its key is kept a day longer, so the first call after an idle spell waits for nothing.
 ]]
 
 local key = KEYS[1]
+-- How long an idle state's key is kept after its idle_at (see save): a day.
+local KEEP_IDLE_S = 86400
 local op = ARGV[1]
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
@@ -76,16 +80,21 @@ local function fmt(x)
   return string.format('%.17g', x)
 end
 
+-- The state, or nil; and whether a state is there but idle (past idle_at: its schedule and
+-- a full recovery are over), which starts afresh without the lost-state guard.
 local function load()
   local flat = redis.call('HGETALL', key)
   if #flat == 0 then
-    return nil
+    return nil, false
   end
   local s = {}
   for i = 1, #flat, 2 do
     s[flat[i]] = tonumber(flat[i + 1])
   end
-  return s
+  if s.idle_at ~= nil and now >= s.idle_at then
+    return nil, true
+  end
+  return s, false
 end
 
 local function current_rate(s, qps, inc)
@@ -132,7 +141,7 @@ local probe_gap_min_s = tonumber(ARGV[9])
 local probe_gap_max_s = tonumber(ARGV[10])
 local lost_state_guard_s = tonumber(ARGV[11])
 
-local s = load()
+local s, idle = load()
 if s ~= nil then
   -- State written by an older script has no tally yet.
   s.tally_win, s.tally_n = s.tally_win or -1, s.tally_n or 0
@@ -143,21 +152,28 @@ else
     probe_sent = 0, probe_next = -1, probe_gap_s = probe_gap_min_s, tally_win = -1,
     tally_n = 0,
   }
+  if idle then
+    -- Merely idle: nothing of it is booked any more, so no guard (a window already past).
+    s.win = math.floor(now) - 1
+  end
 end
 
 local function save()
   s.qps = qps
   s.inc = inc
   s.settle = probe_settle_s
+  -- Outlive the committed schedule and a full recovery; an idle quota then starts afresh
+  -- (idle_at). The key itself is kept KEEP_IDLE_S longer, so that a state that is not there
+  -- at all is one Redis lost (or a key unused for that long): only then the guard.
+  local idle_s = math.max(0, s.last_slot - now) + math.max(0, (qps - s.rate) / inc) + 60
+  s.idle_at = now + idle_s
   local args = {}
   for field, value in pairs(s) do
     args[#args + 1] = field
     args[#args + 1] = fmt(value)
   end
   redis.call('HSET', key, unpack(args))
-  -- Outlive the committed schedule and a full recovery; an idle quota then starts afresh.
-  local ttl_s = math.max(0, s.last_slot - now) + math.max(0, (qps - s.rate) / inc) + 60
-  redis.call('PEXPIRE', key, math.ceil(ttl_s * 1000))
+  redis.call('PEXPIRE', key, math.ceil((idle_s + KEEP_IDLE_S) * 1000))
 end
 
 -- Open window `win`: size it from the rate, then apply the probe rule.
