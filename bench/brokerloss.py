@@ -163,6 +163,8 @@ def _sql_counts(db_url: str) -> tuple[int, int, int]:
 
 
 def _terminal_count(db_url: str) -> int:
+    """Jobs done; -1 while PostgreSQL refuses a connection (a shared server's client limit:
+    the fleet rides that out, and so does this poll)."""
     from models import Job, JobStatus
 
     engine = sa.create_engine(db_url)
@@ -171,6 +173,8 @@ def _terminal_count(db_url: str) -> int:
             done = (JobStatus.succeeded, JobStatus.failed)
             query = sa.select(sa.func.count()).select_from(Job).where(Job.status.in_(done))
             return int(conn.execute(query).scalar_one())
+    except sa.exc.OperationalError:
+        return -1
     finally:
         engine.dispose()
 
