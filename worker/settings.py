@@ -72,7 +72,8 @@ class Settings(BaseSettings):
     # affects slots booked after it: slots booked far ahead would keep overshooting.
     max_quota_wait_s: PositiveFloat = 10.0
     # Slots are booked at most this far ahead (worker.quota.horizon): after a throttle,
-    # at most qps x horizon calls still go out at the old rate.
+    # at most qps x horizon calls still go out at the old rate. Also how far ahead a limiter
+    # state Redis lost may have booked: a fresh one starts after it (worker.quota.aimd).
     quota_horizon_s: PositiveFloat = 0.5
     rate_min_fraction: float = Field(default=0.2, gt=0, le=1)
 
