@@ -255,7 +255,14 @@ _INSERT_RESULT = insert(RESULT)
 # Every result column but the key, the row's own timestamp and the decision's columns
 # (`_decision_params`) is an OcrResult field of the same name (checked here, so a column added
 # without its field fails at import).
-_OWN_COLUMNS = ("job_id", "created_at", "unreadable_fields", "decision", "decided_at")
+_OWN_COLUMNS = (
+    "job_id",
+    "created_at",
+    "unreadable_fields",
+    "decision",
+    "decided_at",
+    "personal_deleted_at",
+)
 _RESULT_FIELDS = tuple(c.name for c in RESULT.c if c.name not in _OWN_COLUMNS)
 _missing = set(_RESULT_FIELDS) - {f.name for f in dataclasses.fields(OcrResult)}
 if _missing:
