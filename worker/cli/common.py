@@ -259,6 +259,18 @@ def database(settings: Settings, *, tenant: str | None = None) -> Iterator[sessi
         engine.dispose()
 
 
+def os_actor() -> str:
+    """Who runs this command, as history events and the access log record it: user@host."""
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
 ALL_TENANTS_HELP = "Every tenant's jobs (operators; needs the macao_ocr_operator role)."
 
 

@@ -304,7 +304,15 @@ def _replay_job(
         force=options.force,
     )
     if job_id in report.refused:
-        raise ProblemError(409, "replay_refused", "Replay refused", report.refused[job_id])
+        # `code` is the refusal's own (`Replay.ImagesDeleted`, `Replay.Erased`...); the type
+        # stays `replay_refused` for every one of them.
+        raise ProblemError(
+            409,
+            report.refused_codes.get(job_id, "replay_refused"),
+            "Replay refused",
+            report.refused[job_id],
+            kind="replay_refused",
+        )
     return JSONResponse(report.to_dict())
 
 
@@ -314,7 +322,10 @@ def _replay_job(
     response_model=None,
     responses={
         200: body(ReplayOut, "Queued again."),
-        409: problem("In flight, or succeeded without force."),
+        409: problem(
+            "In flight, succeeded without force, its images deleted by retention "
+            "(`Replay.ImagesDeleted`) or erased (`Replay.Erased`)."
+        ),
         **AUTH,
         **NOT_FOUND,
     },
