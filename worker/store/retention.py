@@ -220,7 +220,10 @@ def count_removable(
             )
         )
         removed.images = int(
-            conn.scalar(select(func.count()).where(used_by_them, ~used_by_others)) or 0
+            conn.scalar(
+                select(func.count()).select_from(IMAGE).where(used_by_them, ~used_by_others)
+            )
+            or 0
         )
     if results_of:
         removed.results = _count(
