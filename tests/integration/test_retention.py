@@ -197,9 +197,9 @@ def holds_person(factory: sessionmaker[Session], images: list[bytes]) -> list[st
             data = bytes(value)
             if data == PORTRAIT or any(data == image for image in images):
                 found.append(f"{table}.{column}")
-        elif isinstance(value, str) and any(t in value for t in texts):
-            found.append(f"{table}.{column}")
-        elif isinstance(value, date) and value == date(1990, 3, 5):
+        elif (isinstance(value, str) and any(t in value for t in texts)) or (
+            isinstance(value, date) and value == date(1990, 3, 5)
+        ):
             found.append(f"{table}.{column}")
     return found
 

@@ -231,9 +231,7 @@ def test_each_read_is_logged_before_its_call(stub: Stub, card: Path) -> None:
     assert "@" in str(actor)
 
 
-def test_a_read_that_cannot_be_logged_buys_nothing(
-    stub: Stub, card: Path, tmp_path: Path
-) -> None:
+def test_a_read_that_cannot_be_logged_buys_nothing(stub: Stub, card: Path, tmp_path: Path) -> None:
     unmigrated = f"sqlite:///{tmp_path / 'empty.db'}"
     proc = run([str(card), "--json"], {**creds(stub), "MACAO_OCR_DATABASE_URL": unmigrated})
     assert proc.returncode == 1
