@@ -3,8 +3,9 @@ dedup included) and finished by the worker's own statements (`worker.store.job_s
 
 from __future__ import annotations
 
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -42,7 +43,8 @@ from worker.replay import REFUSED_ERASED, REFUSED_IMAGES_DELETED, replay
 from worker.settings import Settings
 from worker.store import job_sql, kept
 from worker.store.erasure import erase
-from worker.store.retention import purge
+from worker.store.images import store_image
+from worker.store.retention import PurgeReport, purge, release_images
 from worker.sweeper import sweep_once
 from worker.tencent.types import CardWarning, OcrResult
 
@@ -424,3 +426,89 @@ def test_erase_refuses_a_running_job_and_another_tenants(
     assert job_row(session_factory, running).erased_at is None
     theirs = erase(session_factory, tenant="other", job_ids=[running], actor="dpo")
     assert theirs.refused == {running: "not found"} and theirs.erased == []
+
+
+# -- shared images under concurrency (real commits, two connections) ---------------------------
+
+
+@pytest.fixture
+def committed(
+    fresh_migrated_database: Callable[[], str],
+) -> Iterator[tuple[sessionmaker[Session], Settings]]:
+    url = fresh_migrated_database()
+    engine = sa.create_engine(url)
+    yield sessionmaker(engine, expire_on_commit=False), Settings(database_url=url, tenant=TENANT)
+    engine.dispose()
+
+
+def _in_thread(fn: Callable[[], object]) -> tuple[threading.Thread, list[object]]:
+    out: list[object] = []
+
+    def run() -> None:
+        try:
+            out.append(fn())
+        except Exception as exc:  # the test reads it
+            out.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, out
+
+
+def test_retention_waits_for_a_producer_reusing_the_image_and_keeps_it(
+    committed: tuple[sessionmaker[Session], Settings],
+) -> None:
+    factory, settings = committed
+    same = specimen(30)
+    (old,) = submit(factory, settings, same)
+    shared = job_row(factory, old).front_image_id
+    succeed(factory, old)
+    producer = factory()
+    producer.begin()
+    image = store_image(producer, TENANT, same)  # found by digest, its row locked
+    assert image.id == shared
+    newcomer = Job(tenant=TENANT, front_image_id=image.id)
+    producer.add(newcomer)
+    producer.flush()
+
+    thread, out = _in_thread(lambda: purge(factory, settings, now=now()))
+    thread.join(1.5)
+    assert thread.is_alive()  # waiting for the producer's commit
+    producer.commit()
+    producer.close()
+    thread.join(20)
+    [report] = out
+    assert isinstance(report, PurgeReport), report
+    assert (report.removed.jobs_images, report.removed.images) == (1, 0)
+    with factory() as session:
+        kept_image = session.get(Image, shared)
+        assert kept_image is not None and kept_image.data == same
+    assert job_row(factory, newcomer.id).front_image_id == shared
+
+
+def test_a_producer_waits_for_a_deletion_and_stores_the_image_again(
+    committed: tuple[sessionmaker[Session], Settings],
+) -> None:
+    factory, settings = committed
+    same = specimen(31)
+    (old,) = submit(factory, settings, same)
+    shared = job_row(factory, old).front_image_id
+    succeed(factory, old)
+    with factory() as deleter:
+        deleter.begin()
+        removed = release_images(deleter.connection(), [old], now())
+        assert removed.images == 1  # deleted, not committed yet
+
+        thread, out = _in_thread(lambda: submit(factory, settings, same))
+        thread.join(1.5)
+        assert thread.is_alive()  # the producer's lookup waits for the deletion
+        deleter.commit()
+    thread.join(20)
+    [ids] = out
+    assert isinstance(ids, list), ids
+    fresh = job_row(factory, ids[0]).front_image_id
+    assert fresh is not None and fresh != shared
+    with factory() as session:
+        assert session.get(Image, shared) is None
+        stored = session.get(Image, fresh)
+        assert stored is not None and stored.data == same

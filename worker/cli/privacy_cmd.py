@@ -73,18 +73,22 @@ def _job_ids(texts: list[str]) -> list[uuid.UUID]:
     return ids
 
 
-def by_id_number(
-    session_factory: sessionmaker[Session], settings: Settings, id_number: str, tenant: str | None
-) -> list[uuid.UUID]:
-    """The jobs whose result holds this ID number, through the store's keyed-hash lookup."""
+def id_number_lookup() -> Any:
+    """The store's `job_ids_by_id_number`, or one clear line when this build has none."""
     try:
-        module = importlib.import_module(LOOKUP_MODULE)
-        find = getattr(module, LOOKUP_FUNCTION)
+        return getattr(importlib.import_module(LOOKUP_MODULE), LOOKUP_FUNCTION)
     except (ImportError, AttributeError):
         raise fail(
             "--id-number needs lookup by ID number (encryption at rest's keyed hash), which "
             "this build does not have: erase by --job or --tag"
         ) from None
+
+
+def by_id_number(
+    session_factory: sessionmaker[Session], settings: Settings, id_number: str, tenant: str | None
+) -> list[uuid.UUID]:
+    """The jobs whose result holds this ID number, through the store's keyed-hash lookup."""
+    find = id_number_lookup()
     lookup_key = getattr(settings, "lookup_key", None)
     if lookup_key is None:
         raise fail("--id-number needs MACAO_OCR_LOOKUP_KEY (lookup by ID number is off)")
@@ -114,6 +118,8 @@ def erase_command(
     chosen = [name for name, v in (("--job", job), ("--tag", tag), ("--id-number", id_number)) if v]
     if len(chosen) != 1:
         raise fail("name exactly one of --job, --tag or --id-number; erasing all is never implied")
+    if id_number is not None:
+        id_number_lookup()  # fails fast, before any database work, when there is none
     settings = load_or_exit()
     tenant = scope(settings, all_tenants)
     with database(settings, tenant=tenant) as session_factory:
