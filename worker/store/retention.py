@@ -33,6 +33,7 @@ from typing import Any
 
 from sqlalchemy import (
     Connection,
+    Select,
     Table,
     and_,
     case,
@@ -193,17 +194,21 @@ def delete_job_blobs(conn: Connection, job_ids: Sequence[uuid.UUID]) -> Removed:
 # -- what a deletion would remove (dry runs) --------------------------------------------------
 
 
+# Job ids: a list, or a SELECT of them (a dry run over everything due: no id list to hold).
+JobIds = Sequence[uuid.UUID] | Select[Any]
+
+
 def count_removable(
     conn: Connection,
     *,
-    images_of: Sequence[uuid.UUID] = (),
-    results_of: Sequence[uuid.UUID] = (),
-    kept_of: Sequence[uuid.UUID] = (),
+    images_of: JobIds = (),
+    results_of: JobIds = (),
+    kept_of: JobIds = (),
 ) -> Removed:
     """What `release_images(images_of)`, `clear_results(results_of)` and the kept answers of
     `kept_of` would remove now; nothing is changed."""
     removed = Removed()
-    if images_of:
+    if _some(images_of):
         held = and_(JOB.c.id.in_(images_of), JOB.c.images_deleted_at.is_(None))
         removed.jobs_images = int(conn.scalar(select(func.count()).where(held)) or 0)
         removed.urls = sum(
@@ -225,14 +230,18 @@ def count_removable(
             )
             or 0
         )
-    if results_of:
+    if _some(results_of):
         removed.results = _count(
             conn, RESULT, RESULT.c.job_id.in_(results_of), RESULT.c.personal_deleted_at.is_(None)
         )
         removed.portraits = _count(conn, PORTRAIT, PORTRAIT.c.job_id.in_(results_of))
-    if kept_of:
+    if _some(kept_of):
         removed.kept_answers = _count(conn, KEPT, KEPT.c.job_id.in_(kept_of))
     return removed
+
+
+def _some(ids: JobIds) -> bool:
+    return isinstance(ids, Select) or bool(ids)
 
 
 def _count(conn: Connection, table: Table, *where: Any) -> int:
@@ -362,20 +371,16 @@ def _lock_jobs(conn: Connection, ids: Iterable[uuid.UUID]) -> None:
 
 
 def _count_due(conn: Connection, cut: Cutoffs) -> Removed:
-    succeeded = _due_ids(
-        conn, JOB.c.id, _images_due(cut, JobStatus.succeeded), JOB.c.id, None, lock=False
+    # correlate(None): used inside queries over the same tables, they must stay whole.
+    images = (
+        select(JOB.c.id)
+        .where(or_(_images_due(cut, JobStatus.succeeded), _images_due(cut, JobStatus.failed)))
+        .correlate(None)
     )
-    failed = _due_ids(
-        conn, JOB.c.id, _images_due(cut, JobStatus.failed), JOB.c.id, None, lock=False
+    failed = select(JOB.c.id).where(_images_due(cut, JobStatus.failed)).correlate(None)
+    results = (
+        select(RESULT.c.job_id)
+        .where(or_(_results_due(cut), _erased_results_held()))
+        .correlate(None)
     )
-    results = _due_ids(
-        conn,
-        RESULT.c.job_id,
-        or_(_results_due(cut), _erased_results_held()),
-        RESULT.c.job_id,
-        None,
-        lock=False,
-    )
-    return count_removable(
-        conn, images_of=[*succeeded, *failed], results_of=results, kept_of=failed
-    )
+    return count_removable(conn, images_of=images, results_of=results, kept_of=failed)
