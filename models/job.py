@@ -35,8 +35,9 @@ class JobStatus(enum.StrEnum):
 
 TERMINAL_STATUSES = frozenset({JobStatus.succeeded, JobStatus.failed})
 
-# A job whose images and URLs retention has not deleted yet (the sweeper's index).
-IMAGES_HELD_SQL = "images_deleted_at IS NULL"
+# A finished job whose images and URLs retention has not deleted yet (the sweeper's index;
+# finished only, so the many row versions of a job in flight add no entry to it).
+IMAGES_HELD_SQL = "images_deleted_at IS NULL AND status IN ('succeeded', 'failed')"
 
 
 class Image(Base):

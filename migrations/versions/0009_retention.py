@@ -34,6 +34,7 @@ HAS_IMAGE = (
     "OR back_url IS NOT NULL OR back_image_id IS NOT NULL"
 )
 HAS_IMAGE_OR_DELETED = HAS_IMAGE + " OR images_deleted_at IS NOT NULL"
+IMAGES_HELD = "images_deleted_at IS NULL AND status IN ('succeeded', 'failed')"
 
 
 def _ts(name: str) -> sa.Column[object]:
@@ -56,7 +57,7 @@ def upgrade() -> None:
         batch.add_column(_ts("personal_deleted_at"))
     _partial("ix_job_front_image_id", "job", ["front_image_id"], "front_image_id IS NOT NULL")
     _partial("ix_job_back_image_id", "job", ["back_image_id"], "back_image_id IS NOT NULL")
-    _partial("ix_job_images_held", "job", ["status", "finished_at"], "images_deleted_at IS NULL")
+    _partial("ix_job_images_held", "job", ["status", "finished_at"], IMAGES_HELD)
     _partial("ix_job_erased_at", "job", ["erased_at"], "erased_at IS NOT NULL")
     _partial("ix_result_personal_held", "result", ["created_at"], "personal_deleted_at IS NULL")
 
