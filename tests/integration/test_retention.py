@@ -3,6 +3,7 @@ dedup included) and finished by the worker's own statements (`worker.store.job_s
 
 from __future__ import annotations
 
+import json
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -512,3 +513,34 @@ def test_a_producer_waits_for_a_deletion_and_stores_the_image_again(
         assert session.get(Image, shared) is None
         stored = session.get(Image, fresh)
         assert stored is not None and stored.data == same
+
+
+def test_the_purge_command_counts_first_then_removes_and_prints_no_value(
+    committed: tuple[sessionmaker[Session], Settings],
+) -> None:
+    from typer.testing import CliRunner
+
+    from worker.cli import app as cli_app
+
+    factory, settings = committed
+    (job_id,) = submit(factory, settings, specimen(40))
+    succeed(factory, job_id)
+    env = {"MACAO_OCR_DATABASE_URL": settings.database_url, "MACAO_OCR_RESULT_RETENTION_S": "0"}
+    expected = {"jobs_images": 1, "images": 1, "urls": 0, "results": 1, "portraits": 1}
+
+    dry = CliRunner().invoke(cli_app, ["purge", "--dry-run", "--json"], env=env)
+    assert dry.exit_code == 0, dry.output
+    counted = json.loads(dry.stdout)
+    assert counted == {"dry_run": True, "complete": True, "kept_answers": 0, **expected}
+    assert count(factory, Image) == 1 and count(factory, Portrait) == 1
+    assert personal_values(factory, job_id)["id_number"] == ID_NUMBER
+
+    done = CliRunner().invoke(cli_app, ["purge", "--json"], env=env)
+    assert done.exit_code == 0, done.output
+    assert json.loads(done.stdout) == {**counted, "dry_run": False}
+    assert count(factory, Image) == 0 and count(factory, Portrait) == 0
+    assert personal_values(factory, job_id)["id_number"] is None
+    again = CliRunner().invoke(cli_app, ["purge"], env=env)
+    assert again.exit_code == 0 and again.stdout.startswith("removed: jobs_images 0")
+    for output in (dry.output, done.output, again.output):
+        assert ID_NUMBER not in output and "CHAN" not in output

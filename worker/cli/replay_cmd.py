@@ -181,7 +181,10 @@ def _sweep(
         if as_json:
             typer.echo(json.dumps(counts))
         else:
-            typer.echo(", ".join(f"{k} {v}" for k, v in counts.items()))
+            plain = {k: v for k, v in counts.items() if k != "retention"}
+            removed = report.retention.to_dict()
+            plain.update({f"retention.{k}": v for k, v in removed.items()})
+            typer.echo(", ".join(f"{k} {v}" for k, v in plain.items()))
         if report.publish_failed:
             raise typer.Exit(1)
         return
