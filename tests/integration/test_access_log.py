@@ -115,6 +115,18 @@ def test_each_cli_read_that_shows_personal_fields_writes_one_row(
     assert cli(db_url, "audit", "--json", tenant="other").stdout == ""
 
 
+def test_the_python_surface_logs_its_reads_too(factory: sessionmaker[Session], db_url: str) -> None:
+    from worker.service import get_job
+
+    done, waiting = jobs(factory, db_url)
+    settings = Settings(database_url=db_url, tenant=TENANT)
+    view = get_job(factory, settings, done)
+    assert view is not None and view["result"] is not None
+    assert get_job(factory, settings, waiting) is not None  # no result: nothing personal
+    [(actor, tenant, job_id, how)] = log_rows(factory)
+    assert (tenant, job_id, how) == (TENANT, done, "python.get_job") and "@" in actor
+
+
 def test_each_http_read_writes_one_row_with_the_key_as_actor(
     factory: sessionmaker[Session], db_url: str
 ) -> None:

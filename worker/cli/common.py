@@ -261,14 +261,9 @@ def database(settings: Settings, *, tenant: str | None = None) -> Iterator[sessi
 
 def os_actor() -> str:
     """Who runs this command, as history events and the access log record it: user@host."""
-    import getpass
-    import socket
+    from worker.store.access import process_actor
 
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):
-        user = "unknown"
-    return f"{user}@{socket.gethostname()}"
+    return process_actor()
 
 
 ALL_TENANTS_HELP = "Every tenant's jobs (operators; needs the macao_ocr_operator role)."

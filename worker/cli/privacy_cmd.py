@@ -97,6 +97,10 @@ def by_id_number(
 
 
 def erase_command(
+    more: Annotated[
+        list[str] | None,
+        typer.Argument(help="More job ids, after --job (`--job ID ID ID`).", show_default=False),
+    ] = None,
     job: Annotated[
         list[str] | None, typer.Option("--job", help="A job id to erase (repeatable).")
     ] = None,
@@ -115,6 +119,9 @@ def erase_command(
     """Remove every piece of personal data of some jobs, in one transaction, for good."""
     from worker.store.erasure import erase
 
+    if more and not job:
+        raise fail("job ids go after --job (`erase --job ID [ID...]`)")
+    job = [*(job or ()), *(more or ())]
     chosen = [name for name, v in (("--job", job), ("--tag", tag), ("--id-number", id_number)) if v]
     if len(chosen) != 1:
         raise fail("name exactly one of --job, --tag or --id-number; erasing all is never implied")

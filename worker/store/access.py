@@ -30,6 +30,19 @@ CLI_READ = "cli.read"
 API_JOB = "api.job"
 API_JOBS = "api.jobs"
 API_PORTRAIT = "api.portrait"
+PYTHON_GET_JOB = "python.get_job"
+
+
+def process_actor() -> str:
+    """Who runs this process, as history events and the access log name them: user@host."""
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
 
 
 @dataclass(frozen=True)
