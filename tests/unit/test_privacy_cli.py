@@ -3,6 +3,7 @@ absence said in one line, and retention on the embedded SQLite database (the dem
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -99,4 +100,36 @@ def test_purge_on_sqlite_deletes_a_succeeded_jobs_image(tmp_path: Path) -> None:
         assert job is not None and job.images_deleted_at is not None
         assert job.front_image_id is None
         assert session.get(Job, waiting).front_image_id is not None  # type: ignore[union-attr]
+    engine.dispose()
+
+
+def test_erase_two_jobs_after_one_job_flag_on_sqlite(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'demo.db'}"
+    migrations.upgrade(url)
+    engine = create_engine(url)
+    factory = sessionmaker(engine, expire_on_commit=False)
+    first, second, other = submit_many(
+        factory,
+        RecordingPublisher(),
+        Settings(database_url=url),
+        [JobSpec(front=make_specimen(seed=s).image, tag="t") for s in (3, 4, 5)],
+    )
+    env = {"MACAO_OCR_DATABASE_URL": url}
+    lone = CliRunner().invoke(app, ["erase", str(first)], env=env)
+    assert lone.exit_code == 2 and "after --job" in lone.output
+    result = CliRunner().invoke(
+        app, ["erase", "--job", str(first), str(second), "--reason", "asked", "--json"], env=env
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert sorted(report["erased"]) == sorted([str(first), str(second)])
+    assert report["removed"]["images"] == 2
+    with factory() as session:
+        assert session.scalar(select(func.count()).select_from(Image)) == 1
+        for job_id in (first, second):
+            job = session.get(Job, job_id)
+            assert job is not None and job.erased_at is not None
+            assert (job.status, job.last_error_code) == (JobStatus.failed, "Internal.Erased")
+        kept = session.get(Job, other)
+        assert kept is not None and kept.erased_at is None and kept.front_image_id is not None
     engine.dispose()
