@@ -5,7 +5,6 @@ show none write nothing, and `macao-ocr audit` lists them behind the tenant wall
 from __future__ import annotations
 
 import json
-import logging
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
@@ -14,7 +13,6 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-import structlog
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from typer.testing import CliRunner, Result
@@ -33,16 +31,8 @@ with warnings.catch_warnings():
     from fastapi.testclient import TestClient
 
 TENANT = "acme"
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    structlog.reset_defaults()
+# The CLI configures logging for its process; under CliRunner that process is pytest's.
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 @pytest.fixture

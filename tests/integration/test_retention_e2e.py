@@ -14,10 +14,13 @@ import sqlalchemy as sa
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from emulator.specimen import make_specimen
 from models import Image, Job, JobEvent, JobStatus
-from tests.integration.test_replay_e2e import run_cli, submit_specimens, wait_until
+from tests.fixtures.workers import submit_jobs
+from tests.integration.test_replay_e2e import run_cli, wait_until
 from worker.broker.publish import RecordingPublisher
 from worker.http.app import create_app
+from worker.producer import JobSpec
 from worker.settings import Settings
 from worker.tenants import create_key
 
@@ -44,7 +47,8 @@ def test_erased_and_imageless_jobs_are_never_called_for(
 ) -> None:
     env, factory = deployment
     # Stored with no worker running: the erased one is still queued when erased.
-    read, kept, erased = submit_specimens(env, factory, 3)
+    specs = [JobSpec(front=make_specimen(seed=500 + i).image) for i in range(3)]
+    read, kept, erased = submit_jobs(env, factory, specs)
     gone = run_cli(env, "erase", "--job", str(erased), "--reason", "customer asked", "--json")
     assert gone.returncode == 0, gone.stderr
     report = json.loads(gone.stdout)
