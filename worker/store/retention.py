@@ -353,10 +353,12 @@ def _one_batch(
     conn: Connection, kind: str, where: Any, now: datetime, batch: int
 ) -> tuple[int, Removed]:
     if kind == "results":
-        ids = _due_ids(conn, RESULT.c.job_id, where, RESULT.c.created_at, batch, lock=True)
-        # The job row too: erasure and replay lock it before touching its result.
-        _lock_jobs(conn, ids)
-        return len(ids), clear_results(conn, ids, now)
+        due = _due_ids(conn, RESULT.c.job_id, where, RESULT.c.created_at, batch, lock=False)
+        # The job rows first, as erasure and replay take them before a result: the same order
+        # everywhere, so no deadlock; one they hold is left to the next pass.
+        ids = _lock_jobs(conn, due)
+        # All of them held elsewhere: stop here (no progress to make now), not spin.
+        return (len(due) if ids else 0), clear_results(conn, ids, now)
     ids = _due_ids(conn, JOB.c.id, where, JOB.c.finished_at, batch, lock=True)
     removed = release_images(conn, ids, now)
     if kind == "failed_images":
@@ -364,10 +366,18 @@ def _one_batch(
     return len(ids), removed
 
 
-def _lock_jobs(conn: Connection, ids: Iterable[uuid.UUID]) -> None:
+def _lock_jobs(conn: Connection, ids: Iterable[uuid.UUID]) -> list[uuid.UUID]:
+    """Lock those of the jobs no one else holds (in id order); their ids."""
     wanted = sorted(ids)
-    if wanted:
-        conn.execute(select(JOB.c.id).where(JOB.c.id.in_(wanted)).with_for_update())
+    if not wanted:
+        return []
+    query = (
+        select(JOB.c.id)
+        .where(JOB.c.id.in_(wanted))
+        .order_by(JOB.c.id)
+        .with_for_update(skip_locked=True)
+    )
+    return list(conn.execute(query).scalars())
 
 
 def _count_due(conn: Connection, cut: Cutoffs) -> Removed:
