@@ -396,10 +396,14 @@ def _chunk_images(
         return {}
     ids: dict[ImageKey, uuid.UUID] = {}
     found = session.execute(
-        select(IMAGE_TABLE.c.id, IMAGE_TABLE.c.sha256, IMAGE_TABLE.c.size_bytes).where(
+        select(IMAGE_TABLE.c.id, IMAGE_TABLE.c.sha256, IMAGE_TABLE.c.size_bytes)
+        .where(
             IMAGE_TABLE.c.tenant == tenant,
             IMAGE_TABLE.c.sha256.in_(sorted({sha for sha, _ in wanted})),
         )
+        # Held until the chunk commits: a retention or erasure deleting one of these images
+        # waits for our jobs and then keeps it (worker.store.retention).
+        .with_for_update(key_share=True)
     )
     for row in found:
         ids.setdefault((row.sha256, row.size_bytes), row.id)

@@ -109,6 +109,14 @@ class Settings(BaseSettings):
     # listen on 127.0.0.1). Every other non-public address stays refused.
     url_allow_loopback: bool = False
 
+    # -- personal data (worker.store.retention): how long each piece is kept
+    # A succeeded job's card images and image URLs, after its success (0: at the first sweep).
+    image_retention_s: float = Field(default=0.0, ge=0)
+    # A failed job's images, URLs and kept answer: until then it can be replayed.
+    failed_image_retention_s: float = Field(default=7 * 86_400.0, ge=0)
+    # A result's personal fields, lookup hashes and portrait, after it was stored.
+    result_retention_s: float = Field(default=90 * 86_400.0, ge=0)
+
     # -- the worker
     worker_concurrency: PositiveInt = 200
     worker_processes: PositiveInt = 1

@@ -149,7 +149,7 @@ def test_replay_touches_one_tenant_unless_asked_for_all(
     # Naming the other tenant's job by id: not found, as if it did not exist.
     by_id = run(env, "replay", str(ids[f"{THEIRS}/failed"]), "--dry-run", "--json")
     assert json.loads(by_id.stdout)["refused"] == [
-        {"job_id": str(ids[f"{THEIRS}/failed"]), "reason": "not found"}
+        {"job_id": str(ids[f"{THEIRS}/failed"]), "code": "Replay.NotFound", "reason": "not found"}
     ]
     every = run(env, "replay", "--status", "failed", "--dry-run", "--json", "--all-tenants")
     assert every.exit_code == 0, every.output
