@@ -28,10 +28,11 @@ DESCRIPTION = (
 
 
 def _services(settings: Settings, publisher: Publisher | None) -> Services:
-    from worker.store.engine import make_engine, make_sessionmaker
+    from worker.store.engine import TenantSessions, make_engine, make_sessionmaker
 
     engine = make_engine(settings)
     factory = make_sessionmaker(engine)
+    sessions = TenantSessions(engine)
     celery_app = None
     if publisher is None:
         from worker.app import create_app as create_celery_app
@@ -43,8 +44,9 @@ def _services(settings: Settings, publisher: Publisher | None) -> Services:
         settings=settings,
         engine=engine,
         session_factory=factory,
+        sessions=sessions,
         publisher=publisher,
-        backlog=Backlog(settings, factory),
+        backlog=Backlog(settings, sessions),
         celery_app=celery_app,
     )
 

@@ -1,4 +1,9 @@
-"""What the routes share in one process: settings, database, publisher, backlog counts."""
+"""What the routes share in one process: settings, database, publisher, backlog counts.
+
+Every request's database work runs in sessions of its caller's tenant (`Services.sessions`):
+on PostgreSQL each transaction is the `macao_ocr_tenant` role with the tenant set, so row-level
+security walls the request whatever its queries say. Only the key lookup, which must find the
+tenant in the first place, and the readiness probe act as the login's own role."""
 
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ from worker.broker.publish import Publisher
 from worker.http.backpressure import Backlog
 from worker.http.problems import unauthorized
 from worker.settings import Settings
+from worker.store.engine import TenantSessions
 from worker.tenants import Caller, authenticate
 
 
@@ -22,7 +28,10 @@ from worker.tenants import Caller, authenticate
 class Services:
     settings: Settings
     engine: Engine
+    # The login's own role: API keys (looked up before the tenant is known) and readiness.
     session_factory: sessionmaker[Session]
+    # Everything a request does for its caller: walled by row-level security.
+    sessions: TenantSessions
     publisher: Publisher
     backlog: Backlog
     celery_app: Any = None
