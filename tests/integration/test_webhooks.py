@@ -340,7 +340,7 @@ def test_two_last_jobs_finishing_at_once_in_one_statement_each_write_one_batch_e
             thread.join(30)
     assert not errors
     events = [d for d in deliveries(pg) if d.event_type == "batch.completed"]
-    assert sorted(d.batch for d in events) == sorted(f"pair-{r}" for r in range(rounds))
+    assert sorted(str(d.batch) for d in events) == sorted(f"pair-{r}" for r in range(rounds))
     with Session(pg) as session:
         rows = session.scalars(sa.select(Batch).where(Batch.tenant == "t1")).all()
         assert {(b.total, b.succeeded, b.failed) for b in rows} == {(2, 2, 0)}
