@@ -7,6 +7,7 @@ import binascii
 import json
 import uuid
 from datetime import UTC, datetime
+from functools import partial
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Header, Query, Request, Response
@@ -104,37 +105,57 @@ def _load(session: Session, tenant: str, job_id: uuid.UUID) -> Job:
 def job_json(
     svc: Services, tenant: str, job_id: uuid.UUID, *, history: bool = False
 ) -> dict[str, Any]:
-    with svc.session_factory() as session:
+    with svc.sessions(tenant)() as session:
         return job_view(session, _load(session, tenant, job_id), history=history)
+
+
+def _submit(
+    svc: Services,
+    who: Caller,
+    spec: JobSpec,
+    batch: str | None,
+    claim: idempotency.Claim | None = None,
+) -> uuid.UUID:
+    svc.backlog.admit(who.tenant, 1)
+    sessions = svc.sessions(who.tenant)
+    return submit(
+        sessions,
+        svc.publisher,
+        svc.for_tenant(who.tenant),
+        spec.front,
+        spec.back,
+        portrait=spec.portrait,
+        tag=spec.tag,
+        batch=batch,
+        job_id=None if claim is None else claim.job_id,
+        before_commit=None if claim is None else partial(idempotency.seal, claim=claim),
+    )
 
 
 def _create(
     svc: Services, who: Caller, spec: JobSpec, batch: str | None, key: str | None
 ) -> JSONResponse:
     validate(spec)
-    if key is not None:
+    if key is None:
+        job_id = _submit(svc, who, spec, batch)
+    else:
+        sessions = svc.sessions(who.tenant)
         digest = request_sha256("job", spec_digest(spec, batch))
-        done = idempotency.begin(svc.session_factory, who.tenant, key, digest)
-        if done is not None and done.job_id is not None:
-            return JSONResponse(job_json(svc, who.tenant, done.job_id), headers=REPLAYED)
-    try:
-        svc.backlog.admit(who.tenant, 1)
-        job_id = submit(
-            svc.session_factory,
-            svc.publisher,
-            svc.for_tenant(who.tenant),
-            spec.front,
-            spec.back,
-            portrait=spec.portrait,
-            tag=spec.tag,
-            batch=batch,
-        )
-    except BaseException:
-        if key is not None:
-            idempotency.abandon(svc.session_factory, who.tenant, key)
-        raise
-    if key is not None:
-        idempotency.complete(svc.session_factory, who.tenant, key, job_id=job_id)
+        while True:
+            outcome = idempotency.begin(sessions, who.tenant, key, digest, job_id=uuid.uuid4())
+            if isinstance(outcome, idempotency.Done):
+                if outcome.job_id is None:  # a batch's key (its digest differs anyway)
+                    raise idempotency.conflict()
+                return JSONResponse(job_json(svc, who.tenant, outcome.job_id), headers=REPLAYED)
+            try:
+                # The job row and the key's seal commit together (idempotency's module doc).
+                job_id = _submit(svc, who, spec, batch, outcome)
+                break
+            except idempotency.ClaimLost:
+                continue  # taken over while this request was slow: answer the taker's job
+            except BaseException:
+                idempotency.abandon(sessions, outcome)
+                raise
     return JSONResponse(
         job_json(svc, who.tenant, job_id),
         status_code=201,
@@ -211,7 +232,7 @@ def get_job(
 def get_portrait(job_id: uuid.UUID, who: CallerDep, svc: ServicesDep) -> Response:
     from worker.tencent.validation import sniff_image_type
 
-    with svc.session_factory() as session:
+    with svc.sessions(who.tenant)() as session:
         _load(session, who.tenant, job_id)
         portrait = session.get(Portrait, job_id)
     if portrait is None:
@@ -273,7 +294,7 @@ def list_jobs(
         at, last_id = _parse_cursor(cursor)
         query = query.where(tuple_(Job.created_at, Job.id) > tuple_(at, last_id))
     query = query.order_by(Job.created_at, Job.id).limit(limit + 1)
-    with svc.session_factory() as session:
+    with svc.sessions(who.tenant)() as session:
         jobs = list(session.scalars(query))
         page = jobs[:limit]
         views = [job_view(session, job) for job in page]
@@ -292,10 +313,11 @@ def _batch_filter(batch: str) -> Any:
 def _replay_job(
     svc: Services, who: Caller, job_id: uuid.UUID, options: ReplayRequest
 ) -> JSONResponse:
-    with svc.session_factory() as session:
+    sessions = svc.sessions(who.tenant)
+    with sessions() as session:
         _load(session, who.tenant, job_id)
     report = replay(
-        svc.session_factory,
+        sessions,
         svc.publisher,
         svc.for_tenant(who.tenant),
         job_ids=[job_id],
