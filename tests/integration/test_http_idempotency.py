@@ -20,8 +20,8 @@ from sqlalchemy import func, select
 
 from models import Batch, IdempotencyKey, Job
 from models.base import utcnow
-from worker.broker.publish import RecordingPublisher
 from worker import producer
+from worker.broker.publish import RecordingPublisher
 from worker.http import idempotency, routes_jobs
 from worker.http.app import create_app
 from worker.http.intake import request_sha256, spec_digest, spec_from_json
