@@ -304,13 +304,18 @@ def submit(
     batch: str | None = None,
     job_id: uuid.UUID | None = None,
     before_commit: BeforeCommit | None = None,
+    preflight: Preflight | None = None,
+    publish: bool = True,
 ) -> uuid.UUID:
     """Validate, commit and publish one job; returns its id (also if the broker is down).
     A `batch` label counts the job into the label's batch row, in the same transaction.
-    `job_id`: the id to give it (else a new one); `before_commit` runs in its transaction."""
+    `job_id`: the id to give it (else a new one); `before_commit` runs in its transaction;
+    `preflight`: the rules (from `make_preflight(settings)`; one that checked these images
+    already does not decode them again); `publish=False`: the caller publishes the committed
+    job and records its `enqueued_at` (the HTTP API, grouping its requests)."""
     _check_label(batch, "batch")
     spec = JobSpec(front=front, back=back, portrait=portrait, tag=tag)
-    request = prepare(spec, make_preflight(settings))
+    request = prepare(spec, preflight or make_preflight(settings))
     with session_factory() as session:
         batch_id = (
             None if batch is None else batches.count_into_label(session, settings.tenant, batch, 1)
@@ -319,6 +324,8 @@ def submit(
         if before_commit is not None:
             before_commit(session)
         session.commit()
+    if not publish:
+        return job_id
     published = _publish(session_factory, publisher, [job_id])
     log.info("job_submitted", job_id=str(job_id), published=published)
     return job_id
@@ -353,6 +360,7 @@ def submit_many(
     chunk_rows: int = CHUNK_ROWS,
     max_rows: int = MAX_ROWS,
     base_dir: Path | None = None,
+    preflight: Preflight | None = None,
 ) -> list[uuid.UUID]:
     """All-or-nothing validation of every item (ManifestError lists each bad row), then
     commit in chunks, publishing each chunk after its commit. Ids come back in input order
@@ -372,7 +380,7 @@ def submit_many(
         raise too_many_rows(max_rows)
     if job_ids is not None and len(job_ids) != len(specs):
         raise ValueError("job_ids must give one id per item")
-    preflight = make_preflight(settings)
+    preflight = preflight or make_preflight(settings)
     _validate_all(specs, preflight, base_dir)
     counted: uuid.UUID | None = None
     if batch is not None and batch_id is None and specs:

@@ -54,7 +54,8 @@ def test_every_statement_of_a_request_runs_as_the_callers_tenant(client: TestCli
     """Each statement the API sends is followed by a look at who ran it. Only the key lookup
     (which finds the tenant) runs as the login; everything else as the tenant role with the
     caller's tenant."""
-    engine: sa.Engine = client.app.state.services.engine  # type: ignore[attr-defined]
+    svc = client.app.state.services  # type: ignore[attr-defined]
+    engines = {svc.engine, svc.key_sessions.kw["bind"]}
     seen: list[tuple[str, str, str | None]] = []
 
     def who_ran(_conn: Any, cursor: Any, statement: str, *_args: Any) -> None:
@@ -64,7 +65,8 @@ def test_every_statement_of_a_request_runs_as_the_callers_tenant(client: TestCli
         seen.append((statement, probe[0], probe[1]))
 
     a, b = _key(client, "acme"), _key(client, "globex")
-    sa.event.listen(engine, "after_cursor_execute", who_ran)
+    for engine in engines:
+        sa.event.listen(engine, "after_cursor_execute", who_ran)
     try:
         made = client.post("/v1/jobs", json={**URL_JOB, "batch": "day-1"}, headers=a)
         assert made.status_code == 201, made.text
@@ -81,7 +83,8 @@ def test_every_statement_of_a_request_runs_as_the_callers_tenant(client: TestCli
         assert client.post(f"/v1/jobs/{job_id}/replay", headers=a).status_code == 409
         assert client.get(f"/v1/jobs/{job_id}", headers=b).status_code == 404
     finally:
-        sa.event.remove(engine, "after_cursor_execute", who_ran)
+        for engine in engines:
+            sa.event.remove(engine, "after_cursor_execute", who_ran)
     key_lookups = [s for s in seen if "api_key" in s[0]]
     tenant_work = [s for s in seen if "api_key" not in s[0]]
     assert key_lookups and len(tenant_work) > 20

@@ -23,14 +23,15 @@ from worker.http.responses import AUTH, NOT_FOUND, SUBMIT, body
 from worker.http.routes_jobs import REPLAYED, IdempotencyKey
 from worker.http.schemas import BatchCreated, BatchOut, BatchRequest, ReplayOut
 from worker.http.services import CallerDep, Services, ServicesDep
-from worker.producer import MAX_LABEL_CHARS, JobSpec, submit_many
+from worker.producer import MAX_LABEL_CHARS, JobSpec, make_preflight, submit_many
 from worker.replay import replay
 from worker.tenants import Caller
+from worker.tencent.preflight import Preflight
 
 router = APIRouter(tags=["batches"])
 
 
-def _specs(request: BatchRequest) -> list[JobSpec]:
+def _specs(request: BatchRequest, preflight: Preflight) -> list[JobSpec]:
     """Every job checked; one or more bad ones refuse the batch, listing each bad index."""
     if request.name is not None and len(request.name) > MAX_LABEL_CHARS:
         raise InputError(
@@ -46,7 +47,7 @@ def _specs(request: BatchRequest) -> list[JobSpec]:
                     "a job of a batch takes the batch's name: leave out batch (rule batch_field)",
                 )
             spec = spec_from_json(job)
-            validate(spec)
+            validate(spec, preflight)
             specs.append(spec)
         except InputError as exc:
             errors.append(
@@ -71,6 +72,7 @@ def _store(
     specs: list[JobSpec],
     created: dict[str, Any],
     claim: idempotency.Claim | None,
+    preflight: Preflight,
 ) -> None:
     """The batch row (its total first: a batch cannot look complete while its later chunks
     commit, and with a key, the key's seal in the same transaction), then its jobs."""
@@ -99,6 +101,7 @@ def _store(
             batch=name or str(batch_id),
             batch_id=batch_id,
             job_ids=[uuid.UUID(job["job_id"]) for job in created["jobs"]],
+            preflight=preflight,
         )
     except BaseException:
         # Chunks committed before the error stay: the total says how many there are.
@@ -112,7 +115,9 @@ def _store(
 
 
 def _create(svc: Services, who: Caller, request: BatchRequest, key: str | None) -> JSONResponse:
-    specs = _specs(request)
+    # One set of rules for the checks and the store: each distinct image is decoded once.
+    preflight = make_preflight(svc.settings)
+    specs = _specs(request, preflight)
     batch_id = uuid.uuid4()
     # Every id made up front: with a key, the whole answer is claimed before any work.
     created: dict[str, Any] = {
@@ -122,7 +127,7 @@ def _create(svc: Services, who: Caller, request: BatchRequest, key: str | None) 
     }
     if key is None:
         svc.backlog.admit(who.tenant, len(specs))
-        _store(svc, who, request.name, specs, created, None)
+        _store(svc, who, request.name, specs, created, None, preflight)
     else:
         sessions = svc.sessions(who.tenant)
         content = {"name": request.name, "jobs": [spec_digest(s, None) for s in specs]}
@@ -141,7 +146,7 @@ def _create(svc: Services, who: Caller, request: BatchRequest, key: str | None) 
                 idempotency.abandon(sessions, outcome)
                 raise
             try:
-                _store(svc, who, request.name, specs, created, outcome)
+                _store(svc, who, request.name, specs, created, outcome, preflight)
                 break
             except idempotency.ClaimLost:
                 continue  # taken over while this request was slow: answer the taker's batch

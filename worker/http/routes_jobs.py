@@ -7,7 +7,6 @@ import binascii
 import json
 import uuid
 from datetime import UTC, datetime
-from functools import partial
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Header, Query, Request, Response
@@ -33,10 +32,11 @@ from worker.http.problems import ProblemError, not_found
 from worker.http.responses import AUTH, NOT_FOUND, SUBMIT, body, problem
 from worker.http.schemas import JobOut, JobPage, JobRequest, ReplayOut, ReplayRequest
 from worker.http.services import CallerDep, Services, ServicesDep
-from worker.producer import JobSpec, submit
+from worker.producer import JobSpec, make_preflight, submit
 from worker.replay import replay
 from worker.store.views import job_view
 from worker.tenants import Caller
+from worker.tencent.preflight import Preflight
 
 router = APIRouter(tags=["jobs"])
 
@@ -114,12 +114,23 @@ def _submit(
     who: Caller,
     spec: JobSpec,
     batch: str | None,
+    preflight: Preflight,
     claim: idempotency.Claim | None = None,
-) -> uuid.UUID:
+) -> tuple[uuid.UUID, dict[str, Any]]:
+    """Store the job (and the key's seal) in one transaction that also reads its view, then
+    publish it with the requests of the moment: the job's id and its view."""
     svc.backlog.admit(who.tenant, 1)
-    sessions = svc.sessions(who.tenant)
-    return submit(
-        sessions,
+    job_id = uuid.uuid4() if claim is None else claim.job_id or uuid.uuid4()
+    views: list[dict[str, Any]] = []
+
+    def before_commit(session: Session) -> None:
+        if claim is not None:
+            idempotency.seal(session, claim)
+        session.flush()
+        views.append(job_view(session, session.get_one(Job, job_id)))
+
+    submit(
+        svc.sessions(who.tenant),
         svc.publisher,
         svc.for_tenant(who.tenant),
         spec.front,
@@ -127,17 +138,26 @@ def _submit(
         portrait=spec.portrait,
         tag=spec.tag,
         batch=batch,
-        job_id=None if claim is None else claim.job_id,
-        before_commit=None if claim is None else partial(idempotency.seal, claim=claim),
+        job_id=job_id,
+        before_commit=before_commit,
+        preflight=preflight,
+        publish=False,
     )
+    [view] = views
+    enqueued_at = svc.enqueuer.enqueue(who.tenant, job_id)
+    if enqueued_at is not None:
+        view["enqueued_at"] = enqueued_at.isoformat()
+    return job_id, view
 
 
 def _create(
     svc: Services, who: Caller, spec: JobSpec, batch: str | None, key: str | None
 ) -> JSONResponse:
-    validate(spec)
+    # One set of rules for the check and the store: the image is decoded once.
+    preflight = make_preflight(svc.settings)
+    validate(spec, preflight)
     if key is None:
-        job_id = _submit(svc, who, spec, batch)
+        job_id, view = _submit(svc, who, spec, batch, preflight)
     else:
         sessions = svc.sessions(who.tenant)
         digest = request_sha256("job", spec_digest(spec, batch))
@@ -149,18 +169,14 @@ def _create(
                 return JSONResponse(job_json(svc, who.tenant, outcome.job_id), headers=REPLAYED)
             try:
                 # The job row and the key's seal commit together (idempotency's module doc).
-                job_id = _submit(svc, who, spec, batch, outcome)
+                job_id, view = _submit(svc, who, spec, batch, preflight, outcome)
                 break
             except idempotency.ClaimLost:
                 continue  # taken over while this request was slow: answer the taker's job
             except BaseException:
                 idempotency.abandon(sessions, outcome)
                 raise
-    return JSONResponse(
-        job_json(svc, who.tenant, job_id),
-        status_code=201,
-        headers={"Location": f"/v1/jobs/{job_id}"},
-    )
+    return JSONResponse(view, status_code=201, headers={"Location": f"/v1/jobs/{job_id}"})
 
 
 IdempotencyKey = Annotated[
