@@ -40,13 +40,15 @@ def _services(settings: Settings, publisher: Publisher | None) -> Services:
         make_sessionmaker,
     )
 
+    # Every request's key lookup is one SELECT: on PostgreSQL without BEGIN and ROLLBACK
+    # (None elsewhere, where the pools are SQLite's own).
+    key_engine = make_autocommit_engine(settings, pool_size=KEY_POOL_SIZE, max_overflow=0)
     # Connections per server process: a request holds one at a time, and requests beyond
     # the pool wait for one (several processes must fit PostgreSQL's max_connections).
-    engine = make_engine(settings, pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW)
+    pool = {"pool_size": POOL_SIZE, "max_overflow": POOL_OVERFLOW}
+    engine = make_engine(settings, **({} if key_engine is None else pool))
     factory = make_sessionmaker(engine)
     sessions = TenantSessions(engine)
-    # Every request's key lookup is one SELECT: on PostgreSQL without BEGIN and ROLLBACK.
-    key_engine = make_autocommit_engine(settings, pool_size=KEY_POOL_SIZE, max_overflow=0)
     celery_app = None
     if publisher is None:
         from worker.app import create_app as create_celery_app
