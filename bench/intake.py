@@ -225,7 +225,8 @@ def start_api(db_url: str, redis_url: str, tenant: str, processes: int) -> ApiPr
     )
     log.close()
     api = ApiProcess(f"http://127.0.0.1:{port}", proc, key, processes)
-    deadline = time.monotonic() + 60
+    # Generous: a loaded 2-core machine takes a while to import and start two processes.
+    deadline = time.monotonic() + 300
     while True:
         if proc.poll() is not None:
             raise SystemExit("macao-ocr api exited early")
