@@ -10,9 +10,11 @@ and its message is in the queue (the queue's length is checked).
 Paths:
 - `submit_many`: the Python API, in this process.
 - `submit --manifest`: the CLI as a user runs it (a subprocess: interpreter start included).
-- `POST /v1/batches` and 50 concurrent clients of `POST /v1/jobs`: measured by
-  `measure_http_batches` / `measure_http_jobs` when the HTTP service (`macao-ocr api`) exists;
-  without it they are reported as not measured.
+- `POST /v1/batches` and 50 concurrent clients of single `POST /v1/jobs` (JSON, the card
+  inline as base64; aiohttp, keep-alive) against `macao-ocr api --workers 2` started as a
+  user runs it (`--api-processes`). Batches go as many jobs a request as the default 64 MiB
+  body limit takes, one request in flight per server process. The CPU figure of these two
+  is the server's process tree, not the client's.
 
 The manifest names `--distinct` specimen card files (about 60 KB each), cycled: the image
 table stores each distinct file once per tenant, as it does for a real manifest that repeats
@@ -22,14 +24,19 @@ an image. `--distinct 0` makes every row's file distinct.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import base64
 import csv
-import importlib.util
+import json
 import os
 import resource
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +50,8 @@ from bench import _harness as h
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/14"
 DEFAULT_PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 HTTP_CLIENTS = 50
+# uvicorn processes: one per core (the machine's 2), the database and Redis sharing them.
+HTTP_PROCESSES = 2
 
 
 @dataclass(frozen=True)
@@ -166,26 +175,218 @@ def _checked(path: str, jobs: int, seconds: float, redis_url: str, cpu_s: float)
     return Figure(path, jobs, seconds, cpu_s=cpu_s)
 
 
-def http_service_available() -> bool:
-    """Whether this tree has the HTTP service (`macao-ocr api`)."""
-    return importlib.util.find_spec("worker.api") is not None
+@dataclass
+class ApiProcess:
+    """`macao-ocr api --workers N` on a free port, and a tenant key to call it with."""
+
+    url: str
+    proc: subprocess.Popen[bytes]
+    key: str
+    processes: int
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
 
 
-def measure_http_batches(manifest: Path, db_url: str, redis_url: str) -> Figure:
-    """Hook: `POST /v1/batches` of the manifest's jobs (10,000 a request) against
-    `macao-ocr api`. Fill in with the HTTP service."""
-    return Figure("POST /v1/batches", 0, None, "no HTTP service (worker.api) on this branch")
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
-def measure_http_jobs(manifest: Path, db_url: str, redis_url: str) -> Figure:
-    """Hook: single `POST /v1/jobs` from HTTP_CLIENTS concurrent clients against
-    `macao-ocr api`. Fill in with the HTTP service."""
-    return Figure(
-        f"POST /v1/jobs x{HTTP_CLIENTS} clients",
-        0,
-        None,
-        "no HTTP service (worker.api) on this branch",
+def start_api(db_url: str, redis_url: str, tenant: str, processes: int) -> ApiProcess:
+    """Start the HTTP service as a user runs it and wait for /healthz; make a tenant key."""
+    cli = Path(sys.executable).parent / "macao-ocr"
+    env = _env(db_url, redis_url)
+    made = subprocess.run(
+        [str(cli), "tenants", "create", tenant, "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=h.REPO_ROOT,
     )
+    key = json.loads(made.stdout)["api_key"]
+    port = _free_port()
+    log = (Path(tempfile.gettempdir()) / f"bench-intake-api-{port}.log").open("wb")
+    proc = subprocess.Popen(
+        [str(cli), "api", "--port", str(port), "--workers", str(processes)],
+        env=env,
+        cwd=h.REPO_ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    log.close()
+    api = ApiProcess(f"http://127.0.0.1:{port}", proc, key, processes)
+    # Generous: a loaded 2-core machine takes a while to import and start two processes.
+    deadline = time.monotonic() + 300
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit("macao-ocr api exited early")
+        try:
+            with urllib.request.urlopen(f"{api.url}/healthz", timeout=1) as answer:
+                if answer.status == 200:
+                    return api
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            api.stop()
+            raise SystemExit("macao-ocr api did not answer /healthz")
+        time.sleep(0.2)
+
+
+def _job_bodies(manifest: Path) -> list[bytes]:
+    """Each manifest row as a `POST /v1/jobs` JSON body (the card inline as base64)."""
+    encoded: dict[str, str] = {}
+    bodies = []
+    with manifest.open(newline="") as rows:
+        for row in csv.DictReader(rows):
+            front = row["front"]
+            if front not in encoded:
+                encoded[front] = base64.b64encode((manifest.parent / front).read_bytes()).decode()
+            bodies.append(
+                json.dumps({"front": {"base64": encoded[front]}, "tag": row["tag"]}).encode()
+            )
+    return bodies
+
+
+def _server_cpu_s(api: ApiProcess) -> float:
+    """CPU seconds used so far by the server's process tree (uvicorn's workers included)."""
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    pids = [api.proc.pid]
+    for pid in list(pids):
+        try:
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:
+            children = []
+        pids.extend(int(c) for c in children)
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return total
+
+
+async def _post_all(
+    url: str, key: str, bodies: Sequence[bytes], clients: int, extra: dict[str, str]
+) -> list[int]:
+    """POST every body, `clients` requests in flight over keep-alive connections."""
+    import aiohttp
+
+    statuses: list[int] = []
+    pending = iter(bodies)
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json", **extra}
+    connector = aiohttp.TCPConnector(limit=clients)
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+        async def client() -> None:
+            for body in pending:
+                async with session.post(url, data=body, headers=headers) as answer:
+                    await answer.read()
+                    statuses.append(answer.status)
+
+        await asyncio.gather(*(client() for _ in range(clients)))
+    return statuses
+
+
+def _run_http(
+    name: str,
+    api: ApiProcess,
+    path: str,
+    bodies: Sequence[bytes],
+    clients: int,
+    jobs: int,
+    redis_url: str,
+) -> Figure:
+    _fresh(redis_url)
+    cpu_before = _server_cpu_s(api)
+    started = time.perf_counter()
+    statuses = asyncio.run(_post_all(api.url + path, api.key, bodies, clients, {}))
+    seconds = time.perf_counter() - started
+    cpu_s = _server_cpu_s(api) - cpu_before
+    refused = [s for s in statuses if s != 201]
+    if refused:
+        raise SystemExit(f"{name}: {len(refused)} requests refused, e.g. {refused[:5]}")
+    figure = _checked(name, jobs, seconds, redis_url, cpu_s)
+    note = f"({api.processes} server processes, {clients} clients; CPU-s: the server's)"
+    return Figure(figure.path, figure.jobs, figure.seconds, note, figure.cpu_s)
+
+
+def batch_bodies(manifest: Path, max_body_bytes: int, max_jobs: int) -> list[bytes]:
+    """The manifest's jobs as `POST /v1/batches` bodies of up to `max_jobs` jobs, each
+    under `max_body_bytes` (the server's MACAO_OCR_HTTP_MAX_BATCH_BODY_BYTES)."""
+    bodies: list[bytes] = []
+    current: list[bytes] = []
+    size = 0
+    for job in _job_bodies(manifest):
+        if current and (size + len(job) + 64 > max_body_bytes or len(current) == max_jobs):
+            bodies.append(b'{"name": null, "jobs": [' + b",".join(current) + b"]}")
+            current, size = [], 0
+        current.append(job)
+        size += len(job) + 1
+    if current:
+        bodies.append(b'{"name": null, "jobs": [' + b",".join(current) + b"]}")
+    return bodies
+
+
+def measure_http_batches(
+    manifest: Path, db_url: str, redis_url: str, processes: int = HTTP_PROCESSES
+) -> Figure:
+    """`POST /v1/batches` of the manifest's jobs against `macao-ocr api`: as many jobs a
+    request as the default batch body limit (64 MiB) takes (at most 10,000), one request in
+    flight per server process."""
+    from worker.settings import Settings
+
+    limit = Settings.model_construct().http_max_batch_body_bytes
+    bodies = batch_bodies(manifest, limit, 10_000)
+    jobs = sum(body.count(b'"front"') for body in bodies)
+    api = start_api(db_url, redis_url, "bench-http-batches", processes)
+    try:
+        figure = _run_http(
+            "POST /v1/batches", api, "/v1/batches", bodies, processes, jobs, redis_url
+        )
+    finally:
+        api.stop()
+    per = -(-jobs // len(bodies))
+    return Figure(
+        figure.path,
+        figure.jobs,
+        figure.seconds,
+        f"{figure.note[:-1]}; {len(bodies)} requests of <= {per} jobs)",
+        figure.cpu_s,
+    )
+
+
+def measure_http_jobs(
+    manifest: Path, db_url: str, redis_url: str, processes: int = HTTP_PROCESSES
+) -> Figure:
+    """Single `POST /v1/jobs` (JSON, the card inline) from HTTP_CLIENTS concurrent
+    keep-alive clients against `macao-ocr api`."""
+    bodies = _job_bodies(manifest)
+    api = start_api(db_url, redis_url, "bench-http-jobs", processes)
+    try:
+        return _run_http(
+            f"POST /v1/jobs x{HTTP_CLIENTS} clients",
+            api,
+            "/v1/jobs",
+            bodies,
+            HTTP_CLIENTS,
+            len(bodies),
+            redis_url,
+        )
+    finally:
+        api.stop()
 
 
 Measure = Callable[[], Figure]
@@ -196,6 +397,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=10_000)
     parser.add_argument("--distinct", type=int, default=200, help="distinct card files (0: all)")
     parser.add_argument("--chunk-rows", type=int, default=500)
+    parser.add_argument(
+        "--api-processes", type=int, default=HTTP_PROCESSES, help="uvicorn processes"
+    )
+    parser.add_argument(
+        "--only", choices=["all", "python", "http"], default="all", help="which paths to run"
+    )
     parser.add_argument("--redis-url", default=DEFAULT_REDIS_URL)
     parser.add_argument("--pg-admin-url", default=DEFAULT_PG_ADMIN_URL)
     parser.add_argument(
@@ -214,16 +421,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{args.jobs} specimen jobs ({args.distinct or args.jobs} distinct files), "
                 f"workers stopped, {os.cpu_count()} cores"
             )
-            figures = [
-                measure_submit_many(manifest, db_url, args.redis_url, args.chunk_rows),
-                measure_manifest_cli(manifest, db_url, args.redis_url),
-            ]
-            if http_service_available():
-                print("worker.api found: the HTTP paths' hooks are not filled in yet")
-            figures += [
-                measure_http_batches(manifest, db_url, args.redis_url),
-                measure_http_jobs(manifest, db_url, args.redis_url),
-            ]
+            figures: list[Figure] = []
+            if args.only in ("all", "python"):
+                figures += [
+                    measure_submit_many(manifest, db_url, args.redis_url, args.chunk_rows),
+                    measure_manifest_cli(manifest, db_url, args.redis_url),
+                ]
+            if args.only in ("all", "http"):
+                figures += [
+                    measure_http_batches(manifest, db_url, args.redis_url, args.api_processes),
+                    measure_http_jobs(manifest, db_url, args.redis_url, args.api_processes),
+                ]
             for figure in figures:
                 print(figure.line())
     finally:

@@ -33,6 +33,7 @@ from worker.broker.publish import Publisher
 from worker.errors import InputError
 from worker.netpolicy import UrlPolicy
 from worker.settings import Settings
+from worker.store import batches
 from worker.store.images import CONTENT_TYPES, store_image
 from worker.tencent.preflight import Preflight
 from worker.tencent.types import ImageInput, OcrRequest
@@ -48,6 +49,8 @@ log = structlog.get_logger(__name__)
 # A http(s) URL string, a file path (Path, or a str without "://"), or the image bytes.
 Source = str | Path | bytes
 ProgressFn = Callable[[int, int], None]
+# Runs in the job's transaction, just before its commit (the HTTP API's idempotency seal).
+BeforeCommit = Callable[[Session], None]
 
 CHUNK_ROWS = 500
 JOB_TABLE: Table = Job.__table__  # type: ignore[assignment]
@@ -241,11 +244,12 @@ def _add_job(
     spec: JobSpec,
     batch: str | None,
     batch_id: uuid.UUID | None = None,
+    job_id: uuid.UUID | None = None,
 ) -> uuid.UUID:
     front_url, front_image_id = _side_columns(session, settings.tenant, request.front)
     back_url, back_image_id = _side_columns(session, settings.tenant, request.back)
     job = Job(
-        id=uuid.uuid4(),
+        id=job_id or uuid.uuid4(),
         tenant=settings.tenant,
         status=JobStatus.queued,
         front_url=front_url,
@@ -299,14 +303,30 @@ def submit(
     portrait: bool = False,
     tag: str | None = None,
     batch: str | None = None,
+    job_id: uuid.UUID | None = None,
+    before_commit: BeforeCommit | None = None,
+    preflight: Preflight | None = None,
+    publish: bool = True,
 ) -> uuid.UUID:
-    """Validate, commit and publish one job; returns its id (also if the broker is down)."""
+    """Validate, commit and publish one job; returns its id (also if the broker is down).
+    A `batch` label counts the job into the label's batch row, in the same transaction.
+    `job_id`: the id to give it (else a new one); `before_commit` runs in its transaction;
+    `preflight`: the rules (from `make_preflight(settings)`; one that checked these images
+    already does not decode them again); `publish=False`: the caller publishes the committed
+    job and records its `enqueued_at` (the HTTP API, grouping its requests)."""
     _check_label(batch, "batch")
     spec = JobSpec(front=front, back=back, portrait=portrait, tag=tag)
-    request = prepare(spec, make_preflight(settings))
+    request = prepare(spec, preflight or make_preflight(settings))
     with session_factory() as session:
-        job_id = _add_job(session, settings, request, spec, batch)
+        batch_id = (
+            None if batch is None else batches.count_into_label(session, settings.tenant, batch, 1)
+        )
+        job_id = _add_job(session, settings, request, spec, batch, batch_id, job_id)
+        if before_commit is not None:
+            before_commit(session)
         session.commit()
+    if not publish:
+        return job_id
     published = _publish(session_factory, publisher, [job_id])
     log.info("job_submitted", job_id=str(job_id), published=published)
     return job_id
@@ -323,9 +343,9 @@ def _validate_all(specs: Sequence[JobSpec], preflight: Preflight, base_dir: Path
         raise ManifestError(problems)
 
 
-def _chunks(specs: Sequence[JobSpec], size: int) -> Iterator[Sequence[JobSpec]]:
+def _chunks(specs: Sequence[JobSpec], size: int) -> Iterator[tuple[int, Sequence[JobSpec]]]:
     for start in range(0, len(specs), size):
-        yield specs[start : start + size]
+        yield start, specs[start : start + size]
 
 
 def submit_many(
@@ -336,14 +356,19 @@ def submit_many(
     *,
     batch: str | None = None,
     batch_id: uuid.UUID | None = None,
+    job_ids: Sequence[uuid.UUID] | None = None,
     progress: ProgressFn | None = None,
     chunk_rows: int = CHUNK_ROWS,
     max_rows: int = MAX_ROWS,
     base_dir: Path | None = None,
+    preflight: Preflight | None = None,
 ) -> list[uuid.UUID]:
     """All-or-nothing validation of every item (ManifestError lists each bad row), then
-    commit in chunks, publishing each chunk after its commit. Ids come back in input order.
-    `batch_id` names an existing batch row (whose `total` counts these jobs).
+    commit in chunks, publishing each chunk after its commit. Ids come back in input order
+    (`job_ids`, one per item, when given). `batch_id` names an existing batch row whose
+    `total` counts these jobs already; without it, a `batch` label's row is counted up by
+    all of them before the first chunk (so it cannot look complete between chunks) and
+    down by those not stored if a chunk fails.
 
     More than `max_rows` items are refused before any is checked (at most max_rows + 1 are
     taken from `items`). With `base_dir`, every file path must lie inside it (symlinks
@@ -354,22 +379,50 @@ def submit_many(
     specs = list(itertools.islice(items, max_rows + 1))
     if len(specs) > max_rows:
         raise too_many_rows(max_rows)
-    preflight = make_preflight(settings)
+    if job_ids is not None and len(job_ids) != len(specs):
+        raise ValueError("job_ids must give one id per item")
+    preflight = preflight or make_preflight(settings)
     _validate_all(specs, preflight, base_dir)
+    counted: uuid.UUID | None = None
+    if batch is not None and batch_id is None and specs:
+        with session_factory() as session:
+            counted = batch_id = batches.count_into_label(
+                session, settings.tenant, batch, len(specs)
+            )
+            session.commit()
     ids: list[uuid.UUID] = []
     unpublished = 0
-    for chunk in _chunks(specs, chunk_rows):
-        requests = [prepare(spec, preflight, base_dir=base_dir) for spec in chunk]
-        with session_factory() as session:
-            chunk_ids = _insert_chunk(session, settings.tenant, requests, chunk, batch, batch_id)
-            session.commit()
-        if not _publish(session_factory, publisher, chunk_ids):
-            unpublished += len(chunk_ids)
-        ids.extend(chunk_ids)
-        if progress is not None:
-            progress(len(ids), len(specs))
+    try:
+        for start, chunk in _chunks(specs, chunk_rows):
+            requests = [prepare(spec, preflight, base_dir=base_dir) for spec in chunk]
+            given = None if job_ids is None else job_ids[start : start + len(chunk)]
+            with session_factory() as session:
+                chunk_ids = _insert_chunk(
+                    session, settings.tenant, requests, chunk, batch, batch_id, given
+                )
+                session.commit()
+            if not _publish(session_factory, publisher, chunk_ids):
+                unpublished += len(chunk_ids)
+            ids.extend(chunk_ids)
+            if progress is not None:
+                progress(len(ids), len(specs))
+    except BaseException:
+        if counted is not None:
+            _uncount(session_factory, counted, len(specs) - len(ids))
+        raise
     log.info("jobs_submitted", jobs=len(ids), unpublished=unpublished)
     return ids
+
+
+def _uncount(session_factory: sessionmaker[Session], batch_id: uuid.UUID, jobs: int) -> None:
+    """Best effort (the error that stopped the chunks is the one to raise): a total left too
+    high keeps the label's batch from completing, never makes it complete early."""
+    try:
+        with session_factory() as session:
+            batches.uncount(session, batch_id, jobs)
+            session.commit()
+    except Exception as exc:
+        log.warning("batch_uncount_failed", batch_id=str(batch_id), error_type=type(exc).__name__)
 
 
 ImageKey = tuple[str, int]  # (sha256, size): how the image table finds a tenant's duplicate
@@ -441,6 +494,7 @@ def _insert_chunk(
     specs: Sequence[JobSpec],
     batch: str | None,
     batch_id: uuid.UUID | None = None,
+    job_ids: Sequence[uuid.UUID] | None = None,
 ) -> list[uuid.UUID]:
     """The chunk's images and jobs as multi-row INSERTs (not committed); ids in order."""
     images = _chunk_images(session, tenant, requests)
@@ -453,7 +507,7 @@ def _insert_chunk(
         return None, images[id(image.data)]
 
     now = utcnow()
-    ids = [uuid.uuid4() for _ in specs]
+    ids = list(job_ids) if job_ids is not None else [uuid.uuid4() for _ in specs]
     rows = []
     for job_id, request, spec in zip(ids, requests, specs, strict=True):
         front_url, front_image_id = side(request.front)

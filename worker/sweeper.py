@@ -155,6 +155,14 @@ def sweep_once(
 # -- rule 4: dead workers ---------------------------------------------------------------
 
 
+def _finished(session: Session, job_id: uuid.UUID, now: datetime) -> None:
+    """A job the sweeper failed: its batch counter and webhook outbox rows, in its
+    transaction (the outbox rows read the failed row: it is flushed first)."""
+    session.flush()
+    terminal.on_job_terminal(session.connection(), job_id, JobStatus.failed, now=now)
+    outbox.record_job_finished(session.connection(), job_id, now)
+
+
 def _recover_dead_workers(
     session_factory: sessionmaker[Session], settings: Settings, report: SweepReport
 ) -> None:
@@ -208,15 +216,13 @@ def _recover_dead_workers(
                 job.last_error_code = error.code
                 job.last_error_message = error.message
                 report.failed.append(job.id)
+                _finished(session, job.id, now)
             elif job.attempts >= settings.max_attempts:
                 job.status = JobStatus.failed
                 job.finished_at = now
                 job.next_attempt_at = None
                 report.failed.append(job.id)
-                terminal.on_job_terminal(session.connection(), job.id, JobStatus.failed)
-                # Its webhook outbox rows read the failed row: write it first.
-                session.flush()
-                outbox.record_job_finished(session.connection(), job.id, now)
+                _finished(session, job.id, now)
             else:
                 job.status = JobStatus.retrying
                 job.next_attempt_at = now

@@ -26,6 +26,7 @@ from standardwebhooks import Webhook, WebhookVerificationError
 import migrations
 from models import (
     Attempt,
+    Batch,
     DeliveryStatus,
     Job,
     JobStatus,
@@ -37,7 +38,7 @@ from models import (
 from worker.broker.publish import RecordingPublisher
 from worker.errors import InputError, WebhookUrlRefused
 from worker.settings import Settings
-from worker.store import job_sql
+from worker.store import batches, job_sql
 from worker.tencent.types import OcrResult
 from worker.webhooks import admin, signing
 from worker.webhooks.delivery import DeliveryDeps, SendResult, deliver, message_id
@@ -184,7 +185,10 @@ def add_jobs(
     engine: sa.Engine, n: int, *, tenant: str = "t1", batch: str | None = "b1"
 ) -> list[uuid.UUID]:
     ids = [uuid.uuid4() for _ in range(n)]
-    with engine.begin() as conn:
+    with Session(engine) as session, session.begin():
+        conn = session.connection()
+        # As the producer does: the label's batch row counts the jobs in.
+        batch_id = None if batch is None else batches.count_into_label(session, tenant, batch, n)
         for i, job_id in enumerate(ids):
             conn.execute(
                 sa.insert(Job).values(
@@ -197,6 +201,7 @@ def add_jobs(
                     api_calls=1,
                     created_at=NOW,
                     batch=batch,
+                    batch_id=batch_id,
                     tag=f"tag-{i}",
                 )
             )
@@ -306,6 +311,75 @@ def test_the_last_two_jobs_finishing_at_once_complete_the_batch_exactly_once(
         "job.failed",
         "job.succeeded",
     ]
+
+
+def test_two_last_jobs_finishing_at_once_in_one_statement_each_write_one_batch_event(
+    pg: sa.Engine,
+) -> None:
+    """Real concurrency, many times: two workers' one-statement successes of a batch's last
+    two jobs, started together. The batch counter's UPDATE serialises them on the batch row:
+    exactly one batch.completed per batch, and the counters say succeeded = total."""
+    add_endpoint(pg)
+    rounds = 12
+    pairs = [add_jobs(pg, 2, batch=f"pair-{r}") for r in range(rounds)]
+    errors: list[BaseException] = []
+    for pair in pairs:
+        gate = threading.Barrier(2)
+
+        def finish(job_id: uuid.UUID, gate: threading.Barrier = gate) -> None:
+            try:
+                gate.wait(10)
+                succeed(pg, job_id)
+            except BaseException as err:  # pragma: no cover - reported below
+                errors.append(err)
+
+        threads = [threading.Thread(target=finish, args=(job_id,)) for job_id in pair]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+    assert not errors
+    events = [d for d in deliveries(pg) if d.event_type == "batch.completed"]
+    assert sorted(str(d.batch) for d in events) == sorted(f"pair-{r}" for r in range(rounds))
+    with Session(pg) as session:
+        rows = session.scalars(sa.select(Batch).where(Batch.tenant == "t1")).all()
+        assert {(b.total, b.succeeded, b.failed) for b in rows} == {(2, 2, 0)}
+
+
+def test_the_batch_event_is_the_counters_not_a_probe_of_the_jobs(pg: sa.Engine) -> None:
+    """A batch whose total is not reached does not complete, even when no job of it is left
+    unfinished (a submission still committing its chunks has counted them in first)."""
+    add_endpoint(pg)
+    ids = add_jobs(pg, 1, batch="growing")
+    with Session(pg) as session, session.begin():
+        batches.count_into_label(session, "t1", "growing", 1)  # a second job on its way
+    succeed(pg, ids[0])
+    assert [d.event_type for d in deliveries(pg)] == ["job.succeeded"]
+    [later] = add_jobs(pg, 1, batch="growing")
+    with Session(pg) as session, session.begin():
+        batches.uncount(session, batches.label_batch_id("t1", "growing"), 1)
+    succeed(pg, later)
+    events = [(d.event_type, d.batch) for d in deliveries(pg)]
+    assert events.count(("batch.completed", "growing")) == 1
+
+
+def test_an_unnamed_api_batch_is_told_by_its_id(pg: sa.Engine) -> None:
+    add_endpoint(pg)
+    batch_id = uuid.uuid4()
+    with pg.begin() as conn:
+        conn.execute(
+            sa.insert(Batch).values(
+                id=batch_id, tenant="t1", name=None, total=1, succeeded=0, failed=0, created_at=NOW
+            )
+        )
+    [job_id] = add_jobs(pg, 1, batch=None)
+    with pg.begin() as conn:
+        conn.execute(
+            sa.update(Job).where(Job.id == job_id).values(batch=str(batch_id), batch_id=batch_id)
+        )
+    succeed(pg, job_id)
+    [event] = [d for d in deliveries(pg) if d.event_type == "batch.completed"]
+    assert event.batch == str(batch_id)
 
 
 # -- delivery ------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from fastapi.openapi.utils import get_openapi
 from worker.broker.publish import Publisher
 from worker.http import routes_batches, routes_health, routes_jobs
 from worker.http.backpressure import Backlog
+from worker.http.enqueue import Enqueuer
 from worker.http.limits import BodyLimit
 from worker.http.problems import Problem, install
 from worker.http.schemas import BatchRequest, JobRequest
@@ -26,25 +27,45 @@ DESCRIPTION = (
     "`application/problem+json` with a stable `code`."
 )
 
+POOL_SIZE = 6
+POOL_OVERFLOW = 2
+KEY_POOL_SIZE = 2
+
 
 def _services(settings: Settings, publisher: Publisher | None) -> Services:
-    from worker.store.engine import make_engine, make_sessionmaker
+    from worker.store.engine import (
+        TenantSessions,
+        make_autocommit_engine,
+        make_engine,
+        make_sessionmaker,
+    )
 
-    engine = make_engine(settings)
+    # Every request's key lookup is one SELECT: on PostgreSQL without BEGIN and ROLLBACK
+    # (None elsewhere, where the pools are SQLite's own).
+    key_engine = make_autocommit_engine(settings, pool_size=KEY_POOL_SIZE, max_overflow=0)
+    # Connections per server process: a request holds one at a time, and requests beyond
+    # the pool wait for one (several processes must fit PostgreSQL's max_connections).
+    pool = {"pool_size": POOL_SIZE, "max_overflow": POOL_OVERFLOW}
+    engine = make_engine(settings, **({} if key_engine is None else pool))
     factory = make_sessionmaker(engine)
+    sessions = TenantSessions(engine)
     celery_app = None
     if publisher is None:
         from worker.app import create_app as create_celery_app
-        from worker.broker.publish import CeleryPublisher
+        from worker.broker.shared import SharedConnectionPublisher
 
         celery_app = create_celery_app(settings)
-        publisher = CeleryPublisher(celery_app)
+        # A server publishes a job or a batch per request: one held connection, shared.
+        publisher = SharedConnectionPublisher(celery_app)
     return Services(
         settings=settings,
         engine=engine,
         session_factory=factory,
+        key_sessions=factory if key_engine is None else make_sessionmaker(key_engine),
+        sessions=sessions,
         publisher=publisher,
-        backlog=Backlog(settings, factory),
+        enqueuer=Enqueuer(publisher, sessions),
+        backlog=Backlog(settings, sessions),
         celery_app=celery_app,
     )
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections.abc import Callable
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -23,10 +24,13 @@ CACHE_S = 1.0
 class Backlog:
     """Per-tenant backlog counts, shared by a process's request threads."""
 
-    def __init__(self, settings: Settings, session_factory: sessionmaker[Session]) -> None:
+    def __init__(
+        self, settings: Settings, sessions: Callable[[str], sessionmaker[Session]]
+    ) -> None:
         self.qps = settings.qps
         self.max_backlog_s = settings.max_backlog_s
-        self.session_factory = session_factory
+        # The tenant's own sessions: counted behind the tenant wall.
+        self.sessions = sessions
         self._cache: dict[str, tuple[float, int]] = {}
         self._lock = threading.Lock()
 
@@ -42,7 +46,7 @@ class Backlog:
             .limit(self.limit + 1)
             .subquery()
         )
-        with self.session_factory() as session:
+        with self.sessions(tenant)() as session:
             return int(session.scalar(select(func.count()).select_from(inner)) or 0)
 
     def admit(self, tenant: str, jobs: int) -> None:

@@ -23,14 +23,15 @@ from worker.http.responses import AUTH, NOT_FOUND, SUBMIT, body
 from worker.http.routes_jobs import REPLAYED, IdempotencyKey
 from worker.http.schemas import BatchCreated, BatchOut, BatchRequest, ReplayOut
 from worker.http.services import CallerDep, Services, ServicesDep
-from worker.producer import MAX_LABEL_CHARS, JobSpec, submit_many
+from worker.producer import MAX_LABEL_CHARS, JobSpec, make_preflight, submit_many
 from worker.replay import replay
 from worker.tenants import Caller
+from worker.tencent.preflight import Preflight
 
 router = APIRouter(tags=["batches"])
 
 
-def _specs(request: BatchRequest) -> list[JobSpec]:
+def _specs(request: BatchRequest, preflight: Preflight) -> list[JobSpec]:
     """Every job checked; one or more bad ones refuse the batch, listing each bad index."""
     if request.name is not None and len(request.name) > MAX_LABEL_CHARS:
         raise InputError(
@@ -46,7 +47,7 @@ def _specs(request: BatchRequest) -> list[JobSpec]:
                     "a job of a batch takes the batch's name: leave out batch (rule batch_field)",
                 )
             spec = spec_from_json(job)
-            validate(spec)
+            validate(spec, preflight)
             specs.append(spec)
         except InputError as exc:
             errors.append(
@@ -64,10 +65,20 @@ def _specs(request: BatchRequest) -> list[JobSpec]:
     return specs
 
 
-def _store(svc: Services, who: Caller, name: str | None, specs: list[JobSpec]) -> dict[str, Any]:
-    batch_id = uuid.uuid4()
-    with svc.session_factory() as session, session.begin():
-        # The total first: a batch cannot look complete while its later chunks commit.
+def _store(
+    svc: Services,
+    who: Caller,
+    name: str | None,
+    specs: list[JobSpec],
+    created: dict[str, Any],
+    claim: idempotency.Claim | None,
+    preflight: Preflight,
+) -> None:
+    """The batch row (its total first: a batch cannot look complete while its later chunks
+    commit, and with a key, the key's seal in the same transaction), then its jobs."""
+    sessions = svc.sessions(who.tenant)
+    batch_id = uuid.UUID(created["batch_id"])
+    with sessions() as session, session.begin():
         session.add(
             Batch(
                 id=batch_id,
@@ -79,52 +90,69 @@ def _store(svc: Services, who: Caller, name: str | None, specs: list[JobSpec]) -
                 created_at=utcnow(),
             )
         )
+        if claim is not None:
+            idempotency.seal(session, claim)
     try:
-        ids = submit_many(
-            svc.session_factory,
+        submit_many(
+            sessions,
             svc.publisher,
             svc.for_tenant(who.tenant),
             specs,
             batch=name or str(batch_id),
             batch_id=batch_id,
+            job_ids=[uuid.UUID(job["job_id"]) for job in created["jobs"]],
+            preflight=preflight,
         )
     except BaseException:
         # Chunks committed before the error stay: the total says how many there are.
-        with svc.session_factory() as session, session.begin():
+        with sessions() as session, session.begin():
             stored = select(func.count()).where(Job.batch_id == batch_id).scalar_subquery()
             session.execute(update(Batch).where(Batch.id == batch_id).values(total=stored))
+        if claim is not None:
+            # Free the key (a retry makes a new batch), though the seal committed.
+            idempotency.abandon(sessions, claim, sealed=True)
         raise
-    return {
-        "batch_id": str(batch_id),
-        "name": name,
-        "jobs": [{"job_id": str(i)} for i in ids],
-    }
 
 
 def _create(svc: Services, who: Caller, request: BatchRequest, key: str | None) -> JSONResponse:
-    specs = _specs(request)
-    if key is not None:
-        content = {"name": request.name, "jobs": [spec_digest(s, None) for s in specs]}
-        done = idempotency.begin(
-            svc.session_factory, who.tenant, key, request_sha256("batch", content)
-        )
-        if done is not None and done.response is not None:
-            return JSONResponse(json.loads(done.response), headers=REPLAYED)
-    try:
+    # One set of rules for the checks and the store: each distinct image is decoded once.
+    preflight = make_preflight(svc.settings)
+    specs = _specs(request, preflight)
+    batch_id = uuid.uuid4()
+    # Every id made up front: with a key, the whole answer is claimed before any work.
+    created: dict[str, Any] = {
+        "batch_id": str(batch_id),
+        "name": request.name,
+        "jobs": [{"job_id": str(uuid.uuid4())} for _ in specs],
+    }
+    if key is None:
         svc.backlog.admit(who.tenant, len(specs))
-        created = _store(svc, who, request.name, specs)
-    except BaseException:
-        if key is not None:
-            idempotency.abandon(svc.session_factory, who.tenant, key)
-        raise
-    if key is not None:
-        idempotency.complete(
-            svc.session_factory,
-            who.tenant,
-            key,
-            batch_id=uuid.UUID(created["batch_id"]),
-            response=json.dumps(created),
-        )
+        _store(svc, who, request.name, specs, created, None, preflight)
+    else:
+        sessions = svc.sessions(who.tenant)
+        content = {"name": request.name, "jobs": [spec_digest(s, None) for s in specs]}
+        digest = request_sha256("batch", content)
+        while True:
+            outcome = idempotency.begin(
+                sessions, who.tenant, key, digest, batch_id=batch_id, response=json.dumps(created)
+            )
+            if isinstance(outcome, idempotency.Done):
+                if outcome.response is None:  # a job's key (its digest differs anyway)
+                    raise idempotency.conflict()
+                return JSONResponse(json.loads(outcome.response), headers=REPLAYED)
+            try:
+                svc.backlog.admit(who.tenant, len(specs))
+            except BaseException:
+                idempotency.abandon(sessions, outcome)
+                raise
+            try:
+                _store(svc, who, request.name, specs, created, outcome, preflight)
+                break
+            except idempotency.ClaimLost:
+                continue  # taken over while this request was slow: answer the taker's batch
+            except BaseException:
+                idempotency.abandon(sessions, outcome)
+                raise
     return JSONResponse(
         created, status_code=201, headers={"Location": f"/v1/batches/{created['batch_id']}"}
     )
@@ -167,7 +195,7 @@ async def create_batch(
 
 
 def _load(svc: Services, tenant: str, batch_id: uuid.UUID) -> Batch:
-    with svc.session_factory() as session:
+    with svc.sessions(tenant)() as session:
         batch = session.scalars(
             select(Batch).where(Batch.id == batch_id, Batch.tenant == tenant)
         ).first()
@@ -216,7 +244,7 @@ def replay_batch(
     """As `macao-ocr replay --batch ... [--error-code ...]`, audited with the key's id."""
     _load(svc, who.tenant, batch_id)
     report = replay(
-        svc.session_factory,
+        svc.sessions(who.tenant),
         svc.publisher,
         svc.for_tenant(who.tenant),
         batch_id=batch_id,

@@ -32,11 +32,12 @@ from worker.http.problems import ProblemError, not_found
 from worker.http.responses import AUTH, NOT_FOUND, SUBMIT, body, problem
 from worker.http.schemas import JobOut, JobPage, JobRequest, ReplayOut, ReplayRequest
 from worker.http.services import CallerDep, Services, ServicesDep
-from worker.producer import JobSpec, submit
+from worker.producer import JobSpec, make_preflight, submit
 from worker.replay import replay
 from worker.store import access
 from worker.store.views import job_view
 from worker.tenants import Caller
+from worker.tencent.preflight import Preflight
 
 router = APIRouter(tags=["jobs"])
 
@@ -110,51 +111,87 @@ def actor(who: Caller) -> str:
 def _log_reads(svc: Services, who: Caller, how: str, job_ids: list[uuid.UUID]) -> None:
     """One access_log row per job whose personal fields the answer shows (committed first)."""
     reads = [access.Read(tenant=who.tenant, job_id=job_id) for job_id in job_ids]
-    access.record(svc.session_factory, actor=actor(who), how=how, reads=reads)
+    access.record(svc.sessions(who.tenant), actor=actor(who), how=how, reads=reads)
 
 
 def job_json(
     svc: Services, who: Caller, job_id: uuid.UUID, *, history: bool = False
 ) -> dict[str, Any]:
-    with svc.session_factory() as session:
+    with svc.sessions(who.tenant)() as session:
         view = job_view(session, _load(session, who.tenant, job_id), history=history)
         personal = access.with_personal_fields(session, [job_id])
     _log_reads(svc, who, access.API_JOB, list(personal))
     return view
 
 
+def _submit(
+    svc: Services,
+    who: Caller,
+    spec: JobSpec,
+    batch: str | None,
+    preflight: Preflight,
+    claim: idempotency.Claim | None = None,
+) -> tuple[uuid.UUID, dict[str, Any]]:
+    """Store the job (and the key's seal) in one transaction that also reads its view, then
+    publish it with the requests of the moment: the job's id and its view."""
+    svc.backlog.admit(who.tenant, 1)
+    job_id = uuid.uuid4() if claim is None else claim.job_id or uuid.uuid4()
+    views: list[dict[str, Any]] = []
+
+    def before_commit(session: Session) -> None:
+        if claim is not None:
+            idempotency.seal(session, claim)
+        session.flush()
+        views.append(job_view(session, session.get_one(Job, job_id)))
+
+    submit(
+        svc.sessions(who.tenant),
+        svc.publisher,
+        svc.for_tenant(who.tenant),
+        spec.front,
+        spec.back,
+        portrait=spec.portrait,
+        tag=spec.tag,
+        batch=batch,
+        job_id=job_id,
+        before_commit=before_commit,
+        preflight=preflight,
+        publish=False,
+    )
+    [view] = views
+    enqueued_at = svc.enqueuer.enqueue(who.tenant, job_id)
+    if enqueued_at is not None:
+        view["enqueued_at"] = enqueued_at.isoformat()
+    return job_id, view
+
+
 def _create(
     svc: Services, who: Caller, spec: JobSpec, batch: str | None, key: str | None
 ) -> JSONResponse:
-    validate(spec)
-    if key is not None:
+    # One set of rules for the check and the store: the image is decoded once.
+    preflight = make_preflight(svc.settings)
+    validate(spec, preflight)
+    if key is None:
+        job_id, view = _submit(svc, who, spec, batch, preflight)
+    else:
+        sessions = svc.sessions(who.tenant)
         digest = request_sha256("job", spec_digest(spec, batch))
-        done = idempotency.begin(svc.session_factory, who.tenant, key, digest)
-        if done is not None and done.job_id is not None:
-            return JSONResponse(job_json(svc, who, done.job_id), headers=REPLAYED)
-    try:
-        svc.backlog.admit(who.tenant, 1)
-        job_id = submit(
-            svc.session_factory,
-            svc.publisher,
-            svc.for_tenant(who.tenant),
-            spec.front,
-            spec.back,
-            portrait=spec.portrait,
-            tag=spec.tag,
-            batch=batch,
-        )
-    except BaseException:
-        if key is not None:
-            idempotency.abandon(svc.session_factory, who.tenant, key)
-        raise
-    if key is not None:
-        idempotency.complete(svc.session_factory, who.tenant, key, job_id=job_id)
-    return JSONResponse(
-        job_json(svc, who, job_id),
-        status_code=201,
-        headers={"Location": f"/v1/jobs/{job_id}"},
-    )
+        while True:
+            outcome = idempotency.begin(sessions, who.tenant, key, digest, job_id=uuid.uuid4())
+            if isinstance(outcome, idempotency.Done):
+                if outcome.job_id is None:  # a batch's key (its digest differs anyway)
+                    raise idempotency.conflict()
+                return JSONResponse(job_json(svc, who, outcome.job_id), headers=REPLAYED)
+            try:
+                # The job row and the key's seal commit together (idempotency's module doc).
+                job_id, view = _submit(svc, who, spec, batch, preflight, outcome)
+                break
+            except idempotency.ClaimLost:
+                continue  # taken over while this request was slow: answer the taker's job
+            except BaseException:
+                idempotency.abandon(sessions, outcome)
+                raise
+    return JSONResponse(view, status_code=201, headers={"Location": f"/v1/jobs/{job_id}"})
 
 
 IdempotencyKey = Annotated[
@@ -226,7 +263,7 @@ def get_job(
 def get_portrait(job_id: uuid.UUID, who: CallerDep, svc: ServicesDep) -> Response:
     from worker.tencent.validation import sniff_image_type
 
-    with svc.session_factory() as session:
+    with svc.sessions(who.tenant)() as session:
         _load(session, who.tenant, job_id)
         portrait = session.get(Portrait, job_id)
     if portrait is not None:
@@ -290,7 +327,7 @@ def list_jobs(
         at, last_id = _parse_cursor(cursor)
         query = query.where(tuple_(Job.created_at, Job.id) > tuple_(at, last_id))
     query = query.order_by(Job.created_at, Job.id).limit(limit + 1)
-    with svc.session_factory() as session:
+    with svc.sessions(who.tenant)() as session:
         jobs = list(session.scalars(query))
         page = jobs[:limit]
         views = [job_view(session, job) for job in page]
@@ -311,10 +348,11 @@ def _batch_filter(batch: str) -> Any:
 def _replay_job(
     svc: Services, who: Caller, job_id: uuid.UUID, options: ReplayRequest
 ) -> JSONResponse:
-    with svc.session_factory() as session:
+    sessions = svc.sessions(who.tenant)
+    with sessions() as session:
         _load(session, who.tenant, job_id)
     report = replay(
-        svc.session_factory,
+        sessions,
         svc.publisher,
         svc.for_tenant(who.tenant),
         job_ids=[job_id],

@@ -1,4 +1,9 @@
-"""What the routes share in one process: settings, database, publisher, backlog counts."""
+"""What the routes share in one process: settings, database, publisher, backlog counts.
+
+Every request's database work runs in sessions of its caller's tenant (`Services.sessions`):
+on PostgreSQL each transaction is the `macao_ocr_tenant` role with the tenant set, so row-level
+security walls the request whatever its queries say. Only the key lookup, which must find the
+tenant in the first place, and the readiness probe act as the login's own role."""
 
 from __future__ import annotations
 
@@ -13,8 +18,10 @@ from starlette.concurrency import run_in_threadpool
 
 from worker.broker.publish import Publisher
 from worker.http.backpressure import Backlog
+from worker.http.enqueue import Enqueuer
 from worker.http.problems import unauthorized
 from worker.settings import Settings
+from worker.store.engine import TenantSessions
 from worker.tenants import Caller, authenticate
 
 
@@ -22,8 +29,15 @@ from worker.tenants import Caller, authenticate
 class Services:
     settings: Settings
     engine: Engine
+    # The login's own role: API keys (looked up before the tenant is known) and readiness.
     session_factory: sessionmaker[Session]
+    # The same role, for the key lookup of every request (autocommit on PostgreSQL).
+    key_sessions: sessionmaker[Session]
+    # Everything a request does for its caller: walled by row-level security.
+    sessions: TenantSessions
     publisher: Publisher
+    # Single jobs: published together with the requests of the moment.
+    enqueuer: Enqueuer
     backlog: Backlog
     celery_app: Any = None
 
@@ -32,9 +46,15 @@ class Services:
         return self.settings.model_copy(update={"tenant": tenant})
 
     def close(self) -> None:
+        closer = getattr(self.publisher, "close", None)
+        if closer is not None:
+            closer()
         if self.celery_app is not None:
             self.celery_app.close()
         self.engine.dispose()
+        key_engine = self.key_sessions.kw.get("bind")
+        if key_engine is not None and key_engine is not self.engine:
+            key_engine.dispose()
 
 
 def services(request: Request) -> Services:
@@ -53,7 +73,7 @@ async def caller(
     if credentials is None or not credentials.credentials:
         raise unauthorized("give an API key: Authorization: Bearer <api_key>")
     found = await run_in_threadpool(
-        authenticate, services(request).session_factory, credentials.credentials
+        authenticate, services(request).key_sessions, credentials.credentials
     )
     if found is None:
         raise unauthorized("unknown or revoked API key")

@@ -11,6 +11,7 @@ worker, the sweeper and operator commands (`--all-tenants`), whose login must be
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,14 @@ def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 
 
+# One round trip for both: `set_config('role', ..., true)` is `SET LOCAL ROLE` (the same
+# membership check), and it runs at the start of every tenant transaction.
+_ENTER_TENANT = text(
+    f"SELECT set_config('role', '{TENANT_ROLE}', true), "
+    f"set_config('{TENANT_SETTING}', :tenant, true)"
+)
+
+
 def enter_tenant(connection: Connection, tenant: str) -> None:
     """Make the connection's current transaction act for `tenant` only (PostgreSQL).
 
@@ -84,11 +93,7 @@ def enter_tenant(connection: Connection, tenant: str) -> None:
     connection never carries one tenant's identity into another's work."""
     if connection.dialect.name != "postgresql":
         return
-    connection.exec_driver_sql(f"SET LOCAL ROLE {TENANT_ROLE}")
-    connection.execute(
-        text("SELECT set_config(:name, :tenant, true)"),
-        {"name": TENANT_SETTING, "tenant": tenant},
-    )
+    connection.execute(_ENTER_TENANT, {"tenant": tenant})
 
 
 def make_tenant_sessionmaker(engine: Engine, tenant: str) -> sessionmaker[Session]:
@@ -119,3 +124,23 @@ def make_autocommit_engine(settings: Settings, **kwargs: Any) -> Engine | None:
     if make_url(settings.database_url).get_backend_name() != "postgresql":
         return None
     return make_engine(settings, isolation_level="AUTOCOMMIT", **kwargs)
+
+
+class TenantSessions:
+    """`make_tenant_sessionmaker` per tenant, made once and kept, for a process serving many
+    tenants over one engine (the HTTP API: every request's work as its caller's tenant)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._factories: dict[str, sessionmaker[Session]] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, tenant: str) -> sessionmaker[Session]:
+        """The session factory acting for `tenant` only."""
+        found = self._factories.get(tenant)
+        if found is None:
+            with self._lock:
+                found = self._factories.get(tenant)
+                if found is None:
+                    found = self._factories[tenant] = make_tenant_sessionmaker(self.engine, tenant)
+        return found

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 
 from sqlalchemy import Table, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
 
 from models import Image, Job
 from worker.errors import InputError, NotFoundError
@@ -28,6 +28,8 @@ def store_image(session: Session, tenant: str, data: bytes) -> Image:
     existing = session.scalars(
         select(Image)
         .where(Image.tenant == tenant, Image.sha256 == digest, Image.size_bytes == len(data))
+        # Its id is what the caller wants: not the bytes it already holds (read if touched).
+        .options(defer(Image.data))
         .limit(1)
         .with_for_update(key_share=True)
     ).first()

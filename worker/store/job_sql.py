@@ -574,7 +574,7 @@ def store_success(
         insert_result(conn, job_id, result, portrait, decision, call.finished_at)
         close_attempt(conn, job_id, number, call)
         mark_succeeded(conn, job_id, call.finished_at)
-        terminal.on_job_terminal(conn, job_id, JobStatus.succeeded)
+        terminal.on_job_terminal(conn, job_id, JobStatus.succeeded, now=call.finished_at)
         return
     reasons = decision.reasons if decision is not None else ()
     params = {
@@ -607,7 +607,7 @@ def mark_succeeded(conn: Connection, job_id: uuid.UUID, done_at: datetime) -> No
 def mark_already_succeeded(conn: Connection, job_id: uuid.UUID, now: datetime) -> None:
     """A result was stored before this claim: succeeded, and the claim's count undone."""
     conn.execute(_ALREADY_SUCCEEDED, {"jid": job_id, "now": now})
-    terminal.on_job_terminal(conn, job_id, JobStatus.succeeded)
+    terminal.on_job_terminal(conn, job_id, JobStatus.succeeded, now=now)
     outbox.record_job_finished(conn, job_id, now)
 
 
@@ -617,7 +617,7 @@ def mark_failed(
     """Terminal failure with its error code and message, and its terminal side effects (batch
     counter, webhook outbox rows) in the same transaction."""
     conn.execute(_FAIL, {"jid": job_id, "now": now, "code": code, "message": message})
-    terminal.on_job_terminal(conn, job_id, JobStatus.failed)
+    terminal.on_job_terminal(conn, job_id, JobStatus.failed, now=now)
     outbox.record_job_finished(conn, job_id, now)
 
 

@@ -9,6 +9,7 @@ producer ran them already.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import warnings
 from dataclasses import dataclass, field
@@ -76,12 +77,18 @@ def check_image_decodes(data: bytes, side: str, *, min_side_px: int) -> tuple[in
 @dataclass
 class Preflight:
     """Every pre-flight rule for a request. One per submit or manifest: host names are
-    resolved once each."""
+    resolved once each, and the same image bytes are decoded once (a manifest or batch that
+    repeats an image, or a submit whose request was checked already, pays no second decode;
+    the verdict is a function of the bytes and the rules)."""
 
     resolve: Resolver
     min_side_px: int
     policy: UrlPolicy = PUBLIC_ONLY
     _resolved: dict[str, list[IPAddress]] = field(default_factory=dict, repr=False)
+    # (sha256, side) -> None (decodes) or the refusal's (rule, message).
+    _decoded: dict[tuple[bytes, str], tuple[str, str] | None] = field(
+        default_factory=dict, repr=False
+    )
 
     def _cached(self, host: str) -> list[IPAddress]:
         found = self._resolved.get(host)
@@ -99,4 +106,16 @@ class Preflight:
                 parsed = check_url(image.url, side, self.policy)
                 check_resolved(parsed, side, self._cached, self.policy)
             else:
-                check_image_decodes(image.data or b"", side, min_side_px=self.min_side_px)
+                self._check_decodes(image.data or b"", side)
+
+    def _check_decodes(self, data: bytes, side: str) -> None:
+        key = (hashlib.sha256(data).digest(), side)
+        if key not in self._decoded:
+            try:
+                check_image_decodes(data, side, min_side_px=self.min_side_px)
+                self._decoded[key] = None
+            except InputError as exc:
+                self._decoded[key] = (exc.rule, exc.message)
+        refused = self._decoded[key]
+        if refused is not None:
+            raise InputError(*refused)

@@ -3,17 +3,13 @@
 Only for tenants with an endpoint: every statement here selects through `webhook_endpoint`,
 so a tenant without one gets no row (and pays one index probe).
 
-A batch completes when its last unfinished job finishes: the finishing transaction inserts
-`batch.completed` when no OTHER job of the batch (same tenant and `job.batch`) is unfinished.
-Cheap: the probe reads the partial index `ix_job_unfinished_batch`, which holds unfinished jobs
-only, and stops at the first. Correct under concurrency on PostgreSQL: the probe locks the
-row it finds (`FOR UPDATE`, LIMIT 1). A row whose job another transaction is finishing is
-locked by it, so the probe waits for that commit and re-reads the row (then finished, it is
-skipped). When the last two jobs finish at once each waits for the other: PostgreSQL aborts
-one as a deadlock, nothing of it holds, and its retry (the pipeline rides out database errors,
-`worker.pipeline._with_db`) sees the other committed and writes the event, exactly once.
-SQLite runs one writer at a time, so the probe sees every committed finish. (The batch table
-with O(1) counters of the HTTP API makes the probe a counter read; see README.)
+`batch.completed` is written by the batch counters' hook (worker.store.terminal): the
+transaction that finishes a job moves its batch's counter with an UPDATE ... RETURNING, and
+when the row it returns is complete (succeeded + failed = total) writes the event from that
+row. One mechanism for `GET /v1/batches/{id}`'s `completed` and for the event. Exactly once
+under concurrency: the UPDATE locks the batch row, so of two transactions finishing a
+batch's last two jobs at once the second waits for the first's commit and then updates (and
+returns) the row with both counts in it; only one of them sees the total reached.
 """
 
 from __future__ import annotations
@@ -25,20 +21,29 @@ from typing import Any
 from sqlalchemy import (
     Connection,
     Table,
-    and_,
+    Text,
     bindparam,
     case,
+    cast,
+    func,
     literal,
     null,
     select,
-    text,
 )
 from sqlalchemy import insert as sa_insert
 
-from models import DeliveryStatus, EventType, Job, JobStatus, WebhookDelivery, WebhookEndpoint
+from models import (
+    Batch,
+    DeliveryStatus,
+    EventType,
+    Job,
+    JobStatus,
+    WebhookDelivery,
+    WebhookEndpoint,
+)
 from models.base import UTCDateTime
-from models.webhook import UNFINISHED_SQL
 
+BATCH: Table = Batch.__table__  # type: ignore[assignment]
 JOB: Table = Job.__table__  # type: ignore[assignment]
 DELIVERY: Table = WebhookDelivery.__table__  # type: ignore[assignment]
 ENDPOINT: Table = WebhookEndpoint.__table__  # type: ignore[assignment]
@@ -120,30 +125,17 @@ def _terminal() -> list[str]:
     return [JobStatus.succeeded.value, JobStatus.failed.value]
 
 
-def batch_event_insert(*, prefix: str = "whb") -> Any:
-    """INSERT of `batch.completed` when the job named by `jid` has a batch, its tenant an
-    endpoint, and no other job of the batch is unfinished (see the module doc). Parameters:
-    jid, `<prefix>_id`, `<prefix>_now`."""
-    now = _at(f"{prefix}_now")
-    other = JOB.alias("other_job")
-    unfinished = (
-        select(other.c.id)
-        .where(
-            other.c.tenant == select(JOB.c.tenant).where(JOB.c.id == _job_id()).scalar_subquery(),
-            other.c.batch == select(JOB.c.batch).where(JOB.c.id == _job_id()).scalar_subquery(),
-            other.c.id != _job_id(),
-            text(UNFINISHED_SQL.replace("status", "other_job.status")),
-        )
-        .limit(1)
-        .with_for_update(of=other)
-    )
+def _batch_row(source: Any, label: Any, where: Any) -> Any:
+    """INSERT of `batch.completed` from `source` (the batch table, or the CTE of a counter's
+    UPDATE ... RETURNING), when `where` holds and the batch's tenant has an endpoint."""
+    now = _at("whb_now")
     rows = (
         select(
-            bindparam(f"{prefix}_id", type_=DELIVERY.c.id.type),
-            JOB.c.tenant,
+            bindparam("whb_id", type_=DELIVERY.c.id.type),
+            source.c.tenant,
             literal(EventType.batch_completed.value),
             null(),
-            JOB.c.batch,
+            label,
             null(),
             null(),
             null(),
@@ -153,17 +145,38 @@ def batch_event_insert(*, prefix: str = "whb") -> Any:
             now,
             now,
         )
-        .select_from(JOB.join(ENDPOINT, ENDPOINT.c.tenant == JOB.c.tenant))
-        .where(
-            and_(JOB.c.id == _job_id(), JOB.c.batch.is_not(None)),
-            ~unfinished.exists(),
-        )
+        .select_from(source.join(ENDPOINT, ENDPOINT.c.tenant == source.c.tenant))
+        .where(where)
     )
     return sa_insert(DELIVERY).from_select(_COLUMNS, rows)
 
 
+def batch_completed_cte(batch_count: Any, name: str = "webhook_batch_event") -> Any:
+    """The `batch.completed` insert as a CTE beside `batch_count` (a counter's UPDATE ...
+    RETURNING id, tenant, name, total, succeeded, failed): a row only when that update
+    completed the batch. Parameters `whb_*` (see `event_params`). PostgreSQL only."""
+    complete = batch_count.c.succeeded + batch_count.c.failed == batch_count.c.total
+    label = func.coalesce(batch_count.c.name, cast(batch_count.c.id, Text))
+    return _batch_row(batch_count, label, complete).cte(name)
+
+
+def record_batch_completed(
+    conn: Connection, batch_id: uuid.UUID, label: str, now: datetime
+) -> None:
+    """Write the batch's `batch.completed` (its tenant's endpoint permitting), in the
+    transaction whose counter update completed it. `label`: the jobs' `batch` label."""
+    conn.execute(
+        _BATCH_EVENT,
+        {"bid": batch_id, "whb_label": label, **event_params(now, prefix="whb")},
+    )
+
+
 _JOB_EVENT = job_event_insert()
-_BATCH_EVENT = batch_event_insert()
+_BATCH_EVENT = _batch_row(
+    BATCH,
+    bindparam("whb_label", type_=DELIVERY.c.batch.type),
+    BATCH.c.id == bindparam("bid", type_=BATCH.c.id.type),
+)
 
 
 def event_params(now: datetime, *, prefix: str) -> dict[str, Any]:
@@ -172,15 +185,12 @@ def event_params(now: datetime, *, prefix: str) -> dict[str, Any]:
 
 
 def record_job_finished(conn: Connection, job_id: uuid.UUID, now: datetime) -> None:
-    """After the job's update to succeeded/failed, in its transaction: its event and, if it
-    was its batch's last unfinished job, the batch's."""
+    """After the job's update to succeeded/failed, in its transaction: its event (its
+    batch's, if it completed one, comes from the batch counter: worker.store.terminal)."""
     conn.execute(_JOB_EVENT, {"jid": job_id, **event_params(now, prefix="wh")})
-    conn.execute(_BATCH_EVENT, {"jid": job_id, **event_params(now, prefix="whb")})
 
 
 def success_ctes(name_prefix: str = "webhook") -> list[Any]:
-    """The two inserts as CTEs of the one-statement success (PostgreSQL); parameters
-    `wh_*` and `whb_*` (see `event_params`)."""
-    job_event = job_event_insert(status=JobStatus.succeeded).cte(f"{name_prefix}_job_event")
-    batch_event = batch_event_insert().cte(f"{name_prefix}_batch_event")
-    return [job_event, batch_event]
+    """The job event's insert as a CTE of the one-statement success (PostgreSQL);
+    parameters `wh_*` (see `event_params`)."""
+    return [job_event_insert(status=JobStatus.succeeded).cte(f"{name_prefix}_job_event")]
