@@ -1,0 +1,318 @@
+"""`bench.quota --mode drain`: a backlog drained to its last job (issue 13: quota to the last job).
+
+For each quota Q in `--qps` (0: no quota anywhere, the CPU reference), each fleet size in
+`--processes` and each backlog in `--backlogs`: a fresh database and Redis db, the fleet
+(`macao-ocr worker --processes N`) started on an EMPTY queue and pinged, the CPU meter started,
+then the backlog submitted through the real producer and drained to its end. Nothing is cut
+off: the run is judged from the first accepted call to the last.
+
+Printed per scenario: utilisation over the run (accepted calls / (Q x whole seconds from the
+first accepted call's second to the last's), as the issue measured its 0.89), the tail
+utilisation (the last 10% of the calls: (k - 1) / Q over the time from the first of them to
+the last, from the attempt rows' send times, so a window's phase does not matter), throttled
+calls, calls per job, and the workers' CPU per stored job (their whole process tree, from
+before the first job to the drain: start-up excluded, every claim, deferral and re-claim
+included). Then CPU per job by backlog size, and quota-bound against no-quota.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from bench import _harness as h
+
+TAIL_FRACTION = 0.10
+# Targets (issue 13).
+MIN_TAIL_UTILISATION = 0.95
+MIN_RUN_UTILISATION = 0.95
+MAX_BACKLOG_CPU_RATIO = 1.2
+MAX_QUOTA_CPU_RATIO = 2.0
+READY_TIMEOUT_S = 120.0
+POLL_S = 0.25
+# The tail of the drain (and its stragglers) may take this long past Q's own pace.
+DRAIN_SLACK_S = 120.0
+
+# Prints and counts one PASS/FAIL line: (passed, text).
+Verdict = Callable[[bool, str], None]
+
+
+@dataclass(frozen=True)
+class DrainScenario:
+    qps: int  # the emulator's quota and the workers' MACAO_OCR_QPS (0: none)
+    processes: int
+    jobs: int
+
+    @property
+    def label(self) -> str:
+        return (
+            f"Q={self.qps} P={self.processes} jobs={self.jobs}"
+            if self.qps
+            else (f"noquota P={self.processes} jobs={self.jobs}")
+        )
+
+
+@dataclass(frozen=True)
+class DrainFigures:
+    scenario: DrainScenario
+    stored: int
+    accepted: int
+    throttled: int
+    max_window: int
+    first_s: int
+    last_s: int
+    run_util: float  # windowed, whole seconds first..last
+    span_util: float  # (n - 1) / Q over the first to the last send
+    tail_util: float  # the same over the last TAIL_FRACTION of the calls
+    tail_calls: int
+    calls_per_job: float
+    worker_cpu_ms_per_job: float
+    drain_s: float
+    tail_windows: list[tuple[int, int, int]]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _env(
+    args: argparse.Namespace, emulator: h.Emulator, db_url: str, run_dir: Path, tag: str, qps: int
+) -> dict[str, str]:
+    env = {
+        "MACAO_OCR_DATABASE_URL": db_url,
+        "MACAO_OCR_BROKER_URL": args.redis_url,
+        "MACAO_OCR_QPS": str(qps),
+        "MACAO_OCR_LOG_LEVEL": args.loglevel,
+        "MACAO_OCR_METRICS_PORT": str(_free_port()),
+        "MACAO_OCR_PROMETHEUS_MULTIPROC_DIR": str(run_dir / f"metrics-{tag}"),
+        "MACAO_OCR_BROKER_TWEAKS": "true" if args.broker_tweaks else "false",
+    }
+    env.update(emulator.env())
+    return env
+
+
+def _wait_ready(env: dict[str, str], fleet: h.Fleet, processes: int) -> None:
+    """Block until every worker process answers a ping (start-up is not counted)."""
+    from celery import Celery
+
+    app = Celery("bench-drain-ping", broker=env["MACAO_OCR_BROKER_URL"], set_as_current=False)
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    try:
+        while len(app.control.ping(timeout=1.0) or []) < processes:
+            if not fleet.alive() or time.monotonic() > deadline:
+                raise RuntimeError("the fleet did not start (see its log)")
+    finally:
+        app.close()
+
+
+def _send_times(db_url: str) -> list[float]:
+    """When each accepted call left (the attempt rows of answered calls), in order."""
+    from models import Attempt
+
+    engine = sa.create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(Attempt.started_at).where(Attempt.outcome_code == "OK")
+            ).all()
+    finally:
+        engine.dispose()
+    return sorted(r[0].timestamp() for r in rows)
+
+
+def span_utilisation(times: list[float], qps: int) -> float:
+    """(n - 1) calls over the time from the first to the last, as a fraction of Q."""
+    if qps <= 0 or len(times) < 2 or times[-1] <= times[0]:
+        return float("nan")
+    return (len(times) - 1) / (qps * (times[-1] - times[0]))
+
+
+def tail_of(times: list[float], fraction: float = TAIL_FRACTION) -> list[float]:
+    """The last `fraction` of the calls (at least two)."""
+    k = max(2, math.ceil(fraction * len(times)))
+    return times[-k:]
+
+
+def run_one(
+    args: argparse.Namespace,
+    emulator: h.Emulator,
+    images: list[bytes],
+    run_dir: Path,
+    sc: DrainScenario,
+    index: int,
+) -> DrainFigures:
+    tag = f"{index:02d}-drain-p{sc.processes}-q{sc.qps}-n{sc.jobs}"
+    h.flush_redis(args.redis_url)
+    db_url = h.create_database(args.pg_admin_url, args.pg_prefix)
+    fleet: h.Fleet | None = None
+    try:
+        env = _env(args, emulator, db_url, run_dir, tag, sc.qps)
+        emulator.configure(
+            quota_per_s=sc.qps,
+            latency_median_ms=args.drain_latency_ms,
+            latency_sigma=0.3,
+            latency_tail_prob=0.01,
+            latency_tail_mult=5.0,
+        )
+        emulator.reset()
+        log_path = run_dir / f"{tag}.log"
+        fleet = h.Fleet.ours(env, log_path, sc.processes, args.concurrency)
+        _wait_ready(env, fleet, sc.processes)
+        cpu = h.CpuMeter({"workers": fleet.pids})
+        cpu.start()
+        started = time.monotonic()
+        h.enqueue(env, images, sc.jobs, baseline=False)
+        pace_s = sc.jobs / sc.qps if sc.qps else sc.jobs / 50
+        deadline = started + pace_s + DRAIN_SLACK_S
+        stored = 0
+        while time.monotonic() < deadline:
+            if not fleet.alive():
+                raise RuntimeError(f"a worker process exited early; see {log_path}")
+            stored = h.count_stored(db_url)
+            if stored >= sc.jobs:
+                break
+            time.sleep(POLL_S)
+        drain_s = time.monotonic() - started
+        cpu.stop()
+        fleet.stop()
+        fleet = None
+        windows = h.parse_windows(emulator.counters()["windows"])
+        busy = sorted(sec for sec, (acc, _) in windows.items() if acc > 0)
+        first_s, last_s = (busy[0], busy[-1]) if busy else (0, 0)
+        accepted = sum(acc for acc, _ in windows.values())
+        throttled = sum(thr for _, thr in windows.values())
+        seconds = last_s - first_s + 1 if busy else 0
+        run_util = accepted / (sc.qps * seconds) if sc.qps and seconds else float("nan")
+        times = _send_times(db_url)
+        tail = tail_of(times)
+        sql = h.sql_stats(db_url, 0, math.inf)
+        worker_cpu = cpu.used_s.get("workers", 0.0)
+        tail_start = math.floor(tail[0]) if tail else last_s
+        tail_windows = [(sec, *windows.get(sec, (0, 0))) for sec in range(tail_start, last_s + 1)]
+        return DrainFigures(
+            scenario=sc,
+            stored=stored,
+            accepted=accepted,
+            throttled=throttled,
+            max_window=max((acc + thr for acc, thr in windows.values()), default=0),
+            first_s=first_s,
+            last_s=last_s,
+            run_util=run_util,
+            span_util=span_utilisation(times, sc.qps),
+            tail_util=span_utilisation(tail, sc.qps),
+            tail_calls=len(tail),
+            calls_per_job=sql.calls_per_job,
+            worker_cpu_ms_per_job=1000 * worker_cpu / stored if stored else float("nan"),
+            drain_s=drain_s,
+            tail_windows=tail_windows,
+        )
+    finally:
+        if fleet is not None:
+            fleet.stop()
+        if not args.keep:
+            h.drop_database(args.pg_admin_url, db_url)
+
+
+def _pct(x: float) -> str:
+    return "n/a" if math.isnan(x) else f"{x:.1%}"
+
+
+def report(fig: DrainFigures) -> list[str]:
+    """The scenario's figures, one per line."""
+    sc = fig.scenario
+    seconds = fig.last_s - fig.first_s + 1
+    tail = " ".join(f"{acc}+{thr}t" if thr else str(acc) for _, acc, thr in fig.tail_windows)
+    return [
+        f"stored {fig.stored}/{sc.jobs} in {fig.drain_s:.1f} s; accepted {fig.accepted} calls "
+        f"over {seconds} s; max/1s {fig.max_window}",
+        f"utilisation over the run: {_pct(fig.run_util)} (whole seconds), "
+        f"{_pct(fig.span_util)} (first to last send)",
+        f"tail utilisation (last {TAIL_FRACTION:.0%} of jobs, {fig.tail_calls} calls): "
+        f"{_pct(fig.tail_util)}; its windows: {tail}",
+        f"throttled calls: {fig.throttled}; calls/job: {fig.calls_per_job:.3f}",
+        f"cpu: workers {fig.worker_cpu_ms_per_job:.2f} ms per stored job "
+        f"(load average {' '.join(f'{x:.1f}' for x in os.getloadavg())})",
+    ]
+
+
+def plan(args: argparse.Namespace) -> list[DrainScenario]:
+    return [DrainScenario(q, p, n) for q in args.qps for p in args.processes for n in args.backlogs]
+
+
+def judge(figs: list[DrainFigures], verdict: Verdict) -> None:
+    """PASS/FAIL lines for the issue's targets."""
+    for fig in figs:
+        sc = fig.scenario
+        verdict(fig.stored == sc.jobs, f"{sc.label}: every job stored ({fig.stored})")
+        verdict(
+            fig.calls_per_job == 1.0 or sc.qps == 0,
+            f"{sc.label}: calls/job {fig.calls_per_job:.3f} == 1 (never a call twice)",
+        )
+        if not sc.qps:
+            continue
+        verdict(fig.throttled == 0, f"{sc.label}: throttled calls {fig.throttled} == 0")
+        verdict(fig.max_window <= sc.qps, f"{sc.label}: max calls/1s {fig.max_window} <= {sc.qps}")
+        verdict(
+            fig.tail_util >= MIN_TAIL_UTILISATION,
+            f"{sc.label}: tail utilisation {_pct(fig.tail_util)} >= {MIN_TAIL_UTILISATION:.0%}",
+        )
+        verdict(
+            fig.span_util >= MIN_RUN_UTILISATION,
+            f"{sc.label}: utilisation over the run {_pct(fig.span_util)} "
+            f">= {MIN_RUN_UTILISATION:.0%}",
+        )
+    by_fleet: dict[tuple[int, int], list[DrainFigures]] = {}
+    for fig in figs:
+        by_fleet.setdefault((fig.scenario.qps, fig.scenario.processes), []).append(fig)
+    for (qps, processes), group in by_fleet.items():
+        group.sort(key=lambda f: f.scenario.jobs)
+        cells = ", ".join(f"{f.scenario.jobs} jobs {f.worker_cpu_ms_per_job:.2f}" for f in group)
+        print(f"cpu per stored job by backlog (Q={qps} P={processes}): {cells} ms", flush=True)
+        if qps and len(group) > 1:
+            small, large = group[0], group[-1]
+            ratio = large.worker_cpu_ms_per_job / small.worker_cpu_ms_per_job
+            verdict(
+                ratio <= MAX_BACKLOG_CPU_RATIO,
+                f"Q={qps} P={processes}: cpu/job {large.scenario.jobs} vs {small.scenario.jobs} "
+                f"jobs {ratio:.2f}x <= {MAX_BACKLOG_CPU_RATIO}x",
+            )
+        reference = by_fleet.get((0, processes))
+        if qps and reference:
+            for fig in group:
+                same = [r for r in reference if r.scenario.jobs == fig.scenario.jobs]
+                if not same:
+                    continue
+                ratio = fig.worker_cpu_ms_per_job / same[0].worker_cpu_ms_per_job
+                verdict(
+                    ratio <= MAX_QUOTA_CPU_RATIO,
+                    f"{fig.scenario.label}: cpu/job {ratio:.2f}x the no-quota figure "
+                    f"({same[0].worker_cpu_ms_per_job:.2f} ms) <= {MAX_QUOTA_CPU_RATIO}x",
+                )
+
+
+def run(args: argparse.Namespace, images: list[bytes], run_dir: Path, verdict: Verdict) -> None:
+    """Every drain scenario, one after the other, on one emulator."""
+    scenarios = plan(args)
+    emulator = h.Emulator.start(run_dir / "emulator.log", seed=args.seed)
+    figs: list[DrainFigures] = []
+    try:
+        for index, sc in enumerate(scenarios, start=1):
+            print(f"\n[{index}/{len(scenarios)}] drain {sc.label}", flush=True)
+            fig = run_one(args, emulator, images, run_dir, sc, index)
+            figs.append(fig)
+            for line in report(fig):
+                print(line, flush=True)
+    finally:
+        emulator.stop()
+    print("\n== drain ==")
+    judge(figs, verdict)
