@@ -101,7 +101,9 @@ class SpyLimiter:
     refuse_s: float | None = None
     down: bool = False
 
-    async def reserve(self, key: str, *, max_wait_s: float) -> Reservation:
+    async def reserve(
+        self, key: str, *, max_wait_s: float, newcomer: bool = False
+    ) -> Reservation:
         if self.down:
             raise StateUnavailable("redis down")
         self.reserves += 1
@@ -752,7 +754,9 @@ def test_a_slot_woken_for_too_late_is_given_up_not_used(harness: Harness) -> Non
     reservations: list[float] = []
 
     class StallingLimiter(SpyLimiter):
-        async def reserve(self, key: str, *, max_wait_s: float) -> Reservation:
+        async def reserve(
+        self, key: str, *, max_wait_s: float, newcomer: bool = False
+    ) -> Reservation:
             reservations.append(max_wait_s)
             if len(reservations) == 1:
                 # Block the loop for 0.4 s right after granting a slot 0.2 s away that is
@@ -786,7 +790,9 @@ def test_a_late_wake_is_still_used_when_its_window_has_room(harness: Harness) ->
     reservations: list[float] = []
 
     class StallingLimiter(SpyLimiter):
-        async def reserve(self, key: str, *, max_wait_s: float) -> Reservation:
+        async def reserve(
+        self, key: str, *, max_wait_s: float, newcomer: bool = False
+    ) -> Reservation:
             reservations.append(max_wait_s)
             asyncio.get_running_loop().call_soon(_time.sleep, 0.4)
             return Reservation(granted=True, wait_s=0.2, slack_s=0.9)

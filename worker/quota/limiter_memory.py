@@ -41,17 +41,20 @@ class MemoryRateLimiter:
     def _state(self, key: str, ctl: aimd.RateControl) -> aimd.QuotaState:
         return self._states.get(key) or aimd.initial_state(ctl)
 
-    async def reserve(self, key: str, *, max_wait_s: float) -> Reservation:
-        """Take the next slot for `key` if it is at most `max_wait_s` away."""
+    async def reserve(self, key: str, *, max_wait_s: float, newcomer: bool = False) -> Reservation:
+        """Take the next slot for `key` if it is at most `max_wait_s` away (a newcomer may
+        be given its turn in the line instead: see `RateLimiter.reserve`)."""
         ctl = self._control
         if ctl is None:
             return Reservation(granted=True, wait_s=0.0)
         with self._lock:
             now = self._clock()
-            new, wait_s = aimd.reserve(self._state(key, ctl), ctl, now, max_wait_s)
-            if new is None:
+            new, granted, wait_s = aimd.reserve(
+                self._state(key, ctl), ctl, now, max_wait_s, newcomer
+            )
+            self._states[key] = new  # a holder's refusal hands back the state unchanged
+            if not granted:
                 return Reservation(granted=False, wait_s=wait_s, slack_s=0.0)
-            self._states[key] = new
         return Reservation(
             granted=True,
             wait_s=wait_s,
