@@ -101,9 +101,7 @@ class SpyLimiter:
     refuse_s: float | None = None
     down: bool = False
 
-    async def reserve(
-        self, key: str, *, max_wait_s: float, newcomer: bool = False
-    ) -> Reservation:
+    async def reserve(self, key: str, *, max_wait_s: float, newcomer: bool = False) -> Reservation:
         if self.down:
             raise StateUnavailable("redis down")
         self.reserves += 1
@@ -755,8 +753,8 @@ def test_a_slot_woken_for_too_late_is_given_up_not_used(harness: Harness) -> Non
 
     class StallingLimiter(SpyLimiter):
         async def reserve(
-        self, key: str, *, max_wait_s: float, newcomer: bool = False
-    ) -> Reservation:
+            self, key: str, *, max_wait_s: float, newcomer: bool = False
+        ) -> Reservation:
             reservations.append(max_wait_s)
             if len(reservations) == 1:
                 # Block the loop for 0.4 s right after granting a slot 0.2 s away that is
@@ -791,8 +789,8 @@ def test_a_late_wake_is_still_used_when_its_window_has_room(harness: Harness) ->
 
     class StallingLimiter(SpyLimiter):
         async def reserve(
-        self, key: str, *, max_wait_s: float, newcomer: bool = False
-    ) -> Reservation:
+            self, key: str, *, max_wait_s: float, newcomer: bool = False
+        ) -> Reservation:
             reservations.append(max_wait_s)
             asyncio.get_running_loop().call_soon(_time.sleep, 0.4)
             return Reservation(granted=True, wait_s=0.2, slack_s=0.9)

@@ -23,9 +23,7 @@ class Spy:
         self.asks = 0
         self.booked: list[tuple[float, float]] = []  # (booked at, slot at)
 
-    async def reserve(
-        self, key: str, *, max_wait_s: float, newcomer: bool = False
-    ) -> Reservation:
+    async def reserve(self, key: str, *, max_wait_s: float, newcomer: bool = False) -> Reservation:
         self.asks += 1
         now = time.time()
         answer = await self.inner.reserve(key, max_wait_s=max_wait_s, newcomer=newcomer)
