@@ -75,6 +75,7 @@ class DrainFigures:
     tail_calls: int
     calls_per_job: float
     worker_cpu_ms_per_job: float
+    worker_cpu_s: float
     drain_s: float
     tail_windows: list[tuple[int, int, int]]
 
@@ -213,6 +214,7 @@ def run_one(
             tail_calls=len(tail),
             calls_per_job=sql.calls_per_job,
             worker_cpu_ms_per_job=1000 * worker_cpu / stored if stored else float("nan"),
+            worker_cpu_s=worker_cpu,
             drain_s=drain_s,
             tail_windows=tail_windows,
         )
@@ -241,7 +243,7 @@ def report(fig: DrainFigures) -> list[str]:
         f"{_pct(fig.tail_util)}; its windows: {tail}",
         f"throttled calls: {fig.throttled}; calls/job: {fig.calls_per_job:.3f}",
         f"cpu: workers {fig.worker_cpu_ms_per_job:.2f} ms per stored job "
-        f"(load average {' '.join(f'{x:.1f}' for x in os.getloadavg())})",
+        f"({fig.worker_cpu_s:.2f} s over {fig.drain_s:.1f} s; load average {' '.join(f'{x:.1f}' for x in os.getloadavg())})",
     ]
 
 

@@ -98,7 +98,7 @@ TRANSIT_GUARD_SLOT_FRACTION = 0.5
 # A job deferred to its quota turn comes back this long plus one sweep interval before it:
 # the sweeper publishes due jobs once per interval, then delivery and the claim take a
 # moment. It then waits for its turn in process, so the line never runs dry (see
-# _quota_return_lead_s).
+# quota_return_lead_s).
 QUOTA_RETURN_MARGIN_S = 1.0
 
 
@@ -438,7 +438,7 @@ def _pause_delay_s(deps: PipelineDeps, since: datetime) -> float:
     return deps.rng.uniform(base, 1.5 * base)
 
 
-def _quota_return_lead_s(settings: Settings) -> float:
+def quota_return_lead_s(settings: Settings) -> float:
     """How long before its quota turn a deferred job is due again: one sweep interval (the
     sweeper publishes due jobs once per interval) plus QUOTA_RETURN_MARGIN_S, and never more
     than half the job's in-process wait, which must still cover the rest."""
@@ -472,7 +472,7 @@ async def _gate(
         # fleet waiting before us). Come back just before it and wait for it as a holder of
         # our place: the line's order, not a guess, spreads the returns; early enough that
         # the sweeper's interval never lets the line run dry.
-        delay = max(0.0, reservation.wait_s - _quota_return_lead_s(deps.settings))
+        delay = max(0.0, reservation.wait_s - quota_return_lead_s(deps.settings))
         return _Gate(granted=False, delay_s=delay, reason="quota", turn_s=reservation.wait_s)
     qps = deps.settings.qps
     lead_s = min(reservation.wait_s, SEND_LEAD_SLOT_FRACTION / qps) if qps > 0 else 0.0
