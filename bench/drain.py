@@ -234,6 +234,7 @@ def report(fig: DrainFigures) -> list[str]:
     sc = fig.scenario
     seconds = fig.last_s - fig.first_s + 1
     tail = " ".join(f"{acc}+{thr}t" if thr else str(acc) for _, acc, thr in fig.tail_windows)
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     return [
         f"stored {fig.stored}/{sc.jobs} in {fig.drain_s:.1f} s; accepted {fig.accepted} calls "
         f"over {seconds} s; max/1s {fig.max_window}",
@@ -243,7 +244,7 @@ def report(fig: DrainFigures) -> list[str]:
         f"{_pct(fig.tail_util)}; its windows: {tail}",
         f"throttled calls: {fig.throttled}; calls/job: {fig.calls_per_job:.3f}",
         f"cpu: workers {fig.worker_cpu_ms_per_job:.2f} ms per stored job "
-        f"({fig.worker_cpu_s:.2f} s over {fig.drain_s:.1f} s; load average {' '.join(f'{x:.1f}' for x in os.getloadavg())})",
+        f"({fig.worker_cpu_s:.2f} s over {fig.drain_s:.1f} s; load average {load})",
     ]
 
 
