@@ -26,6 +26,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import sqlalchemy as sa
 
@@ -41,6 +42,9 @@ READY_TIMEOUT_S = 120.0
 POLL_S = 0.25
 # The tail of the drain (and its stragglers) may take this long past Q's own pace.
 DRAIN_SLACK_S = 120.0
+
+DB_TRIES = 30
+T = TypeVar("T")
 
 # Prints and counts one PASS/FAIL line: (passed, text).
 Verdict = Callable[[bool, str], None]
@@ -80,6 +84,17 @@ class DrainFigures:
     worker_cpu_s: float
     drain_s: float
     tail_windows: list[tuple[int, int, int]]
+
+
+def _patient(fn: Callable[[], T]) -> T:
+    """`fn` again while PostgreSQL refuses new connections: the machine's server is shared
+    (other runs may hold every connection slot for a moment)."""
+    for _ in range(DB_TRIES - 1):
+        try:
+            return fn()
+        except sa.exc.OperationalError:
+            time.sleep(1.0)
+    return fn()
 
 
 def _free_port() -> int:
@@ -183,7 +198,7 @@ def run_one(
         while time.monotonic() < deadline:
             if not fleet.alive():
                 raise RuntimeError(f"a worker process exited early; see {log_path}")
-            stored = h.count_stored(db_url)
+            stored = _patient(lambda: h.count_stored(db_url))
             if stored >= sc.jobs:
                 break
             time.sleep(POLL_S)
@@ -198,9 +213,9 @@ def run_one(
         throttled = sum(thr for _, thr in windows.values())
         seconds = last_s - first_s + 1 if busy else 0
         run_util = accepted / (sc.qps * seconds) if sc.qps and seconds else float("nan")
-        times, bought_twice = _answered_calls(db_url)
+        times, bought_twice = _patient(lambda: _answered_calls(db_url))
         tail = tail_of(times)
-        sql = h.sql_stats(db_url, 0, math.inf)
+        sql = _patient(lambda: h.sql_stats(db_url, 0, math.inf))
         worker_cpu = cpu.used_s.get("workers", 0.0)
         tail_start = math.floor(tail[0]) if tail else last_s
         tail_windows = [(sec, *windows.get(sec, (0, 0))) for sec in range(tail_start, last_s + 1)]
