@@ -2,9 +2,10 @@
 
 For each quota Q in `--qps` (0: no quota anywhere, the CPU reference), each fleet size in
 `--processes` and each backlog in `--backlogs`: a fresh database and Redis db, the fleet
-(`macao-ocr worker --processes N`) started on an EMPTY queue and pinged, the CPU meter started,
-then the backlog submitted through the real producer and drained to its end. Nothing is cut
-off: the run is judged from the first accepted call to the last.
+(`macao-ocr worker --processes N`) started on an EMPTY queue, pinged and told to stop consuming
+(Celery's cancel_consumer), the whole backlog submitted through the real producer, then the
+CPU meter started and consumption resumed (add_consumer): a real backlog, drained to its end.
+Nothing is cut off: the run is judged from the first accepted call to the last.
 
 Printed per scenario: utilisation over the run (accepted calls / (Q x whole seconds from the
 first accepted call's second to the last's), as the issue measured its 0.89), the tail
@@ -26,11 +27,14 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import sqlalchemy as sa
 
 from bench import _harness as h
+
+if TYPE_CHECKING:
+    from celery import Celery
 
 TAIL_FRACTION = 0.10
 # Targets (issue 13).
@@ -119,18 +123,32 @@ def _env(
     return env
 
 
-def _wait_ready(env: dict[str, str], fleet: h.Fleet, processes: int) -> None:
-    """Block until every worker process answers a ping (start-up is not counted)."""
+def _control(env: dict[str, str]) -> Celery:
     from celery import Celery
 
-    app = Celery("bench-drain-ping", broker=env["MACAO_OCR_BROKER_URL"], set_as_current=False)
+    return Celery("bench-drain-control", broker=env["MACAO_OCR_BROKER_URL"], set_as_current=False)
+
+
+def _stop_consuming(app: Celery, fleet: h.Fleet, processes: int) -> None:
+    """Once every worker process answers a ping (start-up over, not counted), have them all
+    stop taking jobs, so the whole backlog is queued before the first job is taken."""
+    from worker.broker.publish import QUEUE
+
     deadline = time.monotonic() + READY_TIMEOUT_S
-    try:
-        while len(app.control.ping(timeout=1.0) or []) < processes:
-            if not fleet.alive() or time.monotonic() > deadline:
-                raise RuntimeError("the fleet did not start (see its log)")
-    finally:
-        app.close()
+    while len(app.control.ping(timeout=1.0) or []) < processes:
+        if not fleet.alive() or time.monotonic() > deadline:
+            raise RuntimeError("the fleet did not start (see its log)")
+    replies = app.control.cancel_consumer(QUEUE, reply=True, timeout=5.0) or []
+    if len(replies) < processes:
+        raise RuntimeError(f"only {len(replies)} of {processes} workers stopped consuming")
+
+
+def _start_consuming(app: Celery, processes: int) -> None:
+    from worker.broker.publish import QUEUE
+
+    replies = app.control.add_consumer(QUEUE, reply=True, timeout=5.0) or []
+    if len(replies) < processes:
+        raise RuntimeError(f"only {len(replies)} of {processes} workers resumed consuming")
 
 
 def _answered_calls(db_url: str) -> tuple[list[float], int]:
@@ -187,11 +205,16 @@ def run_one(
         emulator.reset()
         log_path = run_dir / f"{tag}.log"
         fleet = h.Fleet.ours(env, log_path, sc.processes, args.concurrency)
-        _wait_ready(env, fleet, sc.processes)
-        cpu = h.CpuMeter({"workers": fleet.pids})
-        cpu.start()
-        started = time.monotonic()
-        h.enqueue(env, images, sc.jobs, baseline=False)
+        control = _control(env)
+        try:
+            _stop_consuming(control, fleet, sc.processes)
+            h.enqueue(env, images, sc.jobs, baseline=False)
+            cpu = h.CpuMeter({"workers": fleet.pids})
+            cpu.start()
+            started = time.monotonic()
+            _start_consuming(control, sc.processes)
+        finally:
+            control.close()
         pace_s = sc.jobs / sc.qps if sc.qps else sc.jobs / 50
         deadline = started + pace_s + DRAIN_SLACK_S
         stored = 0
