@@ -20,10 +20,13 @@ from sqlalchemy import (
     String,
     Text,
     Uuid,
+    text,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
 from models.base import Base, UTCDateTime, utcnow
+
+PERSONAL_HELD_SQL = "personal_deleted_at IS NULL"
 
 
 class Result(Base):
@@ -66,12 +69,22 @@ class Result(Base):
     # replay deletes both).
     decision: Mapped[str | None] = mapped_column(String(8))
     decided_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # When retention or erasure deleted the personal fields (worker.privacy.fields), their
+    # lookup hashes and the portrait; the row keeps codes, warnings and the decision.
+    personal_deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     __table_args__ = (
         CheckConstraint(
             "decision IS NULL OR decision IN ('clear', 'consider', 'reject')", name="decision"
         ),
         Index("ix_result_decision", "decision"),
+        # The sweeper's result retention: results whose personal fields are still held.
+        Index(
+            "ix_result_personal_held",
+            "created_at",
+            postgresql_where=text(PERSONAL_HELD_SQL),
+            sqlite_where=text(PERSONAL_HELD_SQL),
+        ),
     )
 
 

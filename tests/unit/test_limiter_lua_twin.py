@@ -48,6 +48,8 @@ def test_script_and_twin_agree_step_by_step(
         probe_settle_s=0.3,
         coalesce_s=0.2,
         increase_fraction_per_s=0.2,
+        # Half the runs with a lost-state guard: the first reservation stamps a window.
+        lost_state_guard_s=0.5 * (seed % 2),
     )
     control_args = [getattr(ctl, name) for name in ARGV_CONTROL_FIELDS]
     state = aimd.initial_state(ctl)
@@ -61,6 +63,7 @@ def test_script_and_twin_agree_step_by_step(
             max_wait_s = rng.choice([0.3, 1.0, 5.0, 60.0])
             # Newcomers join the line when refused; holders (and old callers) do not.
             newcomer = rng.random() < 0.4
+            state = aimd.stamp(state, ctl, now)
             new, ok, wait_s = aimd.reserve(state, ctl, now, max_wait_s, newcomer)
             granted, lua_wait, lua_slack, lua_win, lua_cap = script(
                 keys=[KEY], args=["reserve", *control_args, max_wait_s, 0, 0, int(newcomer)]

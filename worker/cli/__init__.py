@@ -18,6 +18,7 @@ from worker.cli import (
     health_cmd,
     jobs_cmd,
     ops_cmd,
+    privacy_cmd,
     read_cmd,
     replay_cmd,
     tenants_cmd,
@@ -77,6 +78,7 @@ for _module in (
     decide_cmd,
     api_cmd,
     webhooks_cmd,
+    privacy_cmd,
 ):
     _module.register(app)
 

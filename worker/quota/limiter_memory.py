@@ -49,10 +49,10 @@ class MemoryRateLimiter:
             return Reservation(granted=True, wait_s=0.0)
         with self._lock:
             now = self._clock()
-            new, granted, wait_s = aimd.reserve(
-                self._state(key, ctl), ctl, now, max_wait_s, newcomer
-            )
-            self._states[key] = new  # a holder's refusal hands back the state unchanged
+            state = aimd.stamp(self._state(key, ctl), ctl, now)
+            new, granted, wait_s = aimd.reserve(state, ctl, now, max_wait_s, newcomer)
+            # A refusal keeps the stamp (and a newcomer's place), nothing else.
+            self._states[key] = new
             if not granted:
                 return Reservation(granted=False, wait_s=wait_s, slack_s=0.0)
         return Reservation(

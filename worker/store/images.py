@@ -22,10 +22,14 @@ def store_image(session: Session, tenant: str, data: bytes) -> Image:
     if kind is None:
         raise InputError("not_png_or_jpeg", "image is neither PNG nor JPEG (rule not_png_or_jpeg)")
     digest = hashlib.sha256(data).hexdigest()
+    # FOR KEY SHARE: a retention or erasure deleting this image waits for our job to commit
+    # (and then keeps the image), or we wait for its commit and find the row gone
+    # (worker.store.retention).
     existing = session.scalars(
         select(Image)
         .where(Image.tenant == tenant, Image.sha256 == digest, Image.size_bytes == len(data))
         .limit(1)
+        .with_for_update(key_share=True)
     ).first()
     if existing is not None:
         return existing

@@ -4,8 +4,8 @@ A job deferred because its quota turn is beyond its wait comes back just before 
 (`next_attempt_at`) and then waits for it in process as a holder of its place, instead of
 joining the end of the line again (worker/quota/aimd.py, "The line"). NULL: no place held.
 
-Revision ID: 0008
-Revises: 0007
+Revision ID: 0010
+Revises: 0009
 Create Date: 2026-12-03
 """
 
@@ -16,8 +16,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0008"
-down_revision: str | None = "0007"
+revision: str = "0010"
+down_revision: str | None = "0009"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
