@@ -2,6 +2,12 @@
 
     .venv/bin/python -m bench.quota [--mode quota|mismatch|noquota|all] [--qps 5,10,20]
         [--processes 1,4] [--duration-s 60] [--jobs N] [--quick]
+    .venv/bin/python -m bench.quota --mode drain [--qps 5,20,50] [--processes 3]
+        [--backlogs 200,1000] [--drain-latency-ms 400]
+
+`--mode drain` (issue 13, "quota to the last job") is separate from `all`: a fixed backlog is
+drained to its end and judged over the whole run, its tail (the last 10% of jobs) on its own
+line, with the workers' CPU per stored job by backlog size (bench/README.md).
     .venv/bin/python -m bench.quota --mode brokerloss [--qps 5,20] [--processes 1,3]
         [--loss-after-s 20]
 
@@ -402,14 +408,19 @@ def plan(args: argparse.Namespace) -> list[Scenario]:
     return scenarios
 
 
-def _int_list(text: str) -> list[int]:
+def _int_list(text: str, least: int = 1) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected integers like 1,4, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    if not values or min(values) < least:
+        raise argparse.ArgumentTypeError(f"expected integers >= {least}, got {text!r}")
     return values
+
+
+def _qps_list(text: str) -> list[int]:
+    # 0 is no quota at all: the drain mode's CPU reference.
+    return _int_list(text, least=0)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -417,9 +428,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         prog="python -m bench.quota", description=(__doc__ or "").split("\n")[0]
     )
     parser.add_argument(
-        "--mode", choices=["quota", "mismatch", "noquota", "brokerloss", "all"], default="all"
+        "--mode",
+        choices=["quota", "mismatch", "noquota", "brokerloss", "all", "drain"],
+        default="all",
     )
-    parser.add_argument("--qps", type=_int_list, default=None, help="quotas (default 5,10,20)")
+    parser.add_argument(
+        "--qps", type=_qps_list, default=None, help="quotas (default 5,10,20; drain: 0 = none)"
+    )
     parser.add_argument("--processes", type=_int_list, default=None, help="default 1,4")
     parser.add_argument("--duration-s", type=int, default=None, help="steady window (default 60)")
     parser.add_argument("--jobs", type=int, default=None, help="jobs per quota scenario")
@@ -428,6 +443,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=int,
         default=None,
         help="jobs for the no-quota mode (default 450 per second of the window, plus 5 s)",
+    )
+    parser.add_argument(
+        "--backlogs",
+        type=_int_list,
+        default=[200],
+        help="drain: backlog sizes (jobs) per scenario (default 200)",
+    )
+    parser.add_argument(
+        "--drain-latency-ms",
+        type=float,
+        default=QUOTA_LATENCY["latency_median_ms"],
+        help="drain: the emulator's median latency (default 400)",
     )
     parser.add_argument(
         "--loss-after-s",
@@ -471,6 +498,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     if args.duration_s < 2:
         parser.error("--duration-s must be at least 2")
+    if args.mode != "drain" and 0 in args.qps:
+        parser.error("--qps 0 (no quota) is for --mode drain; use --mode noquota")
     return args
 
 
@@ -506,8 +535,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     _check_services(args)
     run_dir = args.run_dir or Path(f"/tmp/macao-bench-{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir.mkdir(parents=True, exist_ok=True)
-    scenarios = plan(args)
     images = h.specimen_pool(SPECIMENS)
+    if args.mode == "drain":
+        return _main_drain(args, images, run_dir)
+    scenarios = plan(args)
     print(
         f"macao-ocr quota benchmark: {len(scenarios)} scenario(s), steady window "
         f"{args.duration_s} s, {len(images)} specimen JPEGs of {min(map(len, images))}-"
@@ -556,6 +587,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(line)
     print(f"\n{len(ctx.verdicts) - ctx.failed} passed, {ctx.failed} failed", flush=True)
     return 1 if ctx.failed else 0
+
+
+def _main_drain(args: argparse.Namespace, images: list[bytes], run_dir: Path) -> int:
+    from bench import drain
+
+    verdicts: list[str] = []
+
+    def verdict(ok: bool, text: str) -> None:
+        line = f"{'PASS' if ok else 'FAIL'}  {text}"
+        verdicts.append(line)
+        print(line, flush=True)
+
+    print(
+        f"macao-ocr drain benchmark: Q in {args.qps}, processes {args.processes}, backlogs "
+        f"{args.backlogs}, {os.cpu_count()} cores, logs in {run_dir}",
+        flush=True,
+    )
+    drain.run(args, images, run_dir, verdict)
+    failed = sum(line.startswith("FAIL") for line in verdicts)
+    print(f"\n{len(verdicts) - failed} passed, {failed} failed", flush=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -98,6 +98,9 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Deferred for quota: the turn it holds in the fleet's line (it comes back just before,
+    # at next_attempt_at, and waits for it as a holder). NULL: no place held.
+    quota_turn_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # A running job whose lease has passed belongs to a dead worker: the sweeper takes it back.
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     worker_host: Mapped[str | None] = mapped_column(String(200))

@@ -95,6 +95,11 @@ SEND_LEAD_SLOT_FRACTION = 0.25
 # slot of a window has as little as half a slot of slack; the others have more. Generous on
 # purpose: a wasted slot costs one call, a throttle costs a step down of the shared rate.
 TRANSIT_GUARD_SLOT_FRACTION = 0.5
+# A job deferred to its quota turn comes back this long plus one sweep interval before it:
+# the sweeper publishes due jobs once per interval, then delivery and the claim take a
+# moment. It then waits for its turn in process, so the line never runs dry (see
+# quota_return_lead_s).
+QUOTA_RETURN_MARGIN_S = 1.0
 
 
 class CoroutineRunner(Protocol):
@@ -182,6 +187,8 @@ class _Gate:
     late_limit_s: float = math.inf
     delay_s: float = 0.0
     reason: str = ""
+    # Refused for quota: the turn (or slot) the job holds, seconds from the refusal.
+    turn_s: float | None = None
     probe: bool = False
     # The slot's window and its size, handed back to the limiter if the call is throttled.
     window: int | None = None
@@ -237,6 +244,8 @@ class _JobInfo:
     tenant: str = "default"
     # Front and back were sent and are one image (the `sides_identical` check).
     sides_identical: bool = False
+    # The quota turn the job holds from its last deferral (None: it has no place yet).
+    quota_turn_at: datetime | None = None
 
 
 # -- database helpers
@@ -342,6 +351,7 @@ def _prepare(
         attempts=started.attempts,
         portrait=claimed.portrait,
         tenant=claimed.tenant,
+        quota_turn_at=claimed.quota_turn_at,
         sides_identical=same_image(
             claimed.front_url, claimed.front_image_id, claimed.back_url, claimed.back_image_id
         ),
@@ -428,7 +438,16 @@ def _pause_delay_s(deps: PipelineDeps, since: datetime) -> float:
     return deps.rng.uniform(base, 1.5 * base)
 
 
-async def _gate(deps: PipelineDeps, *, max_wait_s: float, holds_probe: bool) -> _Gate:
+def quota_return_lead_s(settings: Settings) -> float:
+    """How long before its quota turn a deferred job is due again: one sweep interval (the
+    sweeper publishes due jobs once per interval) plus QUOTA_RETURN_MARGIN_S, and never more
+    than half the job's in-process wait, which must still cover the rest."""
+    return min(settings.sweep_interval_s + QUOTA_RETURN_MARGIN_S, settings.max_quota_wait_s / 2)
+
+
+async def _gate(
+    deps: PipelineDeps, *, max_wait_s: float, holds_probe: bool, newcomer: bool
+) -> _Gate:
     probe = holds_probe
     try:
         if not holds_probe:
@@ -442,16 +461,19 @@ async def _gate(deps: PipelineDeps, *, max_wait_s: float, holds_probe: bool) -> 
         # sent the request; our resumption after the reply can lag far behind on a busy CPU.
         # Counting from before the request keeps that lag from shifting the call.
         asked_at = time.monotonic()
-        reservation = await deps.limiter.reserve(deps.limiter_key, max_wait_s=max_wait_s)
+        reservation = await deps.limiter.reserve(
+            deps.limiter_key, max_wait_s=max_wait_s, newcomer=newcomer
+        )
     except StateUnavailable:
         delay = deps.rng.uniform(STATE_UNAVAILABLE_DEFER_S, 2 * STATE_UNAVAILABLE_DEFER_S)
         return _Gate(granted=False, delay_s=delay, reason="state_unavailable")
     if not reservation.granted:
-        # Our turn is about wait_s away. Come back at a random point before it: early is
-        # harmless (the job queues again), late lets the queue run dry and wastes quota; the
-        # spread keeps deferred jobs from all returning at one instant.
-        delay = deps.rng.uniform(0.5 * reservation.wait_s, reservation.wait_s)
-        return _Gate(granted=False, delay_s=delay, reason="quota")
+        # Our turn in the fleet's line is wait_s away (the limiter counted every job of the
+        # fleet waiting before us). Come back just before it and wait for it as a holder of
+        # our place: the line's order, not a guess, spreads the returns; early enough that
+        # the sweeper's interval never lets the line run dry.
+        delay = max(0.0, reservation.wait_s - quota_return_lead_s(deps.settings))
+        return _Gate(granted=False, delay_s=delay, reason="quota", turn_s=reservation.wait_s)
     qps = deps.settings.qps
     lead_s = min(reservation.wait_s, SEND_LEAD_SLOT_FRACTION / qps) if qps > 0 else 0.0
     late_limit_s = math.inf
@@ -469,18 +491,34 @@ async def _gate(deps: PipelineDeps, *, max_wait_s: float, holds_probe: bool) -> 
 
 
 async def _gate_and_send(
-    deps: PipelineDeps, request: OcrRequest, *, window_ends: float, holds_probe: bool
+    deps: PipelineDeps,
+    request: OcrRequest,
+    *,
+    window_ends: float,
+    holds_probe: bool,
+    turn_at: datetime | None = None,
+    newcomer: bool = True,
 ) -> _Gate | _Call:
     """Circuit, slot, sleep, call: one coroutine, so nothing but the loop's own wake-up
     stands between the slot the limiter gave and the request leaving.
 
+    `turn_at`: the quota turn a deferred job holds; it sleeps until the turn is within the
+    booking horizon, then asks as a holder. `newcomer`: the job has no place in the line.
+
     If the loop wakes so late that the call would leave its slot (a starved CPU), the slot
     is given up and a fresh one taken: a wasted slot costs a little throughput, a call in
     the wrong window costs a throttle."""
+    if turn_at is not None:
+        newcomer = False
+        until_turn_s = (turn_at - deps.clock()).total_seconds() - deps.settings.quota_horizon_s
+        pause_s = min(until_turn_s, window_ends - time.monotonic())
+        if pause_s > 0:
+            await asyncio.sleep(pause_s)
     missed = 0
     while True:
         max_wait_s = max(0.0, window_ends - time.monotonic())
-        gate = await _gate(deps, max_wait_s=max_wait_s, holds_probe=holds_probe)
+        gate = await _gate(deps, max_wait_s=max_wait_s, holds_probe=holds_probe, newcomer=newcomer)
+        newcomer = False
         if not gate.granted:
             return gate
         holds_probe = gate.probe
@@ -581,10 +619,14 @@ def _record_and_defer(
     call: _Call | None = None,
     error: ApiError | None = None,
     drop: int | None = None,
+    turn_s: float | None = None,
 ) -> None:
     """Put the job back to wait without spending budget (quota, pause, Redis down).
-    `drop`: an attempt row opened for a call that did not happen."""
-    next_at = deps.clock() + timedelta(seconds=max(0.0, delay_s))
+    `drop`: an attempt row opened for a call that did not happen. `turn_s`: deferred for
+    quota, the turn it holds in the fleet's line, seconds from now."""
+    now = deps.clock()
+    next_at = now + timedelta(seconds=max(0.0, delay_s))
+    turn_at = None if turn_s is None else now + timedelta(seconds=turn_s)
 
     def write() -> None:
         with deps.transaction() as conn:
@@ -595,7 +637,7 @@ def _record_and_defer(
             if error is not None:
                 job_sql.schedule_retry(conn, job_id, next_at, error.code, error.message)
             else:
-                job_sql.defer(conn, job_id, next_at)
+                job_sql.defer(conn, job_id, next_at, turn_at)
 
     _with_db(deps, write, job_id=job_id, claimed=True)
 
@@ -868,6 +910,7 @@ def _call_loop(deps: PipelineDeps, job_id: uuid.UUID, started: _Started) -> Outc
     holds_probe = False
     number = started.number
     first = True
+    first_pass = True
     fallback_used = False
     while True:
         if not first:
@@ -877,10 +920,21 @@ def _call_loop(deps: PipelineDeps, job_id: uuid.UUID, started: _Started) -> Outc
             )
         first = False
         outcome = deps.run(
-            _gate_and_send(deps, request, window_ends=window_ends, holds_probe=holds_probe)
+            _gate_and_send(
+                deps,
+                request,
+                window_ends=window_ends,
+                holds_probe=holds_probe,
+                # Only the first pass: a throttled or re-signed call asks again at once.
+                turn_at=info.quota_turn_at if first_pass else None,
+                newcomer=first_pass,
+            )
         )
+        first_pass = False
         if isinstance(outcome, _Gate):
-            _record_and_defer(deps, job_id, delay_s=outcome.delay_s, drop=number)
+            _record_and_defer(
+                deps, job_id, delay_s=outcome.delay_s, drop=number, turn_s=outcome.turn_s
+            )
             log.info(
                 "job_deferred",
                 job_id=str(job_id),

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from bench import _harness as h
-from bench import quota
+from bench import drain, quota
 
 
 def test_window_stats_steady_window_and_whole_run_extremes() -> None:
@@ -29,6 +29,28 @@ def test_window_stats_steady_window_and_whole_run_extremes() -> None:
     assert stats.throttled_total == 3
     assert stats.throttled_fraction == pytest.approx(3 / 26)
     assert stats.per_second == (5, 5, 4)
+
+
+def test_drain_tail_and_span_utilisation() -> None:
+    # 5/s for 18 calls, then a trickle: the run's span and its tail both show it.
+    steady = [100 + (i + 0.5) / 5 for i in range(18)]
+    trickle = [106.1, 108.3]
+    times = steady + trickle
+    tail = drain.tail_of(times)
+    assert tail == times[-2:]  # 10% of 20 calls
+    assert drain.span_utilisation(steady, 5) == pytest.approx(1.0)
+    assert drain.span_utilisation(tail, 5) == pytest.approx(1 / (5 * 2.2))
+    assert drain.span_utilisation(times, 5) < 0.5
+    assert drain.span_utilisation(times, 0) != drain.span_utilisation(times, 0)  # NaN: no Q
+
+
+def test_drain_plan_and_qps_zero_only_for_drain() -> None:
+    args = quota.parse_args(
+        ["--mode", "drain", "--qps", "0,5", "--processes", "3", "--backlogs", "10,20"]
+    )
+    assert [(s.qps, s.jobs) for s in drain.plan(args)] == [(0, 10), (0, 20), (5, 10), (5, 20)]
+    with pytest.raises(SystemExit):
+        quota.parse_args(["--mode", "quota", "--qps", "0"])
 
 
 def test_parse_windows_and_first_accepted() -> None:

@@ -366,3 +366,60 @@ async def test_unreachable_state_fails_closed(harness: Harness) -> None:
         assert (await unlimited.reserve(KEY, max_wait_s=0)).granted
     finally:
         await client.aclose()
+
+
+async def test_a_newcomer_with_no_line_ahead_takes_a_slot_within_its_wait(
+    harness: Harness,
+) -> None:
+    limiter = harness.make(5)
+    first = await limiter.reserve(KEY, max_wait_s=60, newcomer=True)
+    second = await limiter.reserve(KEY, max_wait_s=60, newcomer=True)
+    assert first.granted and second.granted
+    assert second.wait_s - first.wait_s == pytest.approx(0.2, abs=2 * harness.tol_s)
+
+
+async def test_newcomers_beyond_their_wait_are_told_turns_one_slot_apart(
+    harness: Harness,
+) -> None:
+    """The fleet's line: each refused newcomer is handed the line's end as its turn, and
+    the line grows by one slot, so newcomers asking together (from any process) are told
+    successive turns, not one shared instant."""
+    limiter = harness.make(5)
+    await send_times(limiter, harness, 5)  # the schedule is booked a second ahead
+    asked = harness.now()
+    turns = []
+    for _ in range(4):
+        refused = await limiter.reserve(KEY, max_wait_s=0.1, newcomer=True)
+        assert not refused.granted
+        turns.append(harness.now() + refused.wait_s)
+    # The first turn is the next free slot; every later one a slot (1/5 s) after it.
+    gaps = [b - a for a, b in itertools.pairwise(turns)]
+    assert gaps == pytest.approx([0.2, 0.2, 0.2], abs=3 * harness.tol_s)
+    assert turns[0] - asked == pytest.approx(1.0, abs=0.2)
+
+
+async def test_a_newcomer_never_takes_a_slot_the_line_owes_a_holder(harness: Harness) -> None:
+    limiter = harness.make(5)
+    await send_times(limiter, harness, 5)
+    told = await limiter.reserve(KEY, max_wait_s=0.1, newcomer=True)
+    assert not told.granted
+    turn = harness.now() + told.wait_s
+    # Another newcomer could wait long enough for that slot, but it is owed: it is told
+    # the next turn instead.
+    later = await limiter.reserve(KEY, max_wait_s=60, newcomer=True)
+    assert not later.granted
+    assert harness.now() + later.wait_s == pytest.approx(turn + 0.2, abs=3 * harness.tol_s)
+    # The holder of the first turn asks (newcomer=False) and gets the slot at its turn.
+    held = await limiter.reserve(KEY, max_wait_s=60)
+    assert held.granted
+    assert harness.now() + held.wait_s == pytest.approx(turn, abs=3 * harness.tol_s)
+
+
+async def test_the_line_ends_with_its_last_turn(harness: Harness) -> None:
+    """Once the last turn handed out has passed, a newcomer takes a slot again."""
+    limiter = harness.make(5)
+    await send_times(limiter, harness, 5)
+    told = await limiter.reserve(KEY, max_wait_s=0.1, newcomer=True)
+    assert not told.granted
+    await harness.advance(told.wait_s + 0.5)
+    assert (await limiter.reserve(KEY, max_wait_s=0.3, newcomer=True)).granted

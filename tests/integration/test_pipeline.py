@@ -4,6 +4,7 @@ circuit, on a migrated PostgreSQL database (rolled back after each test)."""
 from __future__ import annotations
 
 import random
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -29,7 +30,7 @@ from worker.errors import (
     TransportError,
     UnknownCodeError,
 )
-from worker.pipeline import Outcome, PipelineDeps, process_job
+from worker.pipeline import Outcome, PipelineDeps, process_job, quota_return_lead_s
 from worker.quota.circuit import Pause
 from worker.quota.limiter import Reservation
 from worker.quota.limiter_memory import MemoryRateLimiter
@@ -100,11 +101,14 @@ class SpyLimiter:
     reserves: int = 0
     refuse_s: float | None = None
     down: bool = False
+    # (newcomer, time.monotonic()) of every ask.
+    asks: list[tuple[bool, float]] = field(default_factory=list)
 
-    async def reserve(self, key: str, *, max_wait_s: float) -> Reservation:
+    async def reserve(self, key: str, *, max_wait_s: float, newcomer: bool = False) -> Reservation:
         if self.down:
             raise StateUnavailable("redis down")
         self.reserves += 1
+        self.asks.append((newcomer, time.monotonic()))
         if self.refuse_s is not None:
             return Reservation(granted=False, wait_s=self.refuse_s)
         return await self.inner.reserve(key, max_wait_s=max_wait_s)
@@ -538,10 +542,43 @@ def test_quota_too_far_defers_without_calling(harness: Harness) -> None:
     assert harness.client.calls == []
     job = harness.job(job_id)
     assert job.status is JobStatus.retrying and job.attempts == 0 and job.api_calls == 0
-    assert job.next_attempt_at is not None
-    # Not before the earliest slot; spread over the window after it (no thundering herd).
-    assert 44.0 <= (job.next_attempt_at - before).total_seconds() <= 91.0
+    assert job.next_attempt_at is not None and job.quota_turn_at is not None
+    # It holds the turn the line gave it, and is due one sweep interval and a margin before
+    # it, to wait for it in process (never after it: the line would run dry).
+    assert (job.quota_turn_at - before).total_seconds() == pytest.approx(90.0, abs=1.0)
+    lead_s = quota_return_lead_s(harness.deps.settings)
+    assert lead_s > harness.deps.settings.sweep_interval_s
+    assert (job.quota_turn_at - job.next_attempt_at).total_seconds() == pytest.approx(
+        lead_s, abs=0.01
+    )
+    assert harness.limiter.asks[0][0] is True  # it asked as a newcomer
     assert harness.attempts(job_id) == []
+
+
+def test_a_job_back_for_its_quota_turn_waits_for_it_and_asks_as_its_holder(
+    harness: Harness,
+) -> None:
+    turn_in_s = 0.8
+    job_id = harness.add_job(
+        status=JobStatus.retrying,
+        next_attempt_at=utcnow(),
+        quota_turn_at=utcnow() + timedelta(seconds=turn_in_s),
+    )
+    started = time.monotonic()
+    assert harness.run(job_id) is Outcome.succeeded
+    [(newcomer, asked_at)] = harness.limiter.asks
+    # Not at the back of the line again: it asked as the holder of its place, once its
+    # turn was within the booking horizon (not before).
+    assert newcomer is False
+    horizon_s = harness.deps.settings.quota_horizon_s
+    assert asked_at - started >= turn_in_s - horizon_s - 0.05
+
+
+def test_an_error_retry_has_no_place_in_the_line(harness: Harness) -> None:
+    job_id = harness.add_job()
+    harness.client.script = [transient()]
+    assert harness.run(job_id) is Outcome.retrying
+    assert harness.job(job_id).quota_turn_at is None
 
 
 def test_redis_unreachable_defers_and_never_calls_blind(harness: Harness) -> None:
@@ -752,7 +789,9 @@ def test_a_slot_woken_for_too_late_is_given_up_not_used(harness: Harness) -> Non
     reservations: list[float] = []
 
     class StallingLimiter(SpyLimiter):
-        async def reserve(self, key: str, *, max_wait_s: float) -> Reservation:
+        async def reserve(
+            self, key: str, *, max_wait_s: float, newcomer: bool = False
+        ) -> Reservation:
             reservations.append(max_wait_s)
             if len(reservations) == 1:
                 # Block the loop for 0.4 s right after granting a slot 0.2 s away that is
@@ -786,7 +825,9 @@ def test_a_late_wake_is_still_used_when_its_window_has_room(harness: Harness) ->
     reservations: list[float] = []
 
     class StallingLimiter(SpyLimiter):
-        async def reserve(self, key: str, *, max_wait_s: float) -> Reservation:
+        async def reserve(
+            self, key: str, *, max_wait_s: float, newcomer: bool = False
+        ) -> Reservation:
             reservations.append(max_wait_s)
             asyncio.get_running_loop().call_soon(_time.sleep, 0.4)
             return Reservation(granted=True, wait_s=0.2, slack_s=0.9)

@@ -61,19 +61,21 @@ def test_script_and_twin_agree_step_by_step(
         where = f"step {step}"
         if roll < 0.8:
             max_wait_s = rng.choice([0.3, 1.0, 5.0, 60.0])
+            # Newcomers join the line when refused; holders (and old callers) do not.
+            newcomer = rng.random() < 0.4
             state = aimd.stamp(state, ctl, now)
-            new, wait_s = aimd.reserve(state, ctl, now, max_wait_s)
+            new, ok, wait_s = aimd.reserve(state, ctl, now, max_wait_s, newcomer)
             granted, lua_wait, lua_slack, lua_win, lua_cap = script(
-                keys=[KEY], args=["reserve", *control_args, max_wait_s]
+                keys=[KEY], args=["reserve", *control_args, max_wait_s, 0, 0, int(newcomer)]
             )
-            assert bool(granted) == (new is not None), where
+            assert bool(granted) == ok, where
             assert float(lua_wait) == pytest.approx(wait_s, abs=1e-6), where
-            if new is not None:
+            if ok:
                 slack_s = new.win + 1 - (now + wait_s)
                 assert float(lua_slack) == pytest.approx(slack_s, abs=1e-6), where
                 assert (int(lua_win), int(lua_cap)) == (new.win, new.cap), where
                 granted_windows.append((new.win, new.cap))
-            state = new or state
+            state = new
         elif roll < 0.92:
             # Mostly with the evidence of a slot handed out earlier, sometimes without.
             window, window_cap = rng.choice(granted_windows[-12:] or [(0, 0)])

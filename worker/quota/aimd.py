@@ -30,6 +30,16 @@ teaches the real quota in one window instead of one decrease step per window.
 tests/unit/test_limiter_aimd.py simulates configured 10/s against a real quota of 7/s:
 these constants give ~100% of 7/s with well under 2% of calls throttled.
 
+The line. Slots are booked at most a short horizon ahead (worker.quota.horizon), so the
+schedule alone cannot tell a job how long it will wait behind the fleet's other waiting jobs.
+A *newcomer* (a job with no place yet) that finds no slot within its wait is given a *turn*
+instead: the end of the fleet's line (`line_end`), which then moves one slot (1 / the
+effective rate) later. The job waits for its turn (in process if near, else deferred in SQL
+to just before it) and then asks as a holder of a place: holders take the next free slot,
+as every caller did before the line existed. A newcomer never takes a slot while the line
+reaches past it: the slot is some holder's. Turns are estimates, never slots: the schedule
+alone decides when a call leaves, so a wrong estimate costs waiting, never a throttle.
+
 A lost state. A state that is not there is either a key never used (the Redis script keeps
 an idle one's key for a day and restarts it afresh without what follows) or one that Redis
 lost (a restart without persistence, a FLUSHDB) while calls it had scheduled are still on
@@ -54,6 +64,8 @@ COALESCE_S = 1.0  # Tencent's window: throttles within it are one event
 PROBE_SETTLE_S = 2.0  # after a probe window ends, its answers are in by then
 PROBE_GAP_MIN_S = 4.0
 PROBE_GAP_MAX_S = 60.0  # a raised quota is found within about a minute
+# A line ending this close to the next slot ends at it (float spacing vs slot positions).
+LINE_TOLERANCE_S = 0.001
 # How far ahead a lost state may have booked slots. Off unless set: the worker's limiter
 # (`RedisRateLimiter.from_settings`) sets it to the booking horizon, Settings.quota_horizon_s.
 LOST_STATE_GUARD_S = 0.0
@@ -134,6 +146,7 @@ class QuotaState:
     probe_gap_s: float
     tally_win: int  # the latest window throttles were answered for
     tally_n: int  # throttles answered for tally_win
+    line_end: float = -math.inf  # the turn the next newcomer gets (if the schedule is not later)
 
 
 def initial_state(ctl: RateControl) -> QuotaState:
@@ -242,9 +255,12 @@ def _open(state: QuotaState, ctl: RateControl, rate: float, now: float, win: int
 
 
 def reserve(
-    state: QuotaState, ctl: RateControl, now: float, max_wait_s: float
-) -> tuple[QuotaState | None, float]:
-    """The next slot: (new state, wait_s), or (None, wait_s) when it is beyond `max_wait_s`."""
+    state: QuotaState, ctl: RateControl, now: float, max_wait_s: float, newcomer: bool = False
+) -> tuple[QuotaState, bool, float]:
+    """(new state, granted, wait_s). Granted: the next slot, `wait_s` away. Refused: the slot
+    is beyond `max_wait_s` (a holder: nothing changes, `wait_s` to that slot), or a newcomer
+    joined the line (only `line_end` changes; `wait_s` to its turn)."""
+    before = state  # a refusal writes nothing of the windows it looked ahead into
     rate = current_rate(state, ctl, now)
     k = math.floor(now)
     if state.win < k:
@@ -261,8 +277,13 @@ def reserve(
         state = _open(state, ctl, rate, now, state.win + 1)
     send = max(state.win + (index + 0.5) / state.cap, now)
     wait_s = send - now
+    if newcomer and (wait_s > max_wait_s or state.line_end > send + LINE_TOLERANCE_S):
+        # No slot for it now: its turn is the line's end (or the slot, if the line is shorter).
+        turn = max(state.line_end, send)
+        spacing_s = 1.0 / max(min(rate, float(state.good_cap)), ctl.rate_min)
+        return replace(before, line_end=turn + spacing_s), False, turn - now
     if wait_s > max_wait_s:
-        return None, wait_s
+        return before, False, wait_s
     probe_sent = state.probe_sent + (state.probe_cap > 0 and state.win == state.probe_win)
     new = replace(
         state,
@@ -272,7 +293,7 @@ def reserve(
         last_slot=max(state.last_slot, send),
         probe_sent=probe_sent,
     )
-    return new, wait_s
+    return new, True, wait_s
 
 
 def throttled(

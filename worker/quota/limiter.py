@@ -12,7 +12,9 @@ from typing import Protocol
 @dataclass(frozen=True)
 class Reservation:
     """`granted`: a slot is ours; sleep `wait_s` then sign and send at once.
-    Not granted: no slot was taken; the earliest slot is `wait_s` away (defer the job).
+    Not granted: no slot was taken; the earliest slot is `wait_s` away, or for a newcomer
+    its turn in the fleet's line is (wait for it, or defer the job to it, then ask again as
+    a holder of that place: `newcomer=False`).
 
     `slack_s`: how much later than its slot a call may still leave and arrive in the slot's
     own 1-second window. A caller that wakes later than that gives the slot up: a call that
@@ -30,8 +32,13 @@ class Reservation:
 
 
 class RateLimiter(Protocol):
-    async def reserve(self, key: str, *, max_wait_s: float) -> Reservation:
+    async def reserve(self, key: str, *, max_wait_s: float, newcomer: bool = False) -> Reservation:
         """Take the next call slot for `key` if it is at most `max_wait_s` away.
+
+        `newcomer`: the caller has no place in the fleet's line yet. It gets a slot only if
+        one is within `max_wait_s` and no earlier turn is owed it; otherwise it is refused
+        with its turn (`wait_s`), and the line grows by one slot for later newcomers. A holder
+        (`newcomer=False`) takes the next free slot; its refusal changes nothing.
 
         Raises StateUnavailable when the shared state cannot be reached (fail closed)."""
         ...

@@ -41,18 +41,20 @@ class MemoryRateLimiter:
     def _state(self, key: str, ctl: aimd.RateControl) -> aimd.QuotaState:
         return self._states.get(key) or aimd.initial_state(ctl)
 
-    async def reserve(self, key: str, *, max_wait_s: float) -> Reservation:
-        """Take the next slot for `key` if it is at most `max_wait_s` away."""
+    async def reserve(self, key: str, *, max_wait_s: float, newcomer: bool = False) -> Reservation:
+        """Take the next slot for `key` if it is at most `max_wait_s` away (a newcomer may
+        be given its turn in the line instead: see `RateLimiter.reserve`)."""
         ctl = self._control
         if ctl is None:
             return Reservation(granted=True, wait_s=0.0)
         with self._lock:
             now = self._clock()
-            state = self._states[key] = aimd.stamp(self._state(key, ctl), ctl, now)
-            new, wait_s = aimd.reserve(state, ctl, now, max_wait_s)
-            if new is None:
-                return Reservation(granted=False, wait_s=wait_s, slack_s=0.0)
+            state = aimd.stamp(self._state(key, ctl), ctl, now)
+            new, granted, wait_s = aimd.reserve(state, ctl, now, max_wait_s, newcomer)
+            # A refusal keeps the stamp (and a newcomer's place), nothing else.
             self._states[key] = new
+            if not granted:
+                return Reservation(granted=False, wait_s=wait_s, slack_s=0.0)
         return Reservation(
             granted=True,
             wait_s=wait_s,

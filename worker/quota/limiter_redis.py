@@ -86,13 +86,16 @@ class RedisRateLimiter:
         except STATE_ERRORS as exc:
             raise unavailable(exc, "the quota state") from None
 
-    async def reserve(self, key: str, *, max_wait_s: float) -> Reservation:
-        """Take the next slot for `key` if it is at most `max_wait_s` away (one round trip)."""
+    async def reserve(self, key: str, *, max_wait_s: float, newcomer: bool = False) -> Reservation:
+        """Take the next slot for `key` if it is at most `max_wait_s` away, or hand a
+        newcomer its turn in the line (one round trip)."""
         ctl = self._control
         if ctl is None:
             return Reservation(granted=True, wait_s=0.0)
+        # ARGV[13], ARGV[14] are the throttle's evidence, unused by "reserve" (0); ARGV[15]
+        # says whether the caller is a newcomer to the line.
         granted, wait_s, slack_s, window, window_cap = await self._run(
-            key, self._args("reserve", ctl, max_wait_s)
+            key, self._args("reserve", ctl, max_wait_s, 0, 0, int(newcomer))
         )
         if not int(granted):
             return Reservation(granted=False, wait_s=float(wait_s), slack_s=float(slack_s))

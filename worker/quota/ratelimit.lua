@@ -8,9 +8,10 @@ KEYS[1]  the state hash of one quota: worker.limiter.limiter_key(secret_id, acti
 ARGV[1]  operation:
            "reserve"    take the next slot if it is at most max_wait_s away
                         -> { granted (1|0), wait_s (string), slack_s (string), window (int),
-                           window_cap (int) }; refused: nothing is written, window and
-                           window_cap are 0. slack_s = time from the slot to its window's
-                           end: how late the call may leave and still land in that window;
+                           window_cap (int) }; refused: nothing of the schedule is written,
+                           window and window_cap are 0; wait_s is the time to the slot, or
+                           for a newcomer (ARGV[15]) the time to its turn in the line.
+                           slack_s = time from the slot to its window's end: how late the call may leave and still land in that window;
                            window = the slot's second, window_cap = that window's slots
            "throttled"  record a RequestLimitExceeded answer -> effective rate (string)
            "rate"       read only -> effective rate (string), or nil when the key has no state
@@ -29,6 +30,13 @@ ARGV[12] max_wait_s              ("reserve") refuse slots further away than this
                                  "throttled" (pass 0)
 ARGV[13] window                  ("throttled") the throttled call's window, from its reserve
 ARGV[14] window_cap              ("throttled") that window's slots; 0 = no evidence
+ARGV[15] newcomer                ("reserve") 1: the caller has no place in the line yet. It
+                                 is granted a slot only if one is within max_wait_s and the
+                                 line does not reach past it; otherwise it joins the line:
+                                 refused with wait_s = its turn (max(line_end, slot) - now)
+                                 and line_end moves one slot (1 / effective rate) later. 0 (or
+                                 absent): a holder of a place, or no line at all: the next
+                                 free slot within max_wait_s, as before the line existed.
 
 Clock: Redis TIME, so every host agrees on window edges whatever its own clock says.
 
@@ -48,13 +56,21 @@ back unthrottled); a failed probe costs one throttle and doubles the gap to the 
 scheduled before the step, or within coalesce_s, are the same event); the rate then climbs
 back by increase_fraction_per_s × qps per second, up to qps.
 
+The line (why): slots are booked only a short horizon ahead (worker/quota/horizon.py), so
+the schedule cannot tell a waiting job how many other jobs of the fleet wait before it.
+line_end counts them as time: each newcomer that gets no slot is handed the line's end as
+its turn and pushes it one slot later. The job waits for its turn (in process if near, else
+deferred in SQL to just before it) and then asks as a holder (ARGV[15] = 0). Turns are
+estimates, never slots: the schedule alone lets calls leave, so a wrong turn costs waiting,
+never a throttle.
+
 Evidence (why): the API accepts a window's first Q calls and throttles the rest, so n
 throttles answered for calls of one window of window_cap slots prove Q <= window_cap - n:
 good_cap drops to that bound at once (tally_win, tally_n count them).
 
 State fields (seconds on the Redis clock): rate rate_ts hold_until win cap used carry
-last_slot good_cap probe_cap probe_win probe_sent probe_next probe_gap_s tally_win tally_n,
-plus qps, inc and
+last_slot good_cap probe_cap probe_win probe_sent probe_next probe_gap_s tally_win tally_n
+line_end, plus qps, inc and
 settle (probe_settle_s) for "rate".
 Times absent from a fresh state are -1 (before any Redis TIME), standing for "never".
 
@@ -143,14 +159,15 @@ local lost_state_guard_s = tonumber(ARGV[11])
 
 local s, idle = load()
 if s ~= nil then
-  -- State written by an older script has no tally yet.
+  -- State written by an older script has no tally or line yet.
   s.tally_win, s.tally_n = s.tally_win or -1, s.tally_n or 0
+  s.line_end = s.line_end or -1
 else
   s = {
     rate = qps, rate_ts = -1, hold_until = -1, win = -1, cap = 0, used = 0, carry = 0,
     last_slot = -1, good_cap = math.ceil(qps), probe_cap = 0, probe_win = -1,
     probe_sent = 0, probe_next = -1, probe_gap_s = probe_gap_min_s, tally_win = -1,
-    tally_n = 0,
+    tally_n = 0, line_end = -1,
   }
   if idle then
     -- Merely idle: nothing of it is booked any more, so no guard (a window already past).
@@ -165,7 +182,8 @@ local function save()
   -- Outlive the committed schedule and a full recovery; an idle quota then starts afresh
   -- (idle_at). The key itself is kept KEEP_IDLE_S longer, so that a state that is not there
   -- at all is one Redis lost (or a key unused for that long): only then the guard.
-  local idle_s = math.max(0, s.last_slot - now) + math.max(0, (qps - s.rate) / inc) + 60
+  local idle_s = math.max(0, s.last_slot - now, s.line_end - now)
+    + math.max(0, (qps - s.rate) / inc) + 60
   s.idle_at = now + idle_s
   local args = {}
   for field, value in pairs(s) do
@@ -219,6 +237,13 @@ if op == 'reserve' then
     s.win, s.cap, s.used = math.floor(now + lost_state_guard_s), 0, 0
     stamped = true
   end
+  local newcomer = tonumber(ARGV[15] or '0') == 1
+  -- A refusal writes nothing of the windows it looked ahead into (the stamp aside): keep
+  -- what was read.
+  local read = {}
+  for field, value in pairs(s) do
+    read[field] = value
+  end
   local rate = current_rate(s, qps, inc)
   local k = math.floor(now)
   if s.win < k then
@@ -246,6 +271,16 @@ if op == 'reserve' then
   end
   local send = math.max(s.win + (index + 0.5) / s.cap, now)
   local wait_s = send - now
+  -- 0.001: aimd.LINE_TOLERANCE_S (a line ending this close to the slot ends at it).
+  if newcomer and (wait_s > max_wait_s or s.line_end > send + 0.001) then
+    -- No slot for it now: its turn is the line's end (or the slot, if the line is shorter).
+    local turn = math.max(s.line_end, send)
+    local spacing_s = 1 / math.max(math.min(rate, s.good_cap), rate_min)
+    s = read
+    s.line_end = turn + spacing_s
+    save()
+    return { 0, fmt(turn - now), '0', 0, 0 }
+  end
   if wait_s > max_wait_s then
     if stamped then
       save()

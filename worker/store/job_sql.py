@@ -126,6 +126,7 @@ def _claim_statement(*, plain: bool = False) -> Any:
         )
         .returning(
             JOB.c.started_at,
+            JOB.c.quota_turn_at,
             JOB.c.tenant,
             JOB.c.attempts,
             JOB.c.portrait,
@@ -243,12 +244,16 @@ _RETRY = _job_update(
     status=JobStatus.retrying,
     next_attempt_at=_at("next_at"),
     lease_expires_at=None,
+    quota_turn_at=None,
     last_error_code=bindparam("code"),
     last_error_message=bindparam("message"),
 )
 
 _DEFER = _job_update(
-    status=JobStatus.retrying, next_attempt_at=_at("next_at"), lease_expires_at=None
+    status=JobStatus.retrying,
+    next_attempt_at=_at("next_at"),
+    lease_expires_at=None,
+    quota_turn_at=_at("turn_at"),
 )
 
 _LAST_ERROR = _job_update(
@@ -397,6 +402,8 @@ class Claimed:
     opened: bool = False
     # Whose job: the decision applies this tenant's warning policy.
     tenant: str = "default"
+    # The quota turn the job holds in the fleet's line (deferred for quota), or None.
+    quota_turn_at: datetime | None = None
 
 
 def claim(
@@ -476,6 +483,7 @@ def _claimed(m: Any, *, opened: bool) -> Claimed:
         back_size=m["back_size"],
         opened=opened,
         tenant=m["tenant"],
+        quota_turn_at=m["quota_turn_at"],
     )
 
 
@@ -638,9 +646,12 @@ def schedule_retry(
     conn.execute(_RETRY, {"jid": job_id, "next_at": next_at, "code": code, "message": message})
 
 
-def defer(conn: Connection, job_id: uuid.UUID, next_at: datetime) -> None:
-    """Back to `retrying`, due at `next_at`, the last error left as it was."""
-    conn.execute(_DEFER, {"jid": job_id, "next_at": next_at})
+def defer(
+    conn: Connection, job_id: uuid.UUID, next_at: datetime, turn_at: datetime | None = None
+) -> None:
+    """Back to `retrying`, due at `next_at`, the last error left as it was. `turn_at`: the
+    quota turn the job holds (deferred for quota), else None."""
+    conn.execute(_DEFER, {"jid": job_id, "next_at": next_at, "turn_at": turn_at})
 
 
 def set_last_error(conn: Connection, job_id: uuid.UUID, code: str, message: str | None) -> None:
