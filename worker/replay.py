@@ -31,6 +31,7 @@ from models import Job, JobEvent, JobStatus, KeptAnswer, Portrait, Result, Warni
 from models.base import utcnow
 from worker.broker.publish import Publisher
 from worker.errors import InputError, StoreFailed
+from worker.privacy.seal import Sealer
 from worker.settings import Settings
 from worker.store import kept, terminal
 from worker.store.filters import JobFilter
@@ -136,6 +137,7 @@ def replay(
     force: bool = False,
     dry_run: bool = False,
     all_tenants: bool = False,
+    sealer: Sealer,
 ) -> ReplayReport:
     """Queue matching failed (or, with force, succeeded) jobs again; see the module doc.
 
@@ -181,7 +183,7 @@ def replay(
 
     for start in range(0, len(eligible), CHUNK):
         chunk = _reset(
-            session_factory, eligible[start : start + CHUNK], actor, reason, force, report
+            session_factory, sealer, eligible[start : start + CHUNK], actor, reason, force, report
         )
         if not chunk:
             continue
@@ -229,7 +231,7 @@ def _with_kept_answer(session: Session, ids: Sequence[uuid.UUID]) -> list[uuid.U
 
 
 def _store_kept(
-    session: Session, job: Job, now: datetime, actor: str, reason: str | None
+    session: Session, sealer: Sealer, job: Job, now: datetime, actor: str, reason: str | None
 ) -> str | None:
     """Store a poison job's kept answer (no call), with its replay event, in a savepoint;
     None when stored, else why not (nothing of it then holds)."""
@@ -241,7 +243,7 @@ def _store_kept(
                 .where(Job.id == job.id)
                 .values(attempts=0, last_error_code=None, last_error_message=None)
             )
-            kept.store_kept(conn, job.id, portrait=job.portrait, now=now)
+            kept.store_kept(conn, job.id, portrait=job.portrait, now=now, sealer=sealer)
             session.add(
                 JobEvent(
                     job_id=job.id,
@@ -260,6 +262,7 @@ def _store_kept(
 
 def _reset(
     session_factory: sessionmaker[Session],
+    sealer: Sealer,
     ids: Sequence[uuid.UUID],
     actor: str,
     reason: str | None,
@@ -280,7 +283,7 @@ def _reset(
                 report.refused[job.id] = why
                 continue
             if job.id in with_answer:
-                why = _store_kept(session, job, now, actor, reason)
+                why = _store_kept(session, sealer, job, now, actor, reason)
                 if why is not None:
                     report.refused[job.id] = why
                 else:

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from models import Job, JobStatus
 from worker.broker.publish import Publisher
+from worker.privacy.seal import Sealer
 from worker.producer import JobSpec, Source, submit, submit_many
 from worker.settings import Settings, load_settings
 from worker.store.views import job_view
@@ -34,6 +35,7 @@ def get_job(
     settings: Settings,
     job_id: uuid.UUID | str,
     *,
+    sealer: Sealer,
     history: bool = False,
 ) -> dict[str, Any] | None:
     """The job's `status --json` object, or None if it is unknown (or another tenant's)."""
@@ -45,7 +47,7 @@ def get_job(
         job = session.scalars(
             select(Job).where(Job.id == key, Job.tenant == settings.tenant)
         ).one_or_none()
-        return None if job is None else job_view(session, job, history=history)
+        return None if job is None else job_view(session, job, sealer=sealer, history=history)
 
 
 class Producer:
@@ -57,6 +59,8 @@ class Producer:
         from worker.store.engine import make_engine, make_sessionmaker
 
         self.settings = settings
+        # Keys first: without them nothing is opened (ConfigError naming the variables).
+        self.sealer = Sealer.from_settings(settings)
         engine: Engine = make_engine(settings)
         self.session_factory: sessionmaker[Session] = make_sessionmaker(engine)
         self._closers: list[Any] = []
@@ -99,15 +103,25 @@ class Producer:
             portrait=portrait,
             tag=tag,
             batch=batch,
+            sealer=self.sealer,
         )
 
     def submit_many(self, items: Iterable[JobSpec], *, batch: str | None = None) -> list[uuid.UUID]:
         """All-or-nothing validation of every item, then store and queue them in chunks."""
-        return submit_many(self.session_factory, self.publisher, self.settings, items, batch=batch)
+        return submit_many(
+            self.session_factory,
+            self.publisher,
+            self.settings,
+            items,
+            batch=batch,
+            sealer=self.sealer,
+        )
 
     def get_job(self, job_id: uuid.UUID | str, *, history: bool = False) -> dict[str, Any] | None:
         """The job's `status --json` object, or None if unknown."""
-        return get_job(self.session_factory, self.settings, job_id, history=history)
+        return get_job(
+            self.session_factory, self.settings, job_id, sealer=self.sealer, history=history
+        )
 
     def wait(
         self, job_id: uuid.UUID | str, *, timeout_s: float = 300.0, poll_s: float = 0.5

@@ -15,7 +15,15 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from worker.cli.common import ALL_TENANTS_HELP, database, fail, load_or_exit, make_publisher, scope
+from worker.cli.common import (
+    ALL_TENANTS_HELP,
+    database,
+    fail,
+    load_or_exit,
+    make_publisher,
+    scope,
+    sealer_for,
+)
 from worker.errors import InputError
 from worker.settings import Settings
 
@@ -97,6 +105,7 @@ def replay_command(
             "replaying everything is never implied"
         )
     settings = load_or_exit()
+    sealer = sealer_for(settings)
     publisher: Publisher = _NoPublish() if dry_run else make_publisher(settings)[0]
     try:
         with database(settings, tenant=scope(settings, all_tenants)) as session_factory:
@@ -115,6 +124,7 @@ def replay_command(
                 force=force,
                 dry_run=dry_run,
                 all_tenants=all_tenants,
+                sealer=sealer,
             )
     except InputError as exc:
         raise fail(exc.message) from None

@@ -28,8 +28,11 @@ DESCRIPTION = (
 
 
 def _services(settings: Settings, publisher: Publisher | None) -> Services:
+    from worker.privacy.seal import Sealer
     from worker.store.engine import make_engine, make_sessionmaker
 
+    # Keys first: an API without them refuses to start (ConfigError naming the variables).
+    sealer = Sealer.from_settings(settings)
     engine = make_engine(settings)
     factory = make_sessionmaker(engine)
     celery_app = None
@@ -45,6 +48,7 @@ def _services(settings: Settings, publisher: Publisher | None) -> Services:
         session_factory=factory,
         publisher=publisher,
         backlog=Backlog(settings, factory),
+        sealer=sealer,
         celery_app=celery_app,
     )
 

@@ -87,6 +87,7 @@ def _store(svc: Services, who: Caller, name: str | None, specs: list[JobSpec]) -
             specs,
             batch=name or str(batch_id),
             batch_id=batch_id,
+            sealer=svc.sealer,
         )
     except BaseException:
         # Chunks committed before the error stay: the total says how many there are.
@@ -223,5 +224,6 @@ def replay_batch(
         error_code=error_code,
         actor=f"api:{who.key_id}",
         reason=None,
+        sealer=svc.sealer,
     )
     return JSONResponse(report.to_dict())

@@ -34,6 +34,7 @@ from worker.http.schemas import JobOut, JobPage, JobRequest, ReplayOut, ReplayRe
 from worker.http.services import CallerDep, Services, ServicesDep
 from worker.producer import JobSpec, submit
 from worker.replay import replay
+from worker.store.lookup import LOOKUP_OFF, job_ids_by_id_number
 from worker.store.views import job_view
 from worker.tenants import Caller
 
@@ -105,7 +106,8 @@ def job_json(
     svc: Services, tenant: str, job_id: uuid.UUID, *, history: bool = False
 ) -> dict[str, Any]:
     with svc.session_factory() as session:
-        return job_view(session, _load(session, tenant, job_id), history=history)
+        job = _load(session, tenant, job_id)
+        return job_view(session, job, sealer=svc.sealer, history=history)
 
 
 def _create(
@@ -128,6 +130,7 @@ def _create(
             portrait=spec.portrait,
             tag=spec.tag,
             batch=batch,
+            sealer=svc.sealer,
         )
     except BaseException:
         if key is not None:
@@ -221,9 +224,10 @@ def get_portrait(job_id: uuid.UUID, who: CallerDep, svc: ServicesDep) -> Respons
             "Not found",
             "no portrait: not asked for, or the job has no result yet",
         )
-    kind = sniff_image_type(portrait.data)
+    data = svc.sealer.open_portrait(job_id, portrait.data)
+    kind = sniff_image_type(data)
     media = f"image/{kind}" if kind else "application/octet-stream"
-    return Response(portrait.data, media_type=media, headers={"Cache-Control": "no-store"})
+    return Response(data, media_type=media, headers={"Cache-Control": "no-store"})
 
 
 def _cursor(job: Job) -> str:
@@ -255,10 +259,20 @@ def list_jobs(
     batch: Annotated[str | None, Query(description="A batch id or batch label.")] = None,
     error_code: str | None = None,
     created_after: datetime | None = None,
+    id_number: Annotated[
+        str | None,
+        Query(description="The jobs of one card number (keyed hash; needs MACAO_OCR_LOOKUP_KEY)."),
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
     cursor: str | None = None,
 ) -> JSONResponse:
     query = select(Job).where(Job.tenant == who.tenant)
+    if id_number is not None:
+        if svc.sealer.lookup_key is None:
+            raise ProblemError(400, "lookup_disabled", "Lookup by ID number is off", LOOKUP_OFF)
+        with svc.session_factory() as session:
+            ids = job_ids_by_id_number(session, svc.sealer.lookup_key, id_number, who.tenant)
+        query = query.where(Job.id.in_(ids))
     if status is not None:
         query = query.where(Job.status == status)
     if batch is not None:
@@ -276,7 +290,7 @@ def list_jobs(
     with svc.session_factory() as session:
         jobs = list(session.scalars(query))
         page = jobs[:limit]
-        views = [job_view(session, job) for job in page]
+        views = [job_view(session, job, sealer=svc.sealer) for job in page]
     next_cursor = _cursor(page[-1]) if len(jobs) > limit else None
     return JSONResponse({"jobs": views, "next_cursor": next_cursor})
 
@@ -302,6 +316,7 @@ def _replay_job(
         actor=f"api:{who.key_id}",
         reason=options.reason,
         force=options.force,
+        sealer=svc.sealer,
     )
     if job_id in report.refused:
         raise ProblemError(409, "replay_refused", "Replay refused", report.refused[job_id])

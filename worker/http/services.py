@@ -14,6 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from worker.broker.publish import Publisher
 from worker.http.backpressure import Backlog
 from worker.http.problems import unauthorized
+from worker.privacy.seal import Sealer
 from worker.settings import Settings
 from worker.tenants import Caller, authenticate
 
@@ -25,6 +26,8 @@ class Services:
     session_factory: sessionmaker[Session]
     publisher: Publisher
     backlog: Backlog
+    # Seals what the API stores and opens what it shows (worker.privacy.seal).
+    sealer: Sealer
     celery_app: Any = None
 
     def for_tenant(self, tenant: str) -> Settings:
