@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from emulator.specimen import make_specimen
 from models import Job, JobStatus
-from tests.fixtures.workers import cli_env
+from tests.fixtures.workers import cli_env, sealer_for_tests
 from worker.broker.publish import CeleryPublisher
 from worker.producer import JobSpec, submit_many
 from worker.settings import Settings
@@ -57,7 +57,9 @@ def submit_specimens(
     app = Celery("pause-e2e-producer", broker=settings.broker_url, set_as_current=False)
     try:
         specs = [JobSpec(front=make_specimen(seed=2000 + i).image) for i in range(n)]
-        return submit_many(factory, CeleryPublisher(app), settings, specs)
+        return submit_many(
+            factory, CeleryPublisher(app), settings, specs, sealer=sealer_for_tests()
+        )
     finally:
         app.close()
 

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 import migrations
 from models import Batch, Job, JobStatus
 from models.base import utcnow
+from tests.fixtures.workers import sealer_for_tests
 from tests.integration.test_job_sql import _ok_result, _record
 from worker.broker.publish import RecordingPublisher
 from worker.replay import replay
@@ -57,6 +58,7 @@ def _start(sessions: sessionmaker[Session], job_id: uuid.UUID) -> None:
             lease_until=now + timedelta(seconds=60),
             host="h",
             open_attempt=True,
+            sealer=sealer_for_tests(),
         )
         assert claimed is not None and claimed.opened
 
@@ -72,7 +74,9 @@ def test_success_failure_and_replay_move_the_counters(sessions: sessionmaker[Ses
     batch_id, (ok, bad, other) = _batch(sessions, 3)
     _start(sessions, ok)
     with sessions() as session, session.begin():
-        job_sql.store_success(session.connection(), ok, 1, _record(), _ok_result(), False)
+        job_sql.store_success(
+            session.connection(), ok, 1, _record(), _ok_result(), False, sealer=sealer_for_tests()
+        )
     assert _counts(sessions, batch_id) == (3, 1, 0)
     _start(sessions, bad)
     with sessions() as session, session.begin():
@@ -93,6 +97,7 @@ def test_success_failure_and_replay_move_the_counters(sessions: sessionmaker[Ses
         job_ids=[bad],
         actor="test",
         reason=None,
+        sealer=sealer_for_tests(),
     )
     assert report.replayed == [bad]
     assert _counts(sessions, batch_id) == (3, 1, 0)
@@ -104,8 +109,24 @@ def test_a_failed_success_statement_moves_nothing(sessions: sessionmaker[Session
     batch_id, (job_id,) = _batch(sessions, 1)
     _start(sessions, job_id)
     with sessions() as session, session.begin():
-        job_sql.store_success(session.connection(), job_id, 1, _record(), _ok_result(), False)
+        job_sql.store_success(
+            session.connection(),
+            job_id,
+            1,
+            _record(),
+            _ok_result(),
+            False,
+            sealer=sealer_for_tests(),
+        )
     # A second result is refused, and the counter of the statement that raised is not kept.
     with pytest.raises(sa.exc.IntegrityError), sessions() as session, session.begin():
-        job_sql.store_success(session.connection(), job_id, 1, _record(), _ok_result(), False)
+        job_sql.store_success(
+            session.connection(),
+            job_id,
+            1,
+            _record(),
+            _ok_result(),
+            False,
+            sealer=sealer_for_tests(),
+        )
     assert _counts(sessions, batch_id) == (1, 1, 0)

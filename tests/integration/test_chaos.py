@@ -33,6 +33,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from demo.embedded_broker import free_port, wait_for_ping
 from emulator.specimen import make_specimen
 from models import Attempt, Job, JobStatus, Result
+from tests.fixtures.workers import sealer_for_tests
 from worker.broker.publish import CeleryPublisher
 from worker.producer import JobSpec, submit_many
 from worker.settings import Settings
@@ -105,7 +106,9 @@ def submit(env: dict[str, str], factory: sessionmaker[Session]) -> list[uuid.UUI
     app = Celery("chaos-producer", broker=settings.broker_url, set_as_current=False)
     try:
         specs = [JobSpec(front=images[i % DISTINCT_IMAGES]) for i in range(JOBS)]
-        return submit_many(factory, CeleryPublisher(app), settings, specs)
+        return submit_many(
+            factory, CeleryPublisher(app), settings, specs, sealer=sealer_for_tests()
+        )
     finally:
         app.close()
 

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from models import Attempt, Job, JobStatus, Portrait, Result, Warning
 from models.base import utcnow
+from tests.fixtures.workers import sealer_for_tests
 from worker.errors import (
     AccountError,
     ApiError,
@@ -236,6 +237,7 @@ def harness(
         sleep=sleeps.append,
         rng=random.Random(7),
         statement=transactions if request.param == "one-statement" else None,
+        sealer=sealer_for_tests(),
     )
     return Harness(deps, client, limiter, circuit, session_factory, sleeps)
 
@@ -313,6 +315,7 @@ def test_a_plain_job_is_two_statements_with_no_transaction_around_them(
             circuit=FakeCircuit(),
             limiter_key=KEY,
             run=loop_thread.run,
+            sealer=sealer_for_tests(),
         )
         assert process_job(str(job.id), deps) is Outcome.succeeded
         assert statements == [("WITH", True), ("WITH", True)]

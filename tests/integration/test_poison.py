@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from models import Attempt, Job, JobEvent, JobStatus, KeptAnswer, Result
 from models.base import utcnow
+from tests.fixtures.workers import sealer_for_tests
 from tests.integration.test_pipeline import (  # noqa: F401  (fixtures)
     Harness,
     harness,
@@ -73,7 +74,15 @@ def _kept(sessions: sessionmaker[Session], job_id: uuid.UUID) -> KeptAnswer | No
 
 def _replay(sessions: sessionmaker[Session], job_id: uuid.UUID) -> Any:
     publisher = RecordingPublisher()
-    report = replay(sessions, publisher, Settings(), job_ids=[job_id], actor="test", reason="fixed")
+    report = replay(
+        sessions,
+        publisher,
+        Settings(),
+        job_ids=[job_id],
+        actor="test",
+        reason="fixed",
+        sealer=sealer_for_tests(),
+    )
     return report, publisher
 
 
@@ -121,7 +130,8 @@ def test_store_failure_fails_once_keeps_the_answer_and_replay_stores_it(
     assert job.finished_at is not None and job.finished_at > attempt.finished_at
     with harness.sessions() as session:
         result = session.get(Result, job_id)
-        assert result is not None and result.id_number == LONG_ID
+        assert result is not None
+        assert sealer_for_tests().open_result(result).id_number == LONG_ID
         events = session.scalars(select(JobEvent).where(JobEvent.job_id == job_id)).all()
         assert [(e.kind, e.previous_error_code) for e in events] == [
             ("replay", "Internal.StoreFailed")

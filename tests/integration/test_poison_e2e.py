@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from emulator.specimen import make_specimen
 from models import Job, JobStatus, KeptAnswer, Result
-from tests.fixtures.workers import cli_env
+from tests.fixtures.workers import cli_env, sealer_for_tests
 from worker.broker.publish import CeleryPublisher
 from worker.producer import JobSpec, submit_many
 from worker.settings import Settings
@@ -63,7 +63,13 @@ def submit(env: dict[str, str], engine: sa.Engine, seed: int) -> uuid.UUID:
     try:
         image = make_specimen(seed, answer={"ID": LONG_ID}).image
         factory = sessionmaker(engine, expire_on_commit=False)
-        [job_id] = submit_many(factory, CeleryPublisher(app), settings, [JobSpec(front=image)])
+        [job_id] = submit_many(
+            factory,
+            CeleryPublisher(app),
+            settings,
+            [JobSpec(front=image)],
+            sealer=sealer_for_tests(),
+        )
         return job_id
     finally:
         app.close()
@@ -135,7 +141,8 @@ def test_a_job_whose_answer_cannot_be_stored_is_bought_once_and_replayed_without
     assert job.status is JobStatus.succeeded and job.api_calls == 1
     with Session(engine) as session:
         result = session.get(Result, job_id)
-        assert result is not None and result.id_number == LONG_ID
+        assert result is not None
+        assert sealer_for_tests().open_result(result).id_number == LONG_ID
         assert session.get(KeptAnswer, job_id) is None
     time.sleep(2 * LEASE_PERIOD_S)
     assert emulator.counters()["total"] == 1

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from typer.testing import CliRunner
 
 from models import Attempt, Job, JobEvent, JobStatus, Portrait, Result, Warning
+from tests.fixtures.workers import sealer_for_tests
 from worker.broker.publish import RecordingPublisher
 from worker.cli import app as cli_app
 from worker.errors import InputError
@@ -137,6 +138,7 @@ def test_replay_by_error_code_resets_budget_and_keeps_history(
         error_code=OCR_FAILED,
         actor="ops@box",
         reason="vendor outage over",
+        sealer=sealer_for_tests(),
     )
 
     assert report.matched == [target.id]

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from emulator.specimen import make_specimen
 from models import Attempt, Job, JobEvent, JobStatus, Result
-from tests.fixtures.workers import cli_env
+from tests.fixtures.workers import cli_env, sealer_for_tests
 from worker.broker.publish import CeleryPublisher
 from worker.producer import JobSpec, submit_many
 from worker.settings import Settings
@@ -52,7 +52,9 @@ def submit_specimens(
     app = Celery("replay-e2e-producer", broker=settings.broker_url, set_as_current=False)
     try:
         specs = [JobSpec(front=make_specimen(seed=1000 + i).image) for i in range(n)]
-        return submit_many(factory, CeleryPublisher(app), settings, specs)
+        return submit_many(
+            factory, CeleryPublisher(app), settings, specs, sealer=sealer_for_tests()
+        )
     finally:
         app.close()
 

@@ -34,6 +34,7 @@ from models import (
     WebhookEndpoint,
     WebhookSecret,
 )
+from tests.fixtures.workers import sealer_for_tests
 from worker.broker.publish import RecordingPublisher
 from worker.errors import InputError, WebhookUrlRefused
 from worker.settings import Settings
@@ -228,10 +229,10 @@ def succeed(engine: sa.Engine, job_id: uuid.UUID) -> None:
     if engine.dialect.name == "postgresql":
         # As a worker runs it: one statement, no transaction around it.
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            job_sql.store_success(conn, job_id, 1, CALL, RESULT, False)
+            job_sql.store_success(conn, job_id, 1, CALL, RESULT, False, sealer=sealer_for_tests())
     else:
         with engine.begin() as conn:
-            job_sql.store_success(conn, job_id, 1, CALL, RESULT, False)
+            job_sql.store_success(conn, job_id, 1, CALL, RESULT, False, sealer=sealer_for_tests())
 
 
 @pytest.mark.parametrize("backend", ["pg", "sqlite"])

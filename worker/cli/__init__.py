@@ -17,6 +17,7 @@ from worker.cli import (
     emulator_cmd,
     health_cmd,
     jobs_cmd,
+    keys_cmd,
     ops_cmd,
     read_cmd,
     replay_cmd,
@@ -77,6 +78,7 @@ for _module in (
     decide_cmd,
     api_cmd,
     webhooks_cmd,
+    keys_cmd,
 ):
     _module.register(app)
 
