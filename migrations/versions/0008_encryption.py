@@ -146,13 +146,13 @@ def upgrade() -> None:
     sealer = _sealer() if _has_rows() else None
     for table, column, old in SEALED:
         _alter(table, column, old)
+    op.drop_index("ix_image_tenant_sha256", table_name="image")
     with op.batch_alter_table("image") as batch:
-        batch.drop_index("ix_image_tenant_sha256")
         batch.alter_column("sha256", new_column_name="digest", existing_type=sa.String(64))
-        batch.create_index("ix_image_tenant_digest", ["tenant", "digest"])
+    op.create_index("ix_image_tenant_digest", "image", ["tenant", "digest"])
     with op.batch_alter_table("result") as batch:
         batch.add_column(sa.Column("id_number_hash", sa.LargeBinary(), nullable=True))
-        batch.create_index("ix_result_id_number_hash", ["id_number_hash"])
+    op.create_index("ix_result_id_number_hash", "result", ["id_number_hash"])
     if sealer is not None:
         _encrypt_existing(sealer)
 
@@ -163,13 +163,13 @@ def downgrade() -> None:
             "revision 0008 cannot be undone while jobs exist: their personal data is "
             "encrypted and would have to be written back as plaintext (restore a backup)"
         )
+    op.drop_index("ix_result_id_number_hash", table_name="result")
     with op.batch_alter_table("result") as batch:
-        batch.drop_index("ix_result_id_number_hash")
         batch.drop_column("id_number_hash")
+    op.drop_index("ix_image_tenant_digest", table_name="image")
     with op.batch_alter_table("image") as batch:
-        batch.drop_index("ix_image_tenant_digest")
         batch.alter_column("digest", new_column_name="sha256", existing_type=sa.String(64))
-        batch.create_index("ix_image_tenant_sha256", ["tenant", "sha256"])
+    op.create_index("ix_image_tenant_sha256", "image", ["tenant", "sha256"])
     for table, column, old in SEALED:
         nullable = (table, column) not in NOT_NULL
         with op.batch_alter_table(table) as batch:

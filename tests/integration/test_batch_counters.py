@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 import migrations
 from models import Batch, Job, JobStatus
 from models.base import utcnow
-from tests.fixtures.workers import sealer_for_tests
+from tests.fixtures.workers import sealed_job, sealer_for_tests
 from tests.integration.test_job_sql import _ok_result, _record
 from worker.broker.publish import RecordingPublisher
 from worker.replay import replay
@@ -41,7 +41,9 @@ def _batch(sessions: sessionmaker[Session], n: int) -> tuple[uuid.UUID, list[uui
         batch = Batch(id=uuid.uuid4(), tenant="t", name="b", total=n, succeeded=0, failed=0)
         session.add(batch)
         jobs = [
-            Job(id=uuid.uuid4(), tenant="t", front_url="https://x.invalid/a.png", batch_id=batch.id)
+            sealed_job(
+                id=uuid.uuid4(), tenant="t", front_url="https://x.invalid/a.png", batch_id=batch.id
+            )
             for _ in range(n)
         ]
         session.add_all(jobs)
@@ -84,7 +86,7 @@ def test_success_failure_and_replay_move_the_counters(sessions: sessionmaker[Ses
     assert _counts(sessions, batch_id) == (3, 1, 1)
     # A job outside any batch moves nothing.
     with sessions() as session, session.begin():
-        lone = Job(id=uuid.uuid4(), tenant="t", front_url="https://x.invalid/c.png")
+        lone = sealed_job(id=uuid.uuid4(), tenant="t", front_url="https://x.invalid/c.png")
         session.add(lone)
     _start(sessions, lone.id)
     with sessions() as session, session.begin():

@@ -23,6 +23,7 @@ from typer.testing import CliRunner, Result
 
 from models import Attempt, Job, JobStatus, Warning
 from models import Result as ResultRow
+from tests.fixtures.workers import sealed_job
 from worker.broker.publish import QUEUE
 from worker.cli import app
 
@@ -175,7 +176,7 @@ def _seed(factory: sessionmaker[Session]) -> dict[str, uuid.UUID]:
     with factory() as session:
         session.add_all(
             [
-                Job(
+                sealed_job(
                     id=ids["ok"],
                     tenant="tenant-cli",
                     status=JobStatus.succeeded,
@@ -185,7 +186,7 @@ def _seed(factory: sessionmaker[Session]) -> dict[str, uuid.UUID]:
                     attempts=1,
                     created_at=T0,
                 ),
-                Job(
+                sealed_job(
                     id=ids["failed"],
                     tenant="tenant-cli",
                     status=JobStatus.failed,
@@ -196,13 +197,13 @@ def _seed(factory: sessionmaker[Session]) -> dict[str, uuid.UUID]:
                     last_error_message="no card found",
                     created_at=T0 + timedelta(seconds=1),
                 ),
-                Job(
+                sealed_job(
                     id=ids["queued"],
                     tenant="tenant-cli",
                     front_url="https://e.com/3",
                     created_at=T0 + timedelta(seconds=2),
                 ),
-                Job(id=ids["other"], tenant="someone-else", front_url="https://e.com/4"),
+                sealed_job(id=ids["other"], tenant="someone-else", front_url="https://e.com/4"),
             ]
         )
         session.flush()

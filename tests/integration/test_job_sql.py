@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 import migrations
 from models import Attempt, Job, JobStatus, Result, Warning
 from models.base import utcnow
-from tests.fixtures.workers import sealer_for_tests
+from tests.fixtures.workers import sealed_job, sealer_for_tests
 from worker.store import job_sql
 from worker.store.images import store_image
 from worker.tencent.types import CardWarning, OcrResult
@@ -44,7 +44,7 @@ def sessions(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[session
 
 def _add(sessions: sessionmaker[Session], **values: object) -> uuid.UUID:
     with sessions() as session, session.begin():
-        job = Job(**values)
+        job = sealed_job(**values)
         session.add(job)
         session.flush()
         return job.id

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 import migrations
 import models
 from models import Job, JobStatus, Result
+from tests.fixtures.workers import sealed_job
 
 # Every table the models declare: the migrations must build exactly these.
 TABLES = set(models.Base.metadata.tables)
@@ -69,7 +70,7 @@ def test_diff_would_notice_a_missing_column(migrated_pg_url: str) -> None:
 
 
 def _job() -> Job:
-    return Job(id=uuid.uuid4(), front_url="https://example.invalid/a.jpg")
+    return sealed_job(id=uuid.uuid4(), front_url="https://example.invalid/a.jpg")
 
 
 def test_one_result_per_job_is_enforced(db_session: Session) -> None:

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from models import Attempt, Job, JobStatus, Portrait, Result, Warning
 from models.base import utcnow
-from tests.fixtures.workers import sealer_for_tests
+from tests.fixtures.workers import sealed_job, sealer_for_tests
 from worker.errors import (
     AccountError,
     ApiError,
@@ -185,7 +185,7 @@ class Harness:
 
     def add_job(self, **values: Any) -> uuid.UUID:
         values.setdefault("front_url", "https://cards.example.com/front.jpg")
-        job = Job(**values)
+        job = sealed_job(**values)
         with self.sessions() as session, session.begin():
             session.add(job)
         return job.id
@@ -297,7 +297,7 @@ def test_a_plain_job_is_two_statements_with_no_transaction_around_them(
     assert autocommit is not None
     try:
         with Session(engine, expire_on_commit=False) as session, session.begin():
-            job = Job(front_url="https://cards.example.com/front.jpg", portrait=True)
+            job = sealed_job(front_url="https://cards.example.com/front.jpg", portrait=True)
             session.add(job)
         statements: list[tuple[str, bool]] = []
 

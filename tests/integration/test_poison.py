@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from models import Attempt, Job, JobEvent, JobStatus, KeptAnswer, Result
 from models.base import utcnow
-from tests.fixtures.workers import sealer_for_tests
+from tests.fixtures.workers import sealed_job, sealer_for_tests
 from tests.integration.test_pipeline import (  # noqa: F401  (fixtures)
     Harness,
     harness,
@@ -193,7 +193,7 @@ def _lost_job(sessions: sessionmaker[Session], lost_before: int, *, old_round: i
     now = utcnow()
     started = now - timedelta(seconds=300)
     with sessions() as session, session.begin():
-        job = Job(
+        job = sealed_job(
             front_url="https://cards.example/front.jpg",
             status=JobStatus.running,
             started_at=started,

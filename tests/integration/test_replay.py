@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from typer.testing import CliRunner
 
 from models import Attempt, Job, JobEvent, JobStatus, Portrait, Result, Warning
-from tests.fixtures.workers import sealer_for_tests
+from tests.fixtures.workers import sealed_job, sealer_for_tests
 from worker.broker.publish import RecordingPublisher
 from worker.cli import app as cli_app
 from worker.errors import InputError
@@ -41,7 +41,7 @@ def add_failed(
     finished_at: datetime = T0,
     status: JobStatus = JobStatus.failed,
 ) -> Job:
-    job = Job(
+    job = sealed_job(
         front_url="https://cards.example/front.jpg",
         tenant=tenant,
         status=status,

@@ -192,7 +192,9 @@ def add_jobs(
                     id=job_id,
                     tenant=tenant,
                     status=JobStatus.running,
-                    front_url="https://img.example.com/a.jpg",
+                    front_url=sealer_for_tests().seal_url(
+                        job_id, "front_url", "https://img.example.com/a.jpg"
+                    ),
                     portrait=False,
                     attempts=0,
                     api_calls=1,
