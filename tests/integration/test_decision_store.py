@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 import migrations
 from models import DecisionReason, Job, JobEvent, JobStatus, Result
 from models.base import utcnow
-from tests.fixtures.workers import sealer_for_tests
+from tests.fixtures.workers import sealed_job, sealer_for_tests
 from tests.integration import test_pipeline
 from tests.integration.test_pipeline import Harness, ok_result
 from worker.cli import app
@@ -211,7 +211,7 @@ def test_store_success_on_sqlite_keeps_the_decision(tmp_path: Path) -> None:
     engine = sa.create_engine(url)
     try:
         with Session(engine) as session, session.begin():
-            job = Job(front_url="https://x.invalid/a.jpg", status=JobStatus.running)
+            job = sealed_job(front_url="https://x.invalid/a.jpg", status=JobStatus.running)
             session.add(job)
             session.flush()
             job_id = job.id
@@ -263,7 +263,9 @@ def invoke(env: dict[str, str], *args: str) -> Any:
 
 def _succeeded(engine: sa.Engine, decision: str, codes: list[str], tenant: str = "acme") -> str:
     with Session(engine) as session, session.begin():
-        job = Job(tenant=tenant, front_url="https://x.invalid/a.jpg", status=JobStatus.succeeded)
+        job = sealed_job(
+            tenant=tenant, front_url="https://x.invalid/a.jpg", status=JobStatus.succeeded
+        )
         session.add(job)
         session.flush()
         session.add(Result(job_id=job.id, request_id="r", decision=decision, decided_at=utcnow()))

@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 
 from emulator.specimen import make_specimen
 from models import TERMINAL_STATUSES, Attempt, Job, JobStatus, Result, Warning
-from tests.fixtures.workers import StartWorkers, clean_environ, cli_env
+from tests.fixtures.workers import StartWorkers, clean_environ, cli_env, sealer_for_tests
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -129,8 +129,9 @@ def wait_terminal(engine: sa.Engine, ids: Sequence[uuid.UUID], timeout_s: float)
 
 
 def assert_result_matches_truth(
-    result: Result, warnings: list[Warning], truth: dict[str, Any]
+    row: Result, warnings: list[Warning], truth: dict[str, Any]
 ) -> None:
+    result = sealer_for_tests().open_result(row)
     for api_name, column in TEXT_FIELDS.items():
         assert getattr(result, column) == (truth[api_name] or None), api_name
     for api_name, column in DATE_FIELDS.items():

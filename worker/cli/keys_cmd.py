@@ -23,14 +23,21 @@ def generate(
     key_id: Annotated[
         str | None, typer.Option("--id", help="The key's id (default: k + 8 hex digits).")
     ] = None,
+    lookup: Annotated[
+        bool,
+        typer.Option("--lookup", help="A MACAO_OCR_LOOKUP_KEY instead (base64 of 32 bytes)."),
+    ] = False,
 ) -> None:
     """Print one new key-ring entry `<id>:<base64 key>` (stdout carries nothing else).
 
     Put it FIRST in MACAO_OCR_DATA_KEYS (comma-separated) to encrypt with it; keep the old
     entries after it until `keys rotate` has moved every value."""
     from worker.errors import ConfigError
-    from worker.privacy.crypto import generate_entry
+    from worker.privacy.crypto import generate_entry, generate_lookup_key
 
+    if lookup:
+        typer.echo(generate_lookup_key())
+        return
     try:
         entry = generate_entry(key_id)
     except ConfigError as exc:
