@@ -188,7 +188,7 @@ def test_bad_input_is_refused_and_nothing_written(
     publisher = RecordingPublisher()
     front = kwargs.pop("front")
     with pytest.raises(InputError) as info:
-        submit(session_factory, publisher, settings, front, **kwargs)  # type: ignore[arg-type]
+        submit(session_factory, publisher, settings, front, sealer=sealer_for_tests(), **kwargs)  # type: ignore[arg-type]
     assert info.value.rule == rule
     assert rule in str(info.value)
     assert publisher.published == []

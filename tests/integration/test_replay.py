@@ -114,6 +114,7 @@ def run(
 ) -> object:
     kwargs.setdefault("actor", "ops@box")
     kwargs.setdefault("reason", "vendor outage over")
+    kwargs.setdefault("sealer", sealer_for_tests())
     return replay(session_factory, publisher, settings, **kwargs)  # type: ignore[arg-type]
 
 

@@ -120,7 +120,7 @@ def rotate_chunk(
     statement = (
         update(table)
         .where(key == bindparam("k"))
-        .values({c: bindparam(f"v_{c}") for c in target.columns}, **extra)
+        .values({**{c: bindparam(f"v_{c}") for c in target.columns}, **extra})
     )
     conn.execute(statement, params)
     return [row[target.key] for row in rows], changed
