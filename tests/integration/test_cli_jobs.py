@@ -22,8 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from typer.testing import CliRunner, Result
 
 from models import Attempt, Job, JobStatus, Warning
-from models import Result as ResultRow
-from tests.fixtures.workers import sealed_job
+from tests.fixtures.workers import sealed_job, sealed_result
 from worker.broker.publish import QUEUE
 from worker.cli import app
 
@@ -216,7 +215,7 @@ def _seed(factory: sessionmaker[Session]) -> dict[str, uuid.UUID]:
                     number=1,
                     outcome_code="FailedOperation.ImageNoSpecifiedCard",
                 ),
-                ResultRow(
+                sealed_result(
                     job_id=ids["ok"],
                     request_id="req-ok",
                     id_number="1234567(8)",

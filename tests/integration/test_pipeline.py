@@ -257,8 +257,9 @@ def test_success_stores_result_warnings_and_portrait(harness: Harness) -> None:
     assert job.finished_at is not None and job.lease_expires_at is None
     assert job.worker_host == "test-host"
     with harness.sessions() as session:
-        result = session.get(Result, job_id)
-        assert result is not None
+        row = session.get(Result, job_id)
+        assert row is not None
+        result = sealer_for_tests().open_result(row)
         expected = ok_result()
         for name in ("request_id", "cn_last_name", "en_first_name", "id_number", "birthday"):
             assert getattr(result, name) == getattr(expected, name)
@@ -270,7 +271,8 @@ def test_success_stores_result_warnings_and_portrait(harness: Harness) -> None:
             (-9102, "photocopy"),
         ]
         portrait = session.get(Portrait, job_id)
-        assert portrait is not None and portrait.data == b"\xff\xd8portrait"
+        assert portrait is not None
+        assert sealer_for_tests().open_portrait(job_id, portrait.data) == b"\xff\xd8portrait"
     [attempt] = harness.attempts(job_id)
     assert attempt.number == 1 and attempt.outcome_code == "OK"
     assert attempt.request_id == "req-ok" and attempt.finished_at is not None
@@ -326,7 +328,8 @@ def test_a_plain_job_is_two_statements_with_no_transaction_around_them(
             assert session.get(Result, job.id) is not None
             assert len(session.scalars(select(Warning).where(Warning.job_id == job.id)).all()) == 2
             portrait = session.get(Portrait, job.id)
-            assert portrait is not None and portrait.data == b"\xff\xd8portrait"
+            assert portrait is not None
+            assert sealer_for_tests().open_portrait(job.id, portrait.data) == b"\xff\xd8portrait"
             [attempt] = session.scalars(select(Attempt).where(Attempt.job_id == job.id)).all()
             assert attempt.outcome_code == "OK" and attempt.finished_at is not None
         # A second delivery of the message: the plain claim finds nothing, the full one

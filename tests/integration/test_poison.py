@@ -61,7 +61,10 @@ ANSWER: dict[str, Any] = {
     "RequestId": "req-poison",
 }
 
-ID_LIMIT = "ALTER TABLE result ADD CONSTRAINT ck_test_id_limit CHECK (char_length(id_number) <= 32)"
+# The ID number is sealed (34 bytes of envelope around it): 40 characters are over 66 bytes.
+ID_LIMIT = (
+    "ALTER TABLE result ADD CONSTRAINT ck_test_id_limit CHECK (octet_length(id_number) <= 66)"
+)
 
 
 def _kept(sessions: sessionmaker[Session], job_id: uuid.UUID) -> KeptAnswer | None:
@@ -106,7 +109,7 @@ def test_store_failure_fails_once_keeps_the_answer_and_replay_stores_it(
     kept = _kept(harness.sessions, job_id)
     assert kept is not None and kept.stage == "store" and kept.reason == "IntegrityError"
     assert kept.attempt_number == 1 and kept.request_id == "req-poison"
-    assert json.loads(kept.response_json) == ANSWER
+    assert json.loads(sealer_for_tests().open_answer(job_id, kept.response_json)) == ANSWER
 
     # Another message (a duplicate, the sweeper) buys nothing: the job is finished.
     assert harness.run(job_id) is Outcome.not_claimed

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from typer.testing import CliRunner
 
 from models import Attempt, Job, JobEvent, JobStatus, Portrait, Result, Warning
-from tests.fixtures.workers import sealed_job, sealer_for_tests
+from tests.fixtures.workers import sealed_job, sealed_result, sealer_for_tests
 from worker.broker.publish import RecordingPublisher
 from worker.cli import app as cli_app
 from worker.errors import InputError
@@ -75,12 +75,14 @@ def add_failed(
 def add_succeeded(session: Session) -> Job:
     job = add_failed(session, code="FailedOperation.OcrFailed", calls=2)
     job.status = JobStatus.succeeded
-    session.add(Result(job_id=job.id, request_id="req-ok", id_number="1234567(8)"))
+    session.add(sealed_result(job_id=job.id, request_id="req-ok", id_number="1234567(8)"))
     session.flush()
     session.add_all(
         [
             Warning(job_id=job.id, code=-9101, name="Card incomplete"),
-            Portrait(job_id=job.id, data=b"\xff\xd8portrait"),
+            Portrait(
+                job_id=job.id, data=sealer_for_tests().seal_portrait(job.id, b"\xff\xd8portrait")
+            ),
         ]
     )
     session.flush()
