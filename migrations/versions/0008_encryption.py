@@ -70,7 +70,7 @@ def _sealer() -> Any:
     try:
         return Sealer.from_settings(load_settings())
     except ConfigError as err:
-        raise RuntimeError(
+        raise ConfigError(
             "revision 0008 encrypts the personal data already stored, and needs the data "
             f"keys to do it: {err.message}"
         ) from None
@@ -159,7 +159,9 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     if _has_rows():
-        raise RuntimeError(
+        from worker.errors import ConfigError
+
+        raise ConfigError(
             "revision 0008 cannot be undone while jobs exist: their personal data is "
             "encrypted and would have to be written back as plaintext (restore a backup)"
         )

@@ -19,6 +19,7 @@ import migrations
 import models
 from models import Job, JobStatus, Result
 from tests.fixtures.workers import TEST_DEFAULTS, sealed_job, sealer_for_tests
+from worker.errors import ConfigError
 
 # Every table the models declare: the migrations must build exactly these.
 TABLES = set(models.Base.metadata.tables)
@@ -217,7 +218,7 @@ def test_0008_encrypts_the_rows_already_stored(
             job_id = _job_with_result(conn, "1234567(8)", -9101, "r-1")
             conn.execute(sa.text("UPDATE result SET birthday = '1990-02-03', height_m = 1.64"))
         monkeypatch.delenv("MACAO_OCR_DATA_KEYS")
-        with pytest.raises(RuntimeError, match="MACAO_OCR_DATA_KEYS"):
+        with pytest.raises(ConfigError, match="MACAO_OCR_DATA_KEYS"):
             migrations.upgrade(url)
         monkeypatch.setenv("MACAO_OCR_DATA_KEYS", TEST_DEFAULTS["MACAO_OCR_DATA_KEYS"])
         migrations.upgrade(url)
