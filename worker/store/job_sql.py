@@ -11,6 +11,10 @@ most of a worker's SQL CPU, and each statement saved is about 2% of a busy worke
 The claim returns everything the call needs (the job's request, its budget, whether a result
 is already stored, whether a dead worker left an attempt open, the image bytes) through
 scalar subqueries in its RETURNING clause. PostgreSQL and SQLite (3.35+) both run it.
+
+Personal values cross this module sealed (worker.privacy.seal): the claim opens the URLs and
+image bytes it returns, the success seals the result's personal fields and the portrait (and
+writes the ID number's lookup hash) before they are bound.
 """
 
 from __future__ import annotations

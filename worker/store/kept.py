@@ -1,8 +1,9 @@
 """Poison jobs: an answer the API gave that could not be decoded or stored is kept, not lost.
 
 A failure after the API answered must never buy the job again. The job fails at once with
-`Internal.StoreFailed` and the `Response` object is kept in `kept_answer` (JSON, as received;
-it holds personal data like a result, so it lives in the database and never in a log). Once
+`Internal.StoreFailed` and the `Response` object is kept in `kept_answer` (JSON, as received,
+sealed by worker.privacy.seal: it holds personal data like a result, so it lives in the
+database, encrypted, and never in a log). Once
 the fault is fixed, `macao-ocr replay` parses and stores the kept answer (`store_kept`)
 without a new call, and deletes it.
 """
