@@ -16,7 +16,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Final
 
 from worker.privacy.crypto import KeyRing, associated_data
-from worker.privacy.fields import RESULT_PERSONAL_COLUMNS
+from worker.privacy.fields import RESULT_LOOKUP_COLUMNS, RESULT_PERSONAL_COLUMNS
 from worker.privacy.lookup import id_number_hash
 from worker.tencent.types import OcrResult
 
@@ -30,7 +30,7 @@ DATE_COLUMNS: Final = frozenset(
 DECIMAL_COLUMNS: Final = frozenset({"height_m"})
 # HKDF purpose of the image digest's key (`Sealer.image_digest`).
 IMAGE_DIGEST_PURPOSE: Final = b"macao-ocr image digest v1"
-LOOKUP_COLUMN: Final = "id_number_hash"
+LOOKUP_COLUMN: Final = RESULT_LOOKUP_COLUMNS[0]  # id_number_hash
 
 
 def _to_text(column: str, value: Any) -> str | None:
