@@ -2,6 +2,8 @@
 
     .venv/bin/python -m bench.quota [--mode quota|mismatch|noquota|all] [--qps 5,10,20]
         [--processes 1,4] [--duration-s 60] [--jobs N] [--quick]
+    .venv/bin/python -m bench.quota --mode brokerloss [--qps 5,20] [--processes 1,3]
+        [--loss-after-s 20]
 
 Each scenario gets a fresh migrated PostgreSQL database and an emptied Redis db, jobs
 pre-enqueued through the real producer (specimen JPEGs of at most 60 KB), then a worker fleet
@@ -11,7 +13,8 @@ window starts at the first full second after the first accepted call and lasts
 `--duration-s` whole seconds (the last partial second is never counted). Figures come from
 the emulator's counters (as the API counts: fixed 1-second windows at arrival) and from SQL.
 It prints a table row per scenario and a PASS/FAIL line per target; exit status 1 if any
-target failed. See bench/README.md.
+target failed. `brokerloss` (not part of `all`) FLUSHDBs the broker's Redis mid-run and
+prints how the fleet recovers (bench/brokerloss.py). See bench/README.md.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import sqlalchemy as sa
 import structlog
 
 from bench import _harness as h
+from bench import brokerloss
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/9"
 DEFAULT_PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -71,13 +75,13 @@ NOQUOTA_RAMP_S = 5
 
 @dataclass(frozen=True)
 class Scenario:
-    mode: str  # quota | mismatch | noquota
+    mode: str  # quota | mismatch | noquota | brokerloss
     impl: str  # ours | baseline
     processes: int  # ours: OS processes; baseline: celery worker instances
     limiter_qps: float  # what the workers are configured with (0: no limit)
     emulator_quota: int  # what the emulator enforces (0: none)
     jobs: int
-    duration_s: int
+    duration_s: int  # brokerloss: steady seconds before the loss
 
     @property
     def latency(self) -> dict[str, float]:
@@ -368,7 +372,13 @@ def plan(args: argparse.Namespace) -> list[Scenario]:
     d = args.duration_s
     scenarios: list[Scenario] = []
     for mode in modes:
-        if mode == "quota":
+        if mode == "brokerloss":
+            loss_after = args.loss_after_s
+            for q in args.qps:
+                for p in args.processes:
+                    jobs = args.jobs or brokerloss.jobs_for(q, loss_after)
+                    scenarios.append(Scenario(mode, "ours", p, q, q, jobs, loss_after))
+        elif mode == "quota":
             for q in args.qps:
                 for p in args.processes:
                     jobs = args.jobs or _quota_jobs(q, d)
@@ -406,7 +416,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench.quota", description=(__doc__ or "").split("\n")[0]
     )
-    parser.add_argument("--mode", choices=["quota", "mismatch", "noquota", "all"], default="all")
+    parser.add_argument(
+        "--mode", choices=["quota", "mismatch", "noquota", "brokerloss", "all"], default="all"
+    )
     parser.add_argument("--qps", type=_int_list, default=None, help="quotas (default 5,10,20)")
     parser.add_argument("--processes", type=_int_list, default=None, help="default 1,4")
     parser.add_argument("--duration-s", type=int, default=None, help="steady window (default 60)")
@@ -416,6 +428,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=int,
         default=None,
         help="jobs for the no-quota mode (default 450 per second of the window, plus 5 s)",
+    )
+    parser.add_argument(
+        "--loss-after-s",
+        type=int,
+        default=20,
+        help="brokerloss: steady seconds before the FLUSHDB (default 20)",
     )
     parser.add_argument("--quick", action="store_true", help="smoke run: 10 s, Q=5, 1 process")
     parser.add_argument("--no-baseline", dest="baseline", action="store_false")
@@ -442,6 +460,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.processes = args.processes or [1]
         args.duration_s = args.duration_s or 10
         args.noquota_jobs = args.noquota_jobs or 1500
+    if args.mode == "brokerloss":
+        args.qps = args.qps or [5, 20]
+        args.processes = args.processes or [1, 3]
     args.qps = args.qps or [5, 10, 20]
     args.processes = args.processes or [1, 4]
     args.duration_s = args.duration_s or 60
@@ -465,6 +486,17 @@ def _check_services(args: argparse.Namespace) -> None:
             conn.execute(sa.text("SELECT 1"))
     finally:
         engine.dispose()
+
+
+def run_brokerloss(ctx: Context, sc: Scenario, index: int) -> None:
+    """One brokerloss scenario: its figure lines and its PASS/FAIL lines."""
+    fig = brokerloss.run(ctx, sc, index)
+    for line in brokerloss.report(fig):
+        print(line, flush=True)
+    if ctx.args.verbose:
+        print(brokerloss.timeline(fig), flush=True)
+    for ok, text in brokerloss.targets(fig):
+        verdict(ctx, ok, text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -494,6 +526,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{sc.jobs} jobs",
                 flush=True,
             )
+            if sc.mode == "brokerloss":
+                run_brokerloss(ctx, sc, index)
+                continue
             fig = run_scenario(ctx, sc, index)
             results.append(fig)
             extra = " (backlog drained)" if fig.drained else ""

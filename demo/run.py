@@ -165,7 +165,7 @@ def specimen_cards(count: int, *, seed: int = 853) -> list[DemoCard]:
 
 def _default_decision(warnings: Sequence[str], *, expired: bool) -> str:
     """What the default policy makes of a valid specimen with these warnings."""
-    from worker.decision.codes import DEFAULTS, Effect
+    from worker.reason_codes import DEFAULTS, Effect
 
     effects = {DEFAULTS[w] for w in warnings}
     if expired or Effect.reject in effects:

@@ -1,5 +1,6 @@
 """Typed SQLAlchemy 2 models: the database is the source of truth for every job."""
 
+from models.access import AccessLog
 from models.api import ApiKey, Batch, IdempotencyKey, Tenant
 from models.base import Base
 from models.decision import DecisionReason, WarningPolicy
@@ -16,6 +17,7 @@ from models.webhook import (
 
 __all__ = [
     "TERMINAL_STATUSES",
+    "AccessLog",
     "ApiKey",
     "Attempt",
     "Base",

@@ -18,6 +18,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     Uuid,
+    text,
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
@@ -33,6 +34,10 @@ class JobStatus(enum.StrEnum):
 
 
 TERMINAL_STATUSES = frozenset({JobStatus.succeeded, JobStatus.failed})
+
+# A finished job whose images and URLs retention has not deleted yet (the sweeper's index;
+# finished only, so the many row versions of a job in flight add no entry to it).
+IMAGES_HELD_SQL = "images_deleted_at IS NULL AND status IN ('succeeded', 'failed')"
 
 
 class Image(Base):
@@ -102,6 +107,11 @@ class Job(Base):
     # A running job whose lease has passed belongs to a dead worker: the sweeper takes it back.
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     worker_host: Mapped[str | None] = mapped_column(String(200))
+    # When retention or erasure deleted the job's images and image URLs: it can no longer be
+    # sent (replay refuses it). NULL while it holds them.
+    images_deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # When `macao-ocr erase` removed every personal piece of the job: never called for again.
+    erased_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     attempt_rows: Mapped[list[Attempt]] = relationship(
         back_populates="job", order_by="Attempt.number", cascade="all, delete-orphan"
@@ -113,7 +123,8 @@ class Job(Base):
     __table_args__ = (
         CheckConstraint(
             "front_url IS NOT NULL OR front_image_id IS NOT NULL "
-            "OR back_url IS NOT NULL OR back_image_id IS NOT NULL",
+            "OR back_url IS NOT NULL OR back_image_id IS NOT NULL "
+            "OR images_deleted_at IS NOT NULL",
             name="has_image",
         ),
         Index("ix_job_status_next_attempt_at", "status", "next_attempt_at"),
@@ -124,6 +135,35 @@ class Job(Base):
         # The HTTP API's listing (keyset on created_at, id) and its backlog count.
         Index("ix_job_tenant_created_at_id", "tenant", "created_at", "id"),
         Index("ix_job_tenant_status", "tenant", "status"),
+        # Who still uses an image (worker.store.retention counts them before deleting one):
+        # partial, so jobs whose images are gone cost nothing.
+        Index(
+            "ix_job_front_image_id",
+            "front_image_id",
+            postgresql_where=text("front_image_id IS NOT NULL"),
+            sqlite_where=text("front_image_id IS NOT NULL"),
+        ),
+        Index(
+            "ix_job_back_image_id",
+            "back_image_id",
+            postgresql_where=text("back_image_id IS NOT NULL"),
+            sqlite_where=text("back_image_id IS NOT NULL"),
+        ),
+        # The sweeper's image retention: finished jobs that still hold images (small: a
+        # succeeded job leaves it within a sweep under the default retention of 0).
+        Index(
+            "ix_job_images_held",
+            "status",
+            "finished_at",
+            postgresql_where=text(IMAGES_HELD_SQL),
+            sqlite_where=text(IMAGES_HELD_SQL),
+        ),
+        Index(
+            "ix_job_erased_at",
+            "erased_at",
+            postgresql_where=text("erased_at IS NOT NULL"),
+            sqlite_where=text("erased_at IS NOT NULL"),
+        ),
     )
 
 

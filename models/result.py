@@ -17,10 +17,13 @@ from sqlalchemy import (
     String,
     Text,
     Uuid,
+    text,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
 from models.base import Base, UTCDateTime, utcnow
+
+PERSONAL_HELD_SQL = "personal_deleted_at IS NULL"
 
 
 class Result(Base):
@@ -68,6 +71,9 @@ class Result(Base):
     # HMAC-SHA256 of the normalised ID number under MACAO_OCR_LOOKUP_KEY (worker.privacy.lookup):
     # finds a person's jobs without decrypting; NULL when no lookup key was configured.
     id_number_hash: Mapped[bytes | None] = mapped_column(LargeBinary)
+    # When retention or erasure deleted the personal fields (worker.privacy.fields), their
+    # lookup hashes and the portrait; the row keeps codes, warnings and the decision.
+    personal_deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     __table_args__ = (
         CheckConstraint(
@@ -75,6 +81,13 @@ class Result(Base):
         ),
         Index("ix_result_decision", "decision"),
         Index("ix_result_id_number_hash", "id_number_hash"),
+        # The sweeper's result retention: results whose personal fields are still held.
+        Index(
+            "ix_result_personal_held",
+            "created_at",
+            postgresql_where=text(PERSONAL_HELD_SQL),
+            sqlite_where=text(PERSONAL_HELD_SQL),
+        ),
     )
 
 

@@ -6,6 +6,7 @@ Each fixture family lives in its own plugin module under tests/fixtures/.
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 import sqlalchemy as sa
+import structlog
 
 pytest_plugins = [
     "tests.fixtures.database",
@@ -131,3 +133,15 @@ def drop_database(admin_url: str, url: str) -> None:
     with engine.connect() as conn:
         conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     engine.dispose()
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """The root logger and structlog as they were: a test that configures logging (the
+    CLI does, for its process, and under CliRunner that process is pytest's) leaves none."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    structlog.reset_defaults()

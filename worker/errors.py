@@ -59,9 +59,29 @@ class NotFoundError(MacaoOcrError):
 
 
 class ReplayRefused(MacaoOcrError):
-    """Replaying this job would buy a result we already have (use force)."""
+    """This job may not be replayed now (its code says why): in flight, succeeded without
+    force, its images deleted by retention (`Replay.ImagesDeleted`), or erased
+    (`Replay.Erased`). Never retried; no API call is made."""
 
     kind = "replay_refused"
+
+    def __init__(self, message: str, *, code: str = "Replay.Refused") -> None:
+        super().__init__(message, code=code)
+
+
+class ErasedError(MacaoOcrError):
+    """The job was erased on request (`macao-ocr erase`): its personal data is deleted and
+    it is never called for again. A queued or retrying job erased ends `failed` with this
+    code. Never retried, never replayable."""
+
+    kind = "erased"
+    CODE: ClassVar[str] = "Internal.Erased"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "erased on request: its personal data is deleted and it is never called for again",
+            code=self.CODE,
+        )
 
 
 class StoreFailed(MacaoOcrError):

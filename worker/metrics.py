@@ -241,7 +241,7 @@ def retry(code: str) -> None:
 
 def reason_label(code: str) -> str:
     """A reason code as a bounded label value (unknown warnings share one)."""
-    from worker.decision.codes import BY_CODE, policy_key
+    from worker.reason_codes import BY_CODE, policy_key
 
     key = policy_key(code)
     return key if key in BY_CODE else OTHER

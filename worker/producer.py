@@ -30,12 +30,13 @@ from models import Image, Job, JobStatus
 from models.base import utcnow
 from worker.broker.publish import Publisher
 from worker.errors import InputError
+from worker.netpolicy import UrlPolicy
 from worker.privacy.seal import Sealer
 from worker.settings import Settings
 from worker.store.images import CONTENT_TYPES, store_image
 from worker.tencent.preflight import Preflight
 from worker.tencent.types import ImageInput, OcrRequest
-from worker.tencent.urls import UrlPolicy, system_resolver
+from worker.tencent.urls import system_resolver
 from worker.tencent.validation import (
     MAX_IMAGE_BASE64_BYTES,
     base64_size,
@@ -398,10 +399,14 @@ def _chunk_images(
         return {}
     ids: dict[ImageKey, uuid.UUID] = {}
     found = session.execute(
-        select(IMAGE_TABLE.c.id, IMAGE_TABLE.c.digest, IMAGE_TABLE.c.size_bytes).where(
+        select(IMAGE_TABLE.c.id, IMAGE_TABLE.c.digest, IMAGE_TABLE.c.size_bytes)
+        .where(
             IMAGE_TABLE.c.tenant == tenant,
             IMAGE_TABLE.c.digest.in_(sorted({digest for digest, _ in wanted})),
         )
+        # Held until the chunk commits: a retention or erasure deleting one of these images
+        # waits for our jobs and then keeps it (worker.store.retention).
+        .with_for_update(key_share=True)
     )
     for row in found:
         ids.setdefault((row.digest, row.size_bytes), row.id)

@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from models import Job, JobEvent, JobStatus, KeptAnswer, Portrait, Result, Warning
 from models.base import utcnow
 from worker.broker.publish import Publisher
-from worker.errors import InputError, StoreFailed
+from worker.errors import InputError, ReplayRefused, StoreFailed
 from worker.privacy.seal import Sealer
 from worker.settings import Settings
 from worker.store import kept, terminal
@@ -42,6 +42,13 @@ CHUNK = 500
 FORCED_NOTE = "forced: previous result, warnings and portrait deleted"
 KEPT_NOTE = "stored from the kept answer (no new call)"
 IN_FLIGHT = frozenset({JobStatus.queued, JobStatus.running, JobStatus.retrying})
+REFUSED_ERASED = "Replay.Erased"
+REFUSED_IN_FLIGHT = "Replay.InFlight"
+REFUSED_SUCCEEDED = "Replay.Succeeded"
+REFUSED_IMAGES_DELETED = "Replay.ImagesDeleted"
+REFUSED_NOT_FOUND = "Replay.NotFound"
+REFUSED_NO_MATCH = "Replay.NoMatch"
+REFUSED_KEPT = "Replay.KeptAnswerUnstorable"
 
 
 @dataclass
@@ -51,6 +58,8 @@ class ReplayReport:
     matched: list[uuid.UUID] = field(default_factory=list)
     replayed: list[uuid.UUID] = field(default_factory=list)
     refused: dict[uuid.UUID, str] = field(default_factory=dict)
+    # The code of each refusal (`Replay.ImagesDeleted`, `Replay.Erased`...: ReplayRefused).
+    refused_codes: dict[uuid.UUID, str] = field(default_factory=dict)
     # Replayed jobs stored from their kept answer, without a call (and not published).
     stored: list[uuid.UUID] = field(default_factory=list)
     # The last error code of every matched job (what a dry run lists).
@@ -60,6 +69,11 @@ class ReplayReport:
     # sweeper publishes them.
     published: bool = True
 
+    def refuse(self, job_id: uuid.UUID, why: ReplayRefused) -> None:
+        """Record a refusal with its code."""
+        self.refused[job_id] = why.message
+        self.refused_codes[job_id] = why.code
+
     def to_dict(self) -> dict[str, Any]:
         """The `replay --json` object."""
         return {
@@ -67,7 +81,10 @@ class ReplayReport:
             "matched": len(self.matched),
             "replayed": [str(i) for i in self.replayed],
             "stored_without_call": [str(i) for i in self.stored],
-            "refused": [{"job_id": str(i), "reason": r} for i, r in self.refused.items()],
+            "refused": [
+                {"job_id": str(i), "code": self.refused_codes.get(i), "reason": r}
+                for i, r in self.refused.items()
+            ],
             "jobs": [
                 {"job_id": str(i), "error_code": self.error_codes.get(i)} for i in self.matched
             ],
@@ -78,12 +95,26 @@ class ReplayReport:
         }
 
 
-def refusal(job: Job, *, force: bool) -> str | None:
-    """Why this job may not be replayed, or None when it may."""
+def refusal(job: Job, *, force: bool) -> ReplayRefused | None:
+    """Why this job may not be replayed (a code and a message), or None when it may."""
+    if job.erased_at is not None:
+        return ReplayRefused("erased on request: it is never called for again", code=REFUSED_ERASED)
     if job.status in IN_FLIGHT:
-        return f"already in flight (status {job.status.value})"
+        return ReplayRefused(
+            f"already in flight (status {job.status.value})", code=REFUSED_IN_FLIGHT
+        )
     if job.status == JobStatus.succeeded and not force:
-        return "succeeded: replaying would pay for its result again (use --force)"
+        return ReplayRefused(
+            "succeeded: replaying would pay for its result again (use --force)",
+            code=REFUSED_SUCCEEDED,
+        )
+    if job.images_deleted_at is not None:
+        return ReplayRefused(
+            "its card images and image URLs were deleted by retention "
+            "(MACAO_OCR_IMAGE_RETENTION_S / MACAO_OCR_FAILED_IMAGE_RETENTION_S): there is "
+            "nothing to send; submit the card again",
+            code=REFUSED_IMAGES_DELETED,
+        )
     return None
 
 
@@ -172,7 +203,7 @@ def replay(
             if why is None:
                 eligible.append(job.id)
             else:
-                report.refused[job.id] = why
+                report.refuse(job.id, why)
         if ids is not None:
             _explain_unmatched(session, tenant, ids, set(report.matched), report)
     if dry_run:
@@ -218,7 +249,12 @@ def _explain_unmatched(
     existing = set(session.scalars(query))
     for job_id in missing:
         # Another tenant's job reads as not found: its existence is not ours to reveal.
-        report.refused[job_id] = "does not match the filters" if job_id in existing else "not found"
+        why = (
+            ReplayRefused("does not match the filters", code=REFUSED_NO_MATCH)
+            if job_id in existing
+            else ReplayRefused("not found", code=REFUSED_NOT_FOUND)
+        )
+        report.refuse(job_id, why)
 
 
 def _with_kept_answer(session: Session, ids: Sequence[uuid.UUID]) -> list[uuid.UUID]:
@@ -228,6 +264,22 @@ def _with_kept_answer(session: Session, ids: Sequence[uuid.UUID]) -> list[uuid.U
         chunk = ids[start : start + CHUNK]
         found.update(session.scalars(select(KeptAnswer.job_id).where(KeptAnswer.job_id.in_(chunk))))
     return [i for i in ids if i in found]
+
+
+def _replay_event(
+    job: Job, now: datetime, actor: str, reason: str | None, note: str | None
+) -> JobEvent:
+    """The job's `replay` event: who, why (the operator's reason, then what the replay did),
+    and the status and error code it had. Built before the job is reset."""
+    return JobEvent(
+        job_id=job.id,
+        at=now,
+        kind="replay",
+        actor=actor,
+        reason="; ".join(p for p in (reason, note) if p) or None,
+        previous_status=job.status.value,
+        previous_error_code=job.last_error_code,
+    )
 
 
 def _store_kept(
@@ -244,17 +296,7 @@ def _store_kept(
                 .values(attempts=0, last_error_code=None, last_error_message=None)
             )
             kept.store_kept(conn, job.id, portrait=job.portrait, now=now, sealer=sealer)
-            session.add(
-                JobEvent(
-                    job_id=job.id,
-                    at=now,
-                    kind="replay",
-                    actor=actor,
-                    reason="; ".join(p for p in (reason, KEPT_NOTE) if p),
-                    previous_status=job.status.value,
-                    previous_error_code=job.last_error_code,
-                )
-            )
+            session.add(_replay_event(job, now, actor, reason, KEPT_NOTE))
     except StoreFailed as err:
         return f"its kept answer still cannot be {err.stage}d ({err.reason}); it stays kept"
     return None
@@ -280,12 +322,12 @@ def _reset(
         for job in jobs:
             why = refusal(job, force=force)
             if why is not None:  # it changed since we matched it
-                report.refused[job.id] = why
+                report.refuse(job.id, why)
                 continue
             if job.id in with_answer:
-                why = _store_kept(session, sealer, job, now, actor, reason)
-                if why is not None:
-                    report.refused[job.id] = why
+                unstored = _store_kept(session, sealer, job, now, actor, reason)
+                if unstored is not None:
+                    report.refuse(job.id, ReplayRefused(unstored, code=REFUSED_KEPT))
                 else:
                     report.stored.append(job.id)
                     report.replayed.append(job.id)
@@ -295,18 +337,7 @@ def _reset(
                 session.execute(delete(Portrait).where(Portrait.job_id == job.id))
                 session.execute(delete(Warning).where(Warning.job_id == job.id))
                 session.execute(delete(Result).where(Result.job_id == job.id))
-            note = FORCED_NOTE if forced else None
-            session.add(
-                JobEvent(
-                    job_id=job.id,
-                    at=now,
-                    kind="replay",
-                    actor=actor,
-                    reason="; ".join(p for p in (reason, note) if p) or None,
-                    previous_status=job.status.value,
-                    previous_error_code=job.last_error_code,
-                )
-            )
+            session.add(_replay_event(job, now, actor, reason, FORCED_NOTE if forced else None))
             terminal.on_job_reopened(session.connection(), job.id, job.status)
             job.status = JobStatus.queued
             job.attempts = 0

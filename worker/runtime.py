@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from worker.decision.store import PolicyCache, engine_loader
 from worker.membudget import ByteBudget, return_large_buffers_to_os
+from worker.netpolicy import UrlPolicy
 from worker.pipeline import PipelineDeps
 from worker.privacy.seal import Sealer
 from worker.quota.circuit import AccountCircuit
@@ -34,7 +35,6 @@ from worker.quota.limiter import RateLimiter, limiter_key
 from worker.settings import Settings
 from worker.store.engine import make_autocommit_engine, make_engine, make_sessionmaker
 from worker.tencent.client import ClientConfig, OcrClient, make_session
-from worker.tencent.urls import UrlPolicy
 from worker.tencent.validation import validate_request
 
 log = structlog.get_logger(__name__)

@@ -25,6 +25,7 @@ from worker.broker.publish import Publisher
 from worker.privacy.seal import Sealer
 from worker.producer import JobSpec, Source, submit, submit_many
 from worker.settings import Settings, load_settings
+from worker.store import access
 from worker.store.views import job_view
 
 FINISHED = frozenset({JobStatus.succeeded.value, JobStatus.failed.value})
@@ -47,7 +48,18 @@ def get_job(
         job = session.scalars(
             select(Job).where(Job.id == key, Job.tenant == settings.tenant)
         ).one_or_none()
-        return None if job is None else job_view(session, job, sealer=sealer, history=history)
+        if job is None:
+            return None
+        view = job_view(session, job, sealer=sealer, history=history)
+        shown = access.with_personal_fields(session, [job.id])
+    # Logged before it is handed over, like every read that shows personal fields.
+    access.record(
+        session_factory,
+        actor=access.process_actor(),
+        how=access.PYTHON_GET_JOB,
+        reads=[access.Read(tenant=job.tenant, job_id=i) for i in shown],
+    )
+    return view
 
 
 class Producer:

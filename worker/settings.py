@@ -21,6 +21,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from worker.errors import ConfigError
+from worker.policy_text import PolicyError, parse_policy_text
 
 DEFAULT_ENDPOINT = "https://ocr.intl.tencentcloudapi.com"
 ENV_PREFIX = "MACAO_OCR_"
@@ -79,7 +80,8 @@ class Settings(BaseSettings):
     # affects slots booked after it: slots booked far ahead would keep overshooting.
     max_quota_wait_s: PositiveFloat = 10.0
     # Slots are booked at most this far ahead (worker.quota.horizon): after a throttle,
-    # at most qps x horizon calls still go out at the old rate.
+    # at most qps x horizon calls still go out at the old rate. Also how far ahead a limiter
+    # state Redis lost may have booked: a fresh one starts after it (worker.quota.aimd).
     quota_horizon_s: PositiveFloat = 0.5
     rate_min_fraction: float = Field(default=0.2, gt=0, le=1)
 
@@ -114,6 +116,14 @@ class Settings(BaseSettings):
     # TESTS ONLY: lets image URLs and the fallback reach loopback addresses (test servers
     # listen on 127.0.0.1). Every other non-public address stays refused.
     url_allow_loopback: bool = False
+
+    # -- personal data (worker.store.retention): how long each piece is kept
+    # A succeeded job's card images and image URLs, after its success (0: at the first sweep).
+    image_retention_s: float = Field(default=0.0, ge=0)
+    # A failed job's images, URLs and kept answer: until then it can be replayed.
+    failed_image_retention_s: float = Field(default=7 * 86_400.0, ge=0)
+    # A result's personal fields, lookup hashes and portrait, after it was stored.
+    result_retention_s: float = Field(default=90 * 86_400.0, ge=0)
 
     # -- the worker
     worker_concurrency: PositiveInt = 200
@@ -205,8 +215,6 @@ class Settings(BaseSettings):
     @field_validator("warning_policy")
     @classmethod
     def _warning_policy_parses(cls, value: str) -> str:
-        from worker.decision.policy import PolicyError, parse_policy_text
-
         try:
             parse_policy_text(value)
         except PolicyError as exc:
@@ -216,8 +224,6 @@ class Settings(BaseSettings):
     @property
     def warning_policy_overrides(self) -> dict[str, Any]:
         """MACAO_OCR_WARNING_POLICY parsed (checked at load): code → Effect."""
-        from worker.decision.policy import parse_policy_text
-
         return dict(parse_policy_text(self.warning_policy))
 
     @field_validator("broker_url", "redis_url")

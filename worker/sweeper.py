@@ -19,7 +19,11 @@ forever:
    back to `retrying`, due now; rule 1 of the same sweep publishes them (or fail, with their
    webhook outbox rows in the same transaction);
 5. webhooks: deliveries due in the outbox (new, due for a retry, or their message lost) get
-   a message on the webhook queue (worker.webhooks.dispatch).
+   a message on the webhook queue (worker.webhooks.dispatch);
+6. retention: personal data whose time is up is deleted (worker.store.retention), at most
+   one batch of each kind per sweep: a succeeded job's images and URLs (by default at the
+   first sweep after its success), a failed job's after MACAO_OCR_FAILED_IMAGE_RETENTION_S,
+   a result's personal fields and portrait after MACAO_OCR_RESULT_RETENTION_S.
 
 State changes are committed BEFORE anything is published; `enqueued_at` is written only after
 a publish succeeded, so a failed publish is simply picked up by the next sweep.
@@ -49,7 +53,8 @@ from worker.broker.publish import Publisher
 from worker.broker.queue import broker_job_ids, broker_message_count, stale_deliveries
 from worker.errors import WorkerLostError
 from worker.settings import Settings
-from worker.store import job_sql, terminal
+from worker.store import job_sql, retention, terminal
+from worker.store.retention import Removed
 from worker.webhooks import dispatch, outbox
 
 log = structlog.get_logger(__name__)
@@ -68,6 +73,8 @@ NEVER_PUBLISHED_GRACE_S = 5.0
 # Bounds one sweep's work; the rest waits for the next sweep.
 SWEEP_LIMIT = 5_000
 PUBLISH_CHUNK = 500
+# Retention batches (of worker.store.retention.BATCH jobs) per kind per sweep.
+RETENTION_BATCHES = 1
 WORKER_LOST = job_sql.WORKER_LOST
 
 WAITING = (JobStatus.queued, JobStatus.retrying)
@@ -90,6 +97,8 @@ class SweepReport:
     # Webhook deliveries published (rule 5).
     deliveries: list[uuid.UUID] = field(default_factory=list)
     publish_failed: bool = False
+    # What retention deleted (rule 6): counts per kind.
+    retention: Removed = field(default_factory=Removed)
 
     @property
     def changed(self) -> bool:
@@ -124,6 +133,12 @@ def sweep_once(
         _republish_lost(session_factory, publisher, settings, redis, report)
     if webhook_publisher is not None:
         _publish_due_deliveries(session_factory, webhook_publisher, settings, report)
+    # Last: the rules that keep jobs moving come first, whatever retention meets.
+    report.retention = retention.purge(
+        session_factory, settings, now=report.at, max_batches=RETENTION_BATCHES
+    ).removed
+    if report.retention.total:
+        log.info("retention", **report.retention.to_dict())
     if report.changed:
         log.info(
             "sweep",

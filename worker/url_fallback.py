@@ -12,11 +12,11 @@ from dataclasses import replace
 from typing import Any
 
 from worker.errors import InputError
+from worker.netpolicy import UrlPolicy
 from worker.settings import Settings
 from worker.tencent.fetch import FetchRefused, fetch_image
 from worker.tencent.preflight import check_image_decodes
 from worker.tencent.types import ImageInput, OcrRequest
-from worker.tencent.urls import UrlPolicy
 from worker.tencent.validation import validate_image_bytes, validate_request
 
 

@@ -19,16 +19,13 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from celery import Celery
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from emulator.specimen import make_specimen
 from models import Job, JobStatus
-from tests.fixtures.workers import cli_env, sealer_for_tests
-from worker.broker.publish import CeleryPublisher
-from worker.producer import JobSpec, submit_many
-from worker.settings import Settings
+from tests.fixtures.workers import cli_env, submit_jobs
+from worker.producer import JobSpec
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -46,22 +43,6 @@ def deployment(
     engine = sa.create_engine(env["MACAO_OCR_DATABASE_URL"])
     yield env, sessionmaker(engine, expire_on_commit=False)
     engine.dispose()
-
-
-def submit_specimens(
-    env: dict[str, str], factory: sessionmaker[Session], n: int
-) -> list[uuid.UUID]:
-    settings = Settings(
-        database_url=env["MACAO_OCR_DATABASE_URL"], broker_url=env["MACAO_OCR_BROKER_URL"]
-    )
-    app = Celery("pause-e2e-producer", broker=settings.broker_url, set_as_current=False)
-    try:
-        specs = [JobSpec(front=make_specimen(seed=2000 + i).image) for i in range(n)]
-        return submit_many(
-            factory, CeleryPublisher(app), settings, specs, sealer=sealer_for_tests()
-        )
-    finally:
-        app.close()
 
 
 def jobs_of(factory: sessionmaker[Session], ids: list[uuid.UUID]) -> list[Job]:
@@ -100,7 +81,8 @@ def test_account_error_pauses_without_failing_and_resumes(
     env, factory = deployment
     emulator.configure(force_error_code=IN_ARREARS)
     workers = celery_workers(env, n=2, concurrency=10)
-    ids = submit_specimens(env, factory, JOBS)
+    specs = [JobSpec(front=make_specimen(seed=2000 + i).image) for i in range(JOBS)]
+    ids = submit_jobs(env, factory, specs)
     submitted = time.monotonic()
 
     # Wait until the pause is visible to operators.

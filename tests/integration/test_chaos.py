@@ -26,17 +26,14 @@ from typing import Any
 import pytest
 import redis
 import sqlalchemy as sa
-from celery import Celery
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from demo.embedded_broker import free_port, wait_for_ping
 from emulator.specimen import make_specimen
 from models import Attempt, Job, JobStatus, Result
-from tests.fixtures.workers import sealer_for_tests
-from worker.broker.publish import CeleryPublisher
-from worker.producer import JobSpec, submit_many
-from worker.settings import Settings
+from tests.fixtures.workers import submit_jobs
+from worker.producer import JobSpec
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -99,18 +96,9 @@ def private_redis() -> Iterator[PrivateRedis]:
 
 
 def submit(env: dict[str, str], factory: sessionmaker[Session]) -> list[uuid.UUID]:
-    settings = Settings(
-        database_url=env["MACAO_OCR_DATABASE_URL"], broker_url=env["MACAO_OCR_BROKER_URL"]
-    )
     images = [make_specimen(seed=3000 + i).image for i in range(DISTINCT_IMAGES)]
-    app = Celery("chaos-producer", broker=settings.broker_url, set_as_current=False)
-    try:
-        specs = [JobSpec(front=images[i % DISTINCT_IMAGES]) for i in range(JOBS)]
-        return submit_many(
-            factory, CeleryPublisher(app), settings, specs, sealer=sealer_for_tests()
-        )
-    finally:
-        app.close()
+    specs = [JobSpec(front=images[i % DISTINCT_IMAGES]) for i in range(JOBS)]
+    return submit_jobs(env, factory, specs)
 
 
 def status_counts(factory: sessionmaker[Session]) -> dict[str, int]:

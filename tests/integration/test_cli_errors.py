@@ -4,7 +4,6 @@ non-zero exit, `--debug` adds the traceback; `--version`; `worker` start-up chec
 from __future__ import annotations
 
 import json
-import logging
 import socket
 import sys
 from collections.abc import Callable, Iterator
@@ -12,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 from typer.testing import CliRunner, Result
 
 from worker.cli import app
@@ -21,15 +19,8 @@ from worker.cli import app
 REFUSED_REDIS = "redis://127.0.0.1:1/0"
 
 
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    # The CLI configures logging for its process; under CliRunner that process is ours.
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    structlog.reset_defaults()
+# The CLI configures logging for its process; under CliRunner that process is ours.
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import logging
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, date, datetime, timedelta
@@ -16,7 +15,6 @@ from typing import Any
 import pytest
 import redis
 import sqlalchemy as sa
-import structlog
 from PIL import Image as PILImage
 from sqlalchemy.orm import Session, sessionmaker
 from typer.testing import CliRunner, Result
@@ -28,23 +26,15 @@ from worker.cli import app
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 
+# The CLI configures logging for its process; under CliRunner that process is ours.
+pytestmark = pytest.mark.usefixtures("restore_logging")
+
 
 def png(color: tuple[int, int, int] = (10, 20, 30)) -> bytes:
     buffer = io.BytesIO()
     # Above the pre-flight's minimum side (200 px by default).
     PILImage.new("RGB", (240, 200), color).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    # The CLI configures logging for its process; under CliRunner that process is ours.
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    structlog.reset_defaults()
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ Against a migrated PostgreSQL (row-level security on) and the test Redis.
 from __future__ import annotations
 
 import json
-import logging
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -15,7 +14,6 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-import structlog
 from sqlalchemy.orm import sessionmaker
 from typer.testing import CliRunner, Result
 
@@ -27,14 +25,8 @@ from worker.cli import app
 OURS, THEIRS = "tenant-ours", "tenant-theirs"
 
 
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    structlog.reset_defaults()
+# The CLI configures logging for its process; under CliRunner that process is ours.
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 @pytest.fixture
@@ -160,7 +152,7 @@ def test_replay_touches_one_tenant_unless_asked_for_all(
     # Naming the other tenant's job by id: not found, as if it did not exist.
     by_id = run(env, "replay", str(ids[f"{THEIRS}/failed"]), "--dry-run", "--json")
     assert json.loads(by_id.stdout)["refused"] == [
-        {"job_id": str(ids[f"{THEIRS}/failed"]), "reason": "not found"}
+        {"job_id": str(ids[f"{THEIRS}/failed"]), "code": "Replay.NotFound", "reason": "not found"}
     ]
     every = run(env, "replay", "--status", "failed", "--dry-run", "--json", "--all-tenants")
     assert every.exit_code == 0, every.output

@@ -5,9 +5,7 @@ filters, status)."""
 from __future__ import annotations
 
 import json
-import logging
 import uuid
-from collections.abc import Iterator
 from dataclasses import replace
 from datetime import date
 from pathlib import Path
@@ -15,7 +13,6 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-import structlog
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from typer.testing import CliRunner
@@ -27,11 +24,11 @@ from tests.fixtures.workers import sealed_job, sealer_for_tests
 from tests.integration import test_pipeline
 from tests.integration.test_pipeline import Harness, ok_result
 from worker.cli import app
-from worker.decision.codes import Effect
 from worker.decision.policy import Policy
 from worker.decision.redecide import redecide
 from worker.decision.store import load_overrides, save_overrides
 from worker.pipeline import Outcome
+from worker.reason_codes import Effect
 from worker.store import job_sql
 from worker.store.views import job_view
 
@@ -240,17 +237,7 @@ def test_store_success_on_sqlite_keeps_the_decision(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def _restore_logging() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    structlog.reset_defaults()
-
-
-@pytest.fixture
-def cli_db(tmp_path: Path, _restore_logging: None) -> tuple[dict[str, str], sa.Engine]:
+def cli_db(tmp_path: Path, restore_logging: None) -> tuple[dict[str, str], sa.Engine]:
     url = f"sqlite:///{tmp_path / 'cli.db'}"
     migrations.upgrade(url)
     env = {"MACAO_OCR_DATABASE_URL": url, "MACAO_OCR_TENANT": "acme", "MACAO_OCR_LOG_JSON": "true"}

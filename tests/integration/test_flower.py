@@ -22,10 +22,9 @@ from typing import Any
 
 import pytest
 import redis
-import sqlalchemy as sa
 
 from emulator.specimen import Specimen, make_specimen
-from tests.fixtures.workers import StartWorkers, cli_env
+from tests.fixtures.workers import StartWorkers, cli_env, wait_terminal
 from worker.broker.publish import QUEUE, TASK_NAME
 from worker.cli.ops_cmd import flower_command
 from worker.settings import Settings
@@ -121,28 +120,6 @@ def submit(env: Mapping[str, str], tmp_path: Path, images: list[bytes]) -> list[
     )
     assert done.returncode == 0, done.stderr.decode()
     return [json.loads(line)["job_id"] for line in done.stdout.decode().splitlines()]
-
-
-def wait_terminal(database_url: str, job_ids: list[str], timeout_s: float = 90.0) -> dict[str, str]:
-    engine = sa.create_engine(database_url)
-    deadline = time.monotonic() + timeout_s
-    try:
-        while True:
-            with engine.connect() as conn:
-                rows = conn.execute(
-                    sa.text("select id::text, status from job where id::text = any(:ids)"),
-                    {"ids": job_ids},
-                ).all()
-            statuses = {str(r[0]): str(r[1]) for r in rows}
-            if len(statuses) == len(job_ids) and all(
-                s in ("succeeded", "failed") for s in statuses.values()
-            ):
-                return statuses
-            if time.monotonic() > deadline:
-                pytest.fail(f"jobs not finished: {statuses}", pytrace=False)
-            time.sleep(0.3)
-    finally:
-        engine.dispose()
 
 
 def personal_strings(specimen: Specimen) -> list[str]:

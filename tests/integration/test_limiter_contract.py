@@ -38,6 +38,9 @@ class Harness:
     advance: Callable[[float], Any]
     tol_s: float  # how far a computed send time may sit from the ideal (round trip, sleeps)
     closed: list[Any] = field(default_factory=list)
+    # Loses `key`'s state as a Redis restart without persistence would (None: memory, where
+    # a new limiter on the same clock is a lost state).
+    lose: Callable[[str], Any] | None = None
 
 
 @dataclass
@@ -75,7 +78,7 @@ async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
         return RedisRateLimiter(client, qps=qps, burst=burst, **kw)
 
     # Redis TIME and time.time() are the same host clock here.
-    yield Harness("redis", make_redis, time.time, asyncio.sleep, tol_s=0.03)
+    yield Harness("redis", make_redis, time.time, asyncio.sleep, tol_s=0.03, lose=client.delete)
     await client.aclose()
 
 
@@ -203,6 +206,44 @@ async def test_keys_have_independent_schedules(harness: Harness) -> None:
     assert other.granted
     assert other.wait_s <= 0.5 + harness.tol_s
     assert await limiter.effective_rate(OTHER_KEY) == 2
+
+
+GUARD = {"lost_state_guard_s": 0.5}
+
+
+async def test_a_fresh_state_starts_after_the_guard(harness: Harness) -> None:
+    limiter = harness.make(5, tuning=GUARD)
+    before = harness.now()
+    [first] = await send_times(limiter, harness, 1)
+    # The first window wholly after now + the guard, its first slot (centred).
+    assert math.floor(first) == math.floor(before + 0.5) + 1 or (
+        harness.name == "redis" and math.floor(first) == math.floor(harness.now() + 0.5) + 1
+    )
+    assert off_center(first, 5) <= harness.tol_s + 1e-9
+
+
+async def test_a_lost_state_never_overfills_a_window(harness: Harness) -> None:
+    """Slots booked up to the horizon ahead, then the state is lost (a Redis restart): the
+    fresh schedule hands out none of those windows again."""
+    limiter = harness.make(5, tuning=GUARD)
+    steady = await send_times(limiter, harness, 3)
+    await harness.advance(steady[-1] - harness.now())  # now inside a steady schedule
+    booked = []
+    while True:  # everything within the horizon, as worker.quota.horizon books it
+        before = harness.now()
+        reservation = await limiter.reserve(KEY, max_wait_s=0.5)
+        if not reservation.granted:
+            break
+        booked.append((before + harness.now()) / 2 + reservation.wait_s)
+    assert booked
+    if harness.lose is None:
+        limiter = harness.make(5, tuning=GUARD)
+    else:
+        await harness.lose(KEY)
+    after = await send_times(limiter, harness, 12)
+    counts = per_window(booked + after)
+    assert max(counts.values()) <= 5, counts
+    assert min(after) > max(booked)
 
 
 async def test_throttle_lowers_the_rate_once_per_event(harness: Harness) -> None:

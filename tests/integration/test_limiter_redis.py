@@ -54,15 +54,46 @@ async def test_each_reservation_is_one_round_trip(clean_redis: str) -> None:
     assert sent == ["EVALSHA"] * 12
 
 
-async def test_state_expires_after_its_schedule(clean_redis: str) -> None:
+async def test_state_goes_idle_after_its_schedule_and_its_key_is_kept_a_day(
+    clean_redis: str,
+) -> None:
     client = state_redis(clean_redis)
     try:
         limiter = RedisRateLimiter(client, qps=5)
         for _ in range(10):
             await limiter.reserve(KEY, max_wait_s=60)
-        ttl_ms = await client.pttl(KEY)
+        seconds, micros = await client.time()
+        idle_at = await client.hget(KEY, "idle_at")
+        assert idle_at is not None
+        idle_in_s = float(idle_at) - (seconds + micros / 1e6)
         # Beyond the ~2 s of booked slots, but not forever.
-        assert 2_000 < ttl_ms <= 5 * 60_000
+        assert 2 < idle_in_s <= 5 * 60
+        ttl_ms = await client.pttl(KEY)
+        assert 86_400_000 < ttl_ms <= (86_400 + 5 * 60) * 1000
+    finally:
+        await client.aclose()
+
+
+async def test_an_idle_state_restarts_at_once_a_missing_one_after_the_guard(
+    clean_redis: str,
+) -> None:
+    """Idle (past idle_at): nothing of it is booked, the first slot is in this window.
+    Missing (Redis lost it): its bookings may still be on their way, so not before the
+    window after now + lost_state_guard_s."""
+    client = state_redis(clean_redis)
+    try:
+        limiter = RedisRateLimiter(client, qps=5, tuning={"lost_state_guard_s": 0.5})
+        for _ in range(10):  # booked ~2 s ahead
+            await limiter.reserve(KEY, max_wait_s=60)
+        await client.hset(KEY, "idle_at", "1")  # as if its idle spell were over
+        idle = await limiter.reserve(KEY, max_wait_s=60)
+        assert idle.granted and idle.wait_s <= 0.2 + 0.03
+        await client.delete(KEY)
+        seconds, micros = await client.time()
+        now = seconds + micros / 1e6
+        lost = await limiter.reserve(KEY, max_wait_s=60)
+        assert lost.granted and lost.window is not None
+        assert lost.window >= int(now + 0.5) + 1
     finally:
         await client.aclose()
 

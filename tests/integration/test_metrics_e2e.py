@@ -19,12 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import sqlalchemy as sa
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from emulator.specimen import make_specimen
-from tests.fixtures.workers import cli_env
+from tests.fixtures.workers import cli_env, wait_terminal
 
 pytestmark = pytest.mark.integration
 
@@ -113,28 +112,6 @@ def wait_workers(env: Mapping[str, str], launcher: Launcher, n: int) -> None:
                 pytest.fail(f"{len(replies)} of {n} workers:\n{launcher.log.read_text()[-3000:]}")
     finally:
         app.close()
-
-
-def wait_terminal(database_url: str, job_ids: list[str], timeout_s: float = 90.0) -> dict[str, str]:
-    engine = sa.create_engine(database_url)
-    deadline = time.monotonic() + timeout_s
-    try:
-        while True:
-            with engine.connect() as conn:
-                rows = conn.execute(
-                    sa.text("select id::text, status from job where id::text = any(:ids)"),
-                    {"ids": job_ids},
-                ).all()
-            statuses = {str(r[0]): str(r[1]) for r in rows}
-            if len(statuses) == len(job_ids) and all(
-                s in ("succeeded", "failed") for s in statuses.values()
-            ):
-                return statuses
-            if time.monotonic() > deadline:
-                pytest.fail(f"jobs not finished: {statuses}", pytrace=False)
-            time.sleep(0.3)
-    finally:
-        engine.dispose()
 
 
 def test_counters_equal_what_happened(

@@ -13,16 +13,14 @@ import json
 import re
 import subprocess
 import sys
-import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-import sqlalchemy as sa
 
 from emulator.specimen import Specimen, make_specimen
-from tests.fixtures.workers import StartWorkers, cli_env
+from tests.fixtures.workers import StartWorkers, cli_env, wait_terminal
 
 pytestmark = pytest.mark.integration
 
@@ -84,28 +82,6 @@ def leaks(text: str, specimens: list[Specimen]) -> list[str]:
     return found
 
 
-def wait_terminal(database_url: str, job_ids: list[str], timeout_s: float = 120.0) -> None:
-    engine = sa.create_engine(database_url)
-    deadline = time.monotonic() + timeout_s
-    try:
-        while True:
-            with engine.connect() as conn:
-                done = conn.execute(
-                    sa.text(
-                        "select count(*) from job where id::text = any(:ids) "
-                        "and status in ('succeeded', 'failed')"
-                    ),
-                    {"ids": job_ids},
-                ).scalar_one()
-            if done == len(job_ids):
-                return
-            if time.monotonic() > deadline:
-                pytest.fail(f"only {done} of {len(job_ids)} jobs finished", pytrace=False)
-            time.sleep(0.3)
-    finally:
-        engine.dispose()
-
-
 def test_no_personal_data_in_any_log_line(
     worker_env: dict[str, str], celery_workers: StartWorkers, emulator: Any, tmp_path: Path
 ) -> None:
@@ -149,7 +125,7 @@ def test_no_personal_data_in_any_log_line(
     assert submitted.returncode == 0, submitted.stderr.decode()
     job_ids = [json.loads(line)["job_id"] for line in submitted.stdout.decode().splitlines()]
     assert len(job_ids) == len(specimens)
-    wait_terminal(env["MACAO_OCR_DATABASE_URL"], job_ids)
+    wait_terminal(env["MACAO_OCR_DATABASE_URL"], job_ids, timeout_s=120.0)
     # A status read is the one place results are shown; its own logs must stay clean too.
     status = subprocess.run(
         [MACAO_OCR, "status", *job_ids, "--json"],

@@ -22,15 +22,12 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
 from emulator.specimen import make_specimen
 from models import Job, JobStatus, KeptAnswer, Result
-from tests.fixtures.workers import cli_env, sealer_for_tests
-from worker.broker.publish import CeleryPublisher
-from worker.producer import JobSpec, submit_many
-from worker.settings import Settings
+from tests.fixtures.workers import cli_env, sealer_for_tests, submit_jobs
+from worker.producer import JobSpec
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -59,23 +56,10 @@ def deployment(worker_env: dict[str, str]) -> Iterator[tuple[dict[str, str], sa.
 
 
 def submit(env: dict[str, str], engine: sa.Engine, seed: int) -> uuid.UUID:
-    settings = Settings(
-        database_url=env["MACAO_OCR_DATABASE_URL"], broker_url=env["MACAO_OCR_BROKER_URL"]
-    )
-    app = Celery("poison-e2e-producer", broker=settings.broker_url, set_as_current=False)
-    try:
-        image = make_specimen(seed, answer={"ID": LONG_ID}).image
-        factory = sessionmaker(engine, expire_on_commit=False)
-        [job_id] = submit_many(
-            factory,
-            CeleryPublisher(app),
-            settings,
-            [JobSpec(front=image)],
-            sealer=sealer_for_tests(),
-        )
-        return job_id
-    finally:
-        app.close()
+    image = make_specimen(seed, answer={"ID": LONG_ID}).image
+    factory = sessionmaker(engine, expire_on_commit=False)
+    [job_id] = submit_jobs(env, factory, [JobSpec(front=image)])
+    return job_id
 
 
 def job_row(engine: sa.Engine, job_id: uuid.UUID) -> Job:

@@ -27,9 +27,9 @@ from tests.integration.test_pipeline import (  # noqa: F401 -- fixtures
     transient,
 )
 from worker.errors import InputError, TransientError
+from worker.netpolicy import UrlPolicy
 from worker.pipeline import Outcome
 from worker.tencent.fetch import fetch_image
-from worker.tencent.urls import UrlPolicy
 from worker.tencent.validation import validate_request
 
 DOWNLOAD = "FailedOperation.DownLoadError"

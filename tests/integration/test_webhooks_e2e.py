@@ -23,7 +23,6 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from celery import Celery
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from standardwebhooks import Webhook
@@ -31,10 +30,9 @@ from standardwebhooks import Webhook
 from emulator.specimen import make_specimen
 from models import Job, JobStatus, Result, WebhookAttempt, WebhookDelivery
 from tests.fixtures.emulator import EmulatorProcess
-from tests.fixtures.workers import StartWorkers, cli_env, sealer_for_tests
-from worker.broker.publish import WEBHOOK_QUEUE, CeleryPublisher
-from worker.producer import JobSpec, submit_many
-from worker.settings import Settings
+from tests.fixtures.workers import StartWorkers, cli_env, sealer_for_tests, submit_jobs
+from worker.broker.publish import WEBHOOK_QUEUE
+from worker.producer import JobSpec
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -98,19 +96,10 @@ def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
 def _submit(
     env: dict[str, str], factory: sessionmaker[Session], batch: str, n: int, seed: int
 ) -> list[uuid.UUID]:
-    settings = Settings(
-        database_url=env["MACAO_OCR_DATABASE_URL"], broker_url=env["MACAO_OCR_BROKER_URL"]
-    )
-    app = Celery("webhooks-e2e-producer", broker=settings.broker_url, set_as_current=False)
-    try:
-        specs = [
-            JobSpec(front=make_specimen(seed=seed + i).image, tag=f"{batch}-{i}") for i in range(n)
-        ]
-        return submit_many(
-            factory, CeleryPublisher(app), settings, specs, batch=batch, sealer=sealer_for_tests()
-        )
-    finally:
-        app.close()
+    specs = [
+        JobSpec(front=make_specimen(seed=seed + i).image, tag=f"{batch}-{i}") for i in range(n)
+    ]
+    return submit_jobs(env, factory, specs, batch=batch)
 
 
 def _wait(what: str, check: Any, timeout_s: float = 120.0) -> None:

@@ -7,6 +7,8 @@ under `if TYPE_CHECKING:` excepted, as they never run).
 - Celery's and kombu's internals are reached only from worker/broker/ (and the app's public
   Celery API from worker/app.py);
 - worker code never imports `emulator` or `demo`, except the CLI, the composition root;
+- worker/settings.py, which nearly every module imports, leans only on a few named leaves
+  (modules that import nothing of ours but each other), never on a package of worker/;
 - a production install has neither fakeredis nor lupa (the demo's), and needs neither.
 """
 
@@ -33,6 +35,9 @@ COMPOSERS = (
     "worker.cli",
     "worker.metrics",
 )
+# What worker/settings.py may import of ours: leaves, so the settings stay under every package
+# (the warning policy is checked at load against the reason codes, without worker.decision).
+SETTINGS_LEAVES = ("worker.errors", "worker.policy_text", "worker.reason_codes")
 # Celery's public surface as the rest of worker/ may use it.
 PUBLIC_CELERY = {"celery", "celery.signals", "celery.exceptions"}
 
@@ -107,6 +112,24 @@ def test_concept_packages_never_import_what_composes_them() -> None:
         if _in(t, COMPOSERS)
     )
     assert upward == []
+
+
+def test_settings_import_only_the_named_leaves() -> None:
+    edges = graph()
+    reached = sorted(
+        f"worker.settings -> {t}"
+        for t in edges["worker.settings"]
+        if _in(t, PACKAGES) and t not in SETTINGS_LEAVES
+    )
+    assert reached == []
+    # ...and those stay leaves: nothing of ours but each other.
+    beyond = sorted(
+        f"{leaf} -> {t}"
+        for leaf in SETTINGS_LEAVES
+        for t in edges[leaf]
+        if _in(t, PACKAGES) and t not in SETTINGS_LEAVES
+    )
+    assert beyond == []
 
 
 def test_celery_and_kombu_internals_only_behind_the_broker_door() -> None:

@@ -18,7 +18,7 @@ from worker.decision.checks import (
     run_checks,
     sex_of,
 )
-from worker.decision.codes import CHECK_CODES
+from worker.reason_codes import CHECK_CODES
 
 DAY = date(2026, 12, 3)
 LIMITS = Limits()

@@ -10,18 +10,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from worker.decision.checks import CardFacts, Limits
-from worker.decision.codes import BY_CODE, CATALOGUE, DEFAULTS, Effect, Outcome, Source
 from worker.decision.engine import decide, reading_day
-from worker.decision.policy import (
-    Policy,
-    PolicyError,
-    overrides_from,
-    parse_policy_text,
-    policy_for,
-    policy_text,
-)
+from worker.decision.policy import Policy, policy_for
 from worker.decision.store import PolicyCache
 from worker.errors import ConfigError
+from worker.policy_text import PolicyError, overrides_from, parse_policy_text, policy_text
+from worker.reason_codes import BY_CODE, CATALOGUE, DEFAULTS, Effect, Outcome, Source
 from worker.settings import load_settings
 
 READ_AT = datetime(2026, 12, 3, 4, 0, tzinfo=UTC)

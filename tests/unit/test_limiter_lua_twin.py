@@ -48,6 +48,8 @@ def test_script_and_twin_agree_step_by_step(
         probe_settle_s=0.3,
         coalesce_s=0.2,
         increase_fraction_per_s=0.2,
+        # Half the runs with a lost-state guard: the first reservation stamps a window.
+        lost_state_guard_s=0.5 * (seed % 2),
     )
     control_args = [getattr(ctl, name) for name in ARGV_CONTROL_FIELDS]
     state = aimd.initial_state(ctl)
@@ -59,6 +61,7 @@ def test_script_and_twin_agree_step_by_step(
         where = f"step {step}"
         if roll < 0.8:
             max_wait_s = rng.choice([0.3, 1.0, 5.0, 60.0])
+            state = aimd.stamp(state, ctl, now)
             new, wait_s = aimd.reserve(state, ctl, now, max_wait_s)
             granted, lua_wait, lua_slack, lua_win, lua_cap = script(
                 keys=[KEY], args=["reserve", *control_args, max_wait_s]

@@ -6,7 +6,6 @@ import datetime as dt
 import io
 import json
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -26,16 +25,6 @@ NAME_EN = "CHAN TAI MAN"
 ID_SMART = "1234567(8)"
 ID_OLD = "5/123456/7"
 BIRTHDAY = "01-02-1990"
-
-
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    structlog.reset_defaults()
 
 
 @pytest.fixture

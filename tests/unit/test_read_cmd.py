@@ -125,8 +125,27 @@ def run(args: list[str], env: dict[str, str] | None = None) -> subprocess.Comple
     )
 
 
+@pytest.fixture(scope="module")
+def access_db(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A migrated SQLite file: `read` logs every read in access_log before its call."""
+    import migrations
+
+    url = f"sqlite:///{tmp_path_factory.mktemp('read') / 'access.db'}"
+    migrations.upgrade(url)
+    return url
+
+
+ACCESS_DB: dict[str, str] = {}
+
+
+@pytest.fixture(autouse=True)
+def _access_db(access_db: str) -> None:
+    ACCESS_DB["url"] = access_db
+
+
 def creds(stub: Stub) -> dict[str, str]:
     return {
+        "MACAO_OCR_DATABASE_URL": ACCESS_DB["url"],
         "MACAO_OCR_API_ENDPOINT": stub.url,
         "TENCENTCLOUD_SECRET_ID": SECRET_ID,
         "TENCENTCLOUD_SECRET_KEY": SECRET_KEY,
@@ -188,6 +207,36 @@ def test_rejected_input_makes_no_call(stub: Stub, tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "missing.jpg" in proc.stderr
     assert stub.bodies == []
+
+
+def _access_rows(url: str) -> list[tuple[object, ...]]:
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return list(conn.execute(sa.text("SELECT actor, tenant, job_id, how FROM access_log")))
+    finally:
+        engine.dispose()
+
+
+def test_each_read_is_logged_before_its_call(stub: Stub, card: Path) -> None:
+    before = len(_access_rows(ACCESS_DB["url"]))
+    proc = run([str(card), "--json"], creds(stub))
+    assert proc.returncode == 0, proc.stderr
+    rows = _access_rows(ACCESS_DB["url"])
+    assert len(rows) == before + 1
+    actor, tenant, job_id, how = rows[-1]
+    assert (tenant, job_id, how) == ("default", None, "cli.read")
+    assert "@" in str(actor)
+
+
+def test_a_read_that_cannot_be_logged_buys_nothing(stub: Stub, card: Path, tmp_path: Path) -> None:
+    unmigrated = f"sqlite:///{tmp_path / 'empty.db'}"
+    proc = run([str(card), "--json"], {**creds(stub), "MACAO_OCR_DATABASE_URL": unmigrated})
+    assert proc.returncode == 1
+    assert "database_not_migrated" in proc.stderr
+    assert proc.stdout == "" and stub.bodies == []
 
 
 def test_result_json_keys() -> None:

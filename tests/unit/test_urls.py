@@ -10,15 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from worker.errors import InputError
+from worker.netpolicy import UrlPolicy, parse_ip_host, parse_ipv4, refused_address
 from worker.tencent.preflight import Preflight
 from worker.tencent.types import ImageInput, OcrRequest
-from worker.tencent.urls import (
-    UrlPolicy,
-    check_url,
-    parse_ip_host,
-    parse_ipv4,
-    refused_address,
-)
+from worker.tencent.urls import check_url
 
 REFUSED = [
     ("http://169.254.169.254/latest/meta-data", "metadata_address"),

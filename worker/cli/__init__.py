@@ -19,6 +19,7 @@ from worker.cli import (
     jobs_cmd,
     keys_cmd,
     ops_cmd,
+    privacy_cmd,
     read_cmd,
     replay_cmd,
     tenants_cmd,
@@ -79,6 +80,7 @@ for _module in (
     api_cmd,
     webhooks_cmd,
     keys_cmd,
+    privacy_cmd,
 ):
     _module.register(app)
 

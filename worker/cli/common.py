@@ -270,6 +270,13 @@ def database(settings: Settings, *, tenant: str | None = None) -> Iterator[sessi
         engine.dispose()
 
 
+def os_actor() -> str:
+    """Who runs this command, as history events and the access log record it: user@host."""
+    from worker.store.access import process_actor
+
+    return process_actor()
+
+
 ALL_TENANTS_HELP = "Every tenant's jobs (operators; needs the macao_ocr_operator role)."
 
 

@@ -25,15 +25,17 @@ from worker.cli.common import (
     fail,
     load_or_exit,
     make_publisher,
+    os_actor,
     scope,
     sealer_for,
 )
-from worker.decision.codes import Outcome, is_reason_code
 from worker.errors import InputError, StateUnavailable
 from worker.privacy.seal import Sealer
 from worker.producer import MAX_ROWS, JobSpec, ManifestError, read_manifest, submit_many
 from worker.producer import submit as submit_one
+from worker.reason_codes import Outcome, is_reason_code
 from worker.settings import Settings
+from worker.store import access
 from worker.store.filters import JobFilter
 from worker.store.lookup import LOOKUP_OFF, job_ids_by_id_number
 from worker.store.views import job_view, not_found_view
@@ -365,15 +367,21 @@ def status(
     pause, pause_known = read_pause(settings)
     missing = 0
     views: list[dict[str, Any]] = []
-    with database(settings, tenant=tenant) as factory, factory() as session:
-        for text in job_ids:
-            job = _find_job(session, text, tenant)
-            if job is None:
-                missing += 1
-                views.append(not_found_view(text))
-            else:
-                view = job_view(session, job, sealer=sealer, history=history)
-                views.append(_with_tenant(view, job, tenant))
+    with database(settings, tenant=tenant) as factory:
+        shown: list[Job] = []
+        with factory() as session:
+            for text in job_ids:
+                job = _find_job(session, text, tenant)
+                if job is None:
+                    missing += 1
+                    views.append(not_found_view(text))
+                else:
+                    shown.append(job)
+                    view = job_view(session, job, sealer=sealer, history=history)
+                    views.append(_with_tenant(view, job, tenant))
+            personal = access.with_personal_fields(session, [job.id for job in shown])
+        # Logged before anything is shown: a read that cannot be logged shows nothing.
+        _log_reads(factory, access.CLI_STATUS, [j for j in shown if j.id in personal])
     if not json_out:
         _print_pause(pause, pause_known)
     for view in views:
@@ -397,6 +405,12 @@ def _print_pause(pause: dict[str, Any] | None, known: bool) -> None:
             f"ACCOUNT PAUSED since {pause['since']}: {pause['code']}: {pause['message']} "
             "(jobs stay queued until it resumes)"
         )
+
+
+def _log_reads(factory: sessionmaker[Session], how: str, shown: Sequence[Job]) -> None:
+    """One access_log row per job whose personal fields are about to be shown."""
+    reads = [access.Read(tenant=job.tenant, job_id=job.id) for job in shown]
+    access.record(factory, actor=os_actor(), how=how, reads=reads)
 
 
 # -- jobs
@@ -462,9 +476,16 @@ def jobs(
         reason=reason,
     )
     query = matching.select().order_by(Job.created_at.desc(), Job.id).limit(limit)
-    with database(settings, tenant=tenant) as factory, factory() as session:
-        rows = session.scalars(query).all()
-        views = [_with_tenant(job_view(session, job, sealer=sealer), job, tenant) for job in rows]
+    with database(settings, tenant=tenant) as factory:
+        with factory() as session:
+            rows = session.scalars(query).all()
+            views = [
+                _with_tenant(job_view(session, job, sealer=sealer), job, tenant) for job in rows
+            ]
+            personal = access.with_personal_fields(session, [job.id for job in rows])
+        if json_out:
+            # The table shows no personal field; the JSON lines do.
+            _log_reads(factory, access.CLI_JOBS, [j for j in rows if j.id in personal])
     if json_out:
         for view in views:
             _emit(view)

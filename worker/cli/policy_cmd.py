@@ -16,8 +16,9 @@ from rich.table import Table
 from worker.cli.common import database, fail, load_or_exit
 from worker.cli.replay_cmd import default_actor
 from worker.cli.tenants_group import tenants_app
-from worker.decision.codes import Effect
-from worker.decision.policy import Policy, PolicyError, overrides_from, policy_for, policy_text
+from worker.decision.policy import Policy, policy_for
+from worker.policy_text import PolicyError, overrides_from, policy_text
+from worker.reason_codes import Effect
 
 _CODES_HELP = "Codes (repeatable, or comma-separated): warning names or check codes."
 TENANT_MAX = 64

@@ -1,4 +1,5 @@
-"""`macao-ocr read FRONT [--back BACK]`: read one card through the client, no queue, no DB."""
+"""`macao-ocr read FRONT [--back BACK]`: read one card through the client, no queue; the
+database only for the access log (the read is logged before the call)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from worker.cli.common import CliError
+from worker.cli.common import CliError, database, os_actor
 from worker.errors import ApiError, ConfigError, InputError, MacaoOcrError
 from worker.logs import configure_logging
 from worker.settings import Settings, load_settings
@@ -47,6 +48,18 @@ async def read_card(settings: Settings, request: OcrRequest) -> OcrResult:
     config = ClientConfig.from_settings(settings)
     async with make_session(settings) as session:
         return await OcrClient(session, config).recognize(request)
+
+
+def _log_read(settings: Settings) -> None:
+    from worker.store import access
+
+    with database(settings, tenant=settings.tenant) as factory:
+        access.record(
+            factory,
+            actor=os_actor(),
+            how=access.CLI_READ,
+            reads=[access.Read(tenant=settings.tenant, job_id=None)],
+        )
 
 
 def _fail(exc: MacaoOcrError) -> CliError:
@@ -96,6 +109,10 @@ def read(
         from worker.producer import make_preflight
 
         make_preflight(settings).check(request)
+        # Logged before the call (a read that cannot be logged buys nothing and shows
+        # nothing): what it shows is a person's card, with no job to name.
+        ClientConfig.from_settings(settings)  # missing credentials: said before anything
+        _log_read(settings)
         result = asyncio.run(read_card(settings, request))
     except (ConfigError, InputError, ApiError) as exc:
         raise _fail(exc) from None

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import getpass
 import json
 import signal
-import socket
 import threading
 import uuid
 from collections.abc import Sequence
@@ -21,6 +19,7 @@ from worker.cli.common import (
     fail,
     load_or_exit,
     make_publisher,
+    os_actor,
     scope,
     sealer_for,
 )
@@ -35,11 +34,7 @@ if TYPE_CHECKING:
 
 def default_actor() -> str:
     """$USER@host, recorded in the replay event."""
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):
-        user = "unknown"
-    return f"{user}@{socket.gethostname()}"
+    return os_actor()
 
 
 class _NoPublish:
@@ -140,7 +135,8 @@ def replay_command(
             for job_id in report.replayed:
                 typer.echo(f"  {job_id}  {report.error_codes.get(job_id) or '-'}")
         for job_id, why in report.refused.items():
-            typer.echo(f"refused {job_id}: {why}", err=True)
+            code = report.refused_codes.get(job_id)
+            typer.echo(f"refused {job_id}: {why}" + (f" ({code})" if code else ""), err=True)
         if not report.published:
             typer.echo(
                 "broker unavailable: the jobs are queued; the sweeper publishes them", err=True
@@ -183,11 +179,15 @@ def _sweep(
             "webhook_deliveries": len(report.deliveries),
             "broker_restarted": report.broker_restarted,
             "publish_failed": report.publish_failed,
+            "retention": report.retention.to_dict(),
         }
         if as_json:
             typer.echo(json.dumps(counts))
         else:
-            typer.echo(", ".join(f"{k} {v}" for k, v in counts.items()))
+            plain = {k: v for k, v in counts.items() if k != "retention"}
+            removed = report.retention.to_dict()
+            plain.update({f"retention.{k}": v for k, v in removed.items()})
+            typer.echo(", ".join(f"{k} {v}" for k, v in plain.items()))
         if report.publish_failed:
             raise typer.Exit(1)
         return

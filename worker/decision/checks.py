@@ -2,7 +2,7 @@
 
 Each check returns findings `(code, detail)`; a detail names fields and counts, never a value
 read from the card (no names, ID numbers or dates of the holder). The codes and their default
-effects are in `worker.decision.codes`.
+effects are in `worker.reason_codes`.
 """
 
 from __future__ import annotations

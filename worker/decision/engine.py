@@ -12,8 +12,8 @@ from datetime import date, datetime, timedelta, timezone
 from typing import Any, Final
 
 from worker.decision.checks import CardFacts, Limits, run_checks
-from worker.decision.codes import WARNING_SERVICE_DISABLED, Effect, Outcome, Source
 from worker.decision.policy import Policy
+from worker.reason_codes import WARNING_SERVICE_DISABLED, Effect, Outcome, Source
 
 # Macao's civil day decides whether a card expired (UTC+8, no daylight saving).
 MACAO_TZ: Final = timezone(timedelta(hours=8), "Asia/Macau")

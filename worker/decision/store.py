@@ -19,8 +19,9 @@ import structlog
 from sqlalchemy import Connection, Table, bindparam, delete, insert, select, update
 
 from models import WarningPolicy
-from worker.decision.codes import Effect
-from worker.decision.policy import Policy, policy_for, stored_overrides
+from worker.decision.policy import Policy, policy_for
+from worker.policy_text import stored_overrides
+from worker.reason_codes import Effect
 
 log = structlog.get_logger(__name__)
 

@@ -34,6 +34,7 @@ from worker.http.schemas import JobOut, JobPage, JobRequest, ReplayOut, ReplayRe
 from worker.http.services import CallerDep, Services, ServicesDep
 from worker.producer import JobSpec, submit
 from worker.replay import replay
+from worker.store import access
 from worker.store.lookup import LOOKUP_OFF, job_ids_by_id_number
 from worker.store.views import job_view
 from worker.tenants import Caller
@@ -102,12 +103,26 @@ def _load(session: Session, tenant: str, job_id: uuid.UUID) -> Job:
     return job
 
 
+def actor(who: Caller) -> str:
+    """The access log's and history's name for an API caller."""
+    return f"key:{who.key_id}"
+
+
+def _log_reads(svc: Services, who: Caller, how: str, job_ids: list[uuid.UUID]) -> None:
+    """One access_log row per job whose personal fields the answer shows (committed first)."""
+    reads = [access.Read(tenant=who.tenant, job_id=job_id) for job_id in job_ids]
+    access.record(svc.session_factory, actor=actor(who), how=how, reads=reads)
+
+
 def job_json(
-    svc: Services, tenant: str, job_id: uuid.UUID, *, history: bool = False
+    svc: Services, who: Caller, job_id: uuid.UUID, *, history: bool = False
 ) -> dict[str, Any]:
     with svc.session_factory() as session:
-        job = _load(session, tenant, job_id)
-        return job_view(session, job, sealer=svc.sealer, history=history)
+        job = _load(session, who.tenant, job_id)
+        view = job_view(session, job, sealer=svc.sealer, history=history)
+        personal = access.with_personal_fields(session, [job_id])
+    _log_reads(svc, who, access.API_JOB, list(personal))
+    return view
 
 
 def _create(
@@ -118,7 +133,7 @@ def _create(
         digest = request_sha256("job", spec_digest(spec, batch))
         done = idempotency.begin(svc.session_factory, who.tenant, key, digest)
         if done is not None and done.job_id is not None:
-            return JSONResponse(job_json(svc, who.tenant, done.job_id), headers=REPLAYED)
+            return JSONResponse(job_json(svc, who, done.job_id), headers=REPLAYED)
     try:
         svc.backlog.admit(who.tenant, 1)
         job_id = submit(
@@ -139,7 +154,7 @@ def _create(
     if key is not None:
         idempotency.complete(svc.session_factory, who.tenant, key, job_id=job_id)
     return JSONResponse(
-        job_json(svc, who.tenant, job_id),
+        job_json(svc, who, job_id),
         status_code=201,
         headers={"Location": f"/v1/jobs/{job_id}"},
     )
@@ -191,7 +206,7 @@ def get_job(
     svc: ServicesDep,
     history: Annotated[bool, Query(description="Every API call and event.")] = False,
 ) -> JSONResponse:
-    return JSONResponse(job_json(svc, who.tenant, job_id, history=history))
+    return JSONResponse(job_json(svc, who, job_id, history=history))
 
 
 @router.get(
@@ -217,6 +232,8 @@ def get_portrait(job_id: uuid.UUID, who: CallerDep, svc: ServicesDep) -> Respons
     with svc.session_factory() as session:
         _load(session, who.tenant, job_id)
         portrait = session.get(Portrait, job_id)
+    if portrait is not None:
+        _log_reads(svc, who, access.API_PORTRAIT, [job_id])
     if portrait is None:
         raise ProblemError(
             404,
@@ -291,6 +308,8 @@ def list_jobs(
         jobs = list(session.scalars(query))
         page = jobs[:limit]
         views = [job_view(session, job, sealer=svc.sealer) for job in page]
+        personal = access.with_personal_fields(session, [job.id for job in page])
+    _log_reads(svc, who, access.API_JOBS, [job.id for job in page if job.id in personal])
     next_cursor = _cursor(page[-1]) if len(jobs) > limit else None
     return JSONResponse({"jobs": views, "next_cursor": next_cursor})
 
@@ -313,13 +332,21 @@ def _replay_job(
         svc.publisher,
         svc.for_tenant(who.tenant),
         job_ids=[job_id],
-        actor=f"api:{who.key_id}",
+        actor=f"api:{who.key_id}",  # the replay event's actor, as before
         reason=options.reason,
         force=options.force,
         sealer=svc.sealer,
     )
     if job_id in report.refused:
-        raise ProblemError(409, "replay_refused", "Replay refused", report.refused[job_id])
+        # `code` is the refusal's own (`Replay.ImagesDeleted`, `Replay.Erased`...); the type
+        # stays `replay_refused` for every one of them.
+        raise ProblemError(
+            409,
+            report.refused_codes.get(job_id, "replay_refused"),
+            "Replay refused",
+            report.refused[job_id],
+            kind="replay_refused",
+        )
     return JSONResponse(report.to_dict())
 
 
@@ -329,7 +356,10 @@ def _replay_job(
     response_model=None,
     responses={
         200: body(ReplayOut, "Queued again."),
-        409: problem("In flight, or succeeded without force."),
+        409: problem(
+            "In flight, succeeded without force, its images deleted by retention "
+            "(`Replay.ImagesDeleted`) or erased (`Replay.Erased`)."
+        ),
         **AUTH,
         **NOT_FOUND,
     },

@@ -29,6 +29,16 @@ throttle from the same window lowers it by one more. A first over-quota window t
 teaches the real quota in one window instead of one decrease step per window.
 tests/unit/test_limiter_aimd.py simulates configured 10/s against a real quota of 7/s:
 these constants give ~100% of 7/s with well under 2% of calls throttled.
+
+A lost state. A state that is not there is either a key never used (the Redis script keeps
+an idle one's key for a day and restarts it afresh without what follows) or one that Redis
+lost (a restart without persistence, a FLUSHDB) while calls it had scheduled are still on
+their way: up to `lost_state_guard_s` (the booking horizon, `quota_horizon_s`) ahead. A
+fresh schedule that handed out those windows again would overfill them, and the throttles
+would teach it a quota lower than the real one (measured: a fleet at 5/s dropped to 3/s for
+25 s, then 4/s for 30 s). So a fresh state's first window is the first one that starts
+after `lost_state_guard_s` from now (`stamp`): at most 1 + lost_state_guard_s of quota
+unused once, after a loss or the first call on a key.
 """
 
 from __future__ import annotations
@@ -44,6 +54,11 @@ COALESCE_S = 1.0  # Tencent's window: throttles within it are one event
 PROBE_SETTLE_S = 2.0  # after a probe window ends, its answers are in by then
 PROBE_GAP_MIN_S = 4.0
 PROBE_GAP_MAX_S = 60.0  # a raised quota is found within about a minute
+# How far ahead a lost state may have booked slots. Off unless set: the worker's limiter
+# (`RedisRateLimiter.from_settings`) sets it to the booking horizon, Settings.quota_horizon_s.
+LOST_STATE_GUARD_S = 0.0
+# `win` of a state no reservation has stamped yet (see `stamp`).
+UNSTAMPED_WIN = -(2**62)
 
 
 @dataclass(frozen=True)
@@ -59,6 +74,7 @@ class RateControl:
     probe_settle_s: float = PROBE_SETTLE_S
     probe_gap_min_s: float = PROBE_GAP_MIN_S
     probe_gap_max_s: float = PROBE_GAP_MAX_S
+    lost_state_guard_s: float = LOST_STATE_GUARD_S
 
     def __post_init__(self) -> None:
         if not self.qps > 0:
@@ -71,6 +87,8 @@ class RateControl:
             raise ValueError("decrease_factor must be in (0, 1)")
         if not self.increase_fraction_per_s > 0:
             raise ValueError("increase_fraction_per_s must be > 0")
+        if self.lost_state_guard_s < 0:
+            raise ValueError("lost_state_guard_s must be >= 0")
 
     @property
     def rate_min(self) -> float:
@@ -124,7 +142,7 @@ def initial_state(ctl: RateControl) -> QuotaState:
         rate=ctl.qps,
         rate_ts=-math.inf,
         hold_until=-math.inf,
-        win=-(2**62),
+        win=UNSTAMPED_WIN,
         cap=0,
         used=0,
         carry=0.0,
@@ -138,6 +156,17 @@ def initial_state(ctl: RateControl) -> QuotaState:
         tally_win=-(2**62),
         tally_n=0,
     )
+
+
+def stamp(state: QuotaState, ctl: RateControl, now: float) -> QuotaState:
+    """A fresh state's first reservation: an empty window up to `lost_state_guard_s` from now,
+    so that no slot goes into a window a lost state may have filled (see the module doc).
+    Kept even when that reservation is refused (else every retry would push it further).
+    Any other state (or a guard of 0) is returned as it is."""
+    if state.win != UNSTAMPED_WIN or ctl.lost_state_guard_s <= 0:
+        # Nothing booked ahead: the slots of this window already passed are skipped anyway.
+        return state
+    return replace(state, win=math.floor(now + ctl.lost_state_guard_s), cap=0, used=0)
 
 
 def current_rate(state: QuotaState, ctl: RateControl, now: float) -> float:

@@ -48,7 +48,8 @@ class MemoryRateLimiter:
             return Reservation(granted=True, wait_s=0.0)
         with self._lock:
             now = self._clock()
-            new, wait_s = aimd.reserve(self._state(key, ctl), ctl, now, max_wait_s)
+            state = self._states[key] = aimd.stamp(self._state(key, ctl), ctl, now)
+            new, wait_s = aimd.reserve(state, ctl, now, max_wait_s)
             if new is None:
                 return Reservation(granted=False, wait_s=wait_s, slack_s=0.0)
             self._states[key] = new

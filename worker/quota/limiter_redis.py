@@ -42,6 +42,7 @@ ARGV_CONTROL_FIELDS = (
     "probe_settle_s",
     "probe_gap_min_s",
     "probe_gap_max_s",
+    "lost_state_guard_s",
 )
 
 
@@ -66,12 +67,14 @@ class RedisRateLimiter:
     def from_settings(
         cls, settings: Settings, redis_client: redis.asyncio.Redis
     ) -> RedisRateLimiter:
-        """The limiter configured by `qps`, `burst` and `rate_min_fraction`."""
+        """The limiter configured by `qps`, `burst` and `rate_min_fraction`; a lost state's
+        bookings reach `quota_horizon_s` ahead (worker.quota.horizon books no further)."""
         return cls(
             redis_client,
             qps=settings.qps,
             burst=settings.burst,
             min_rate_fraction=settings.rate_min_fraction,
+            tuning={"lost_state_guard_s": settings.quota_horizon_s},
         )
 
     def _args(self, op: str, ctl: aimd.RateControl, *extra: float) -> list[str | float]:
@@ -107,7 +110,7 @@ class RedisRateLimiter:
         if ctl is None:
             return math.inf
         evidence = (window, window_cap) if window is not None else (0, 0)
-        # ARGV[11] is max_wait_s for "reserve"; "throttled" leaves it unused (0).
+        # ARGV[12] is max_wait_s for "reserve"; "throttled" leaves it unused (0).
         return float(await self._run(key, self._args("throttled", ctl, 0, *evidence)))
 
     async def effective_rate(self, key: str) -> float:

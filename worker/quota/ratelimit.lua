@@ -24,10 +24,11 @@ ARGV[7]  coalesce_s              throttles within this of a decrease are the sam
 ARGV[8]  probe_settle_s          a probe window's answers are in this long after it ends
 ARGV[9]  probe_gap_min_s         spacing of probes after a passed one
 ARGV[10] probe_gap_max_s         a failed probe doubles the spacing up to this
-ARGV[11] max_wait_s              ("reserve") refuse slots further away than this; unused by
+ARGV[11] lost_state_guard_s      how far ahead a lost state may have booked (the horizon)
+ARGV[12] max_wait_s              ("reserve") refuse slots further away than this; unused by
                                  "throttled" (pass 0)
-ARGV[12] window                  ("throttled") the throttled call's window, from its reserve
-ARGV[13] window_cap              ("throttled") that window's slots; 0 = no evidence
+ARGV[13] window                  ("throttled") the throttled call's window, from its reserve
+ARGV[14] window_cap              ("throttled") that window's slots; 0 = no evidence
 
 Clock: Redis TIME, so every host agrees on window edges whatever its own clock says.
 
@@ -56,9 +57,21 @@ last_slot good_cap probe_cap probe_win probe_sent probe_next probe_gap_s tally_w
 plus qps, inc and
 settle (probe_settle_s) for "rate".
 Times absent from a fresh state are -1 (before any Redis TIME), standing for "never".
+
+A lost state (why): no state is either a key never used (or expired idle) or one Redis lost
+(a restart without persistence, a FLUSHDB) while calls it scheduled, up to
+lost_state_guard_s ahead, are still on their way. Handing their windows out again would
+overfill them, and the throttles would teach a quota lower than the real one. So a fresh
+state's first reservation stamps an empty window (win = floor(now + lost_state_guard_s),
+cap 0): the first slot is in the window after it. The stamp is saved even when that
+reservation is refused, or every retry would push it further. A state merely idle is not
+gone: past its schedule and a full recovery (idle_at) it starts afresh without the guard,
+and its key is kept a day longer, so the first call after an idle spell waits for nothing.
 ]]
 
 local key = KEYS[1]
+-- How long an idle state's key is kept after its idle_at (see save): a day.
+local KEEP_IDLE_S = 86400
 local op = ARGV[1]
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
@@ -67,16 +80,21 @@ local function fmt(x)
   return string.format('%.17g', x)
 end
 
+-- The state, or nil; and whether a state is there but idle (past idle_at: its schedule and
+-- a full recovery are over), which starts afresh without the lost-state guard.
 local function load()
   local flat = redis.call('HGETALL', key)
   if #flat == 0 then
-    return nil
+    return nil, false
   end
   local s = {}
   for i = 1, #flat, 2 do
     s[flat[i]] = tonumber(flat[i + 1])
   end
-  return s
+  if s.idle_at ~= nil and now >= s.idle_at then
+    return nil, true
+  end
+  return s, false
 end
 
 local function current_rate(s, qps, inc)
@@ -121,8 +139,9 @@ local coalesce_s = tonumber(ARGV[7])
 local probe_settle_s = tonumber(ARGV[8])
 local probe_gap_min_s = tonumber(ARGV[9])
 local probe_gap_max_s = tonumber(ARGV[10])
+local lost_state_guard_s = tonumber(ARGV[11])
 
-local s = load()
+local s, idle = load()
 if s ~= nil then
   -- State written by an older script has no tally yet.
   s.tally_win, s.tally_n = s.tally_win or -1, s.tally_n or 0
@@ -133,21 +152,28 @@ else
     probe_sent = 0, probe_next = -1, probe_gap_s = probe_gap_min_s, tally_win = -1,
     tally_n = 0,
   }
+  if idle then
+    -- Merely idle: nothing of it is booked any more, so no guard (a window already past).
+    s.win = math.floor(now) - 1
+  end
 end
 
 local function save()
   s.qps = qps
   s.inc = inc
   s.settle = probe_settle_s
+  -- Outlive the committed schedule and a full recovery; an idle quota then starts afresh
+  -- (idle_at). The key itself is kept KEEP_IDLE_S longer, so that a state that is not there
+  -- at all is one Redis lost (or a key unused for that long): only then the guard.
+  local idle_s = math.max(0, s.last_slot - now) + math.max(0, (qps - s.rate) / inc) + 60
+  s.idle_at = now + idle_s
   local args = {}
   for field, value in pairs(s) do
     args[#args + 1] = field
     args[#args + 1] = fmt(value)
   end
   redis.call('HSET', key, unpack(args))
-  -- Outlive the committed schedule and a full recovery; an idle quota then starts afresh.
-  local ttl_s = math.max(0, s.last_slot - now) + math.max(0, (qps - s.rate) / inc) + 60
-  redis.call('PEXPIRE', key, math.ceil(ttl_s * 1000))
+  redis.call('PEXPIRE', key, math.ceil((idle_s + KEEP_IDLE_S) * 1000))
 end
 
 -- Open window `win`: size it from the rate, then apply the probe rule.
@@ -186,7 +212,13 @@ local function open(rate, win)
 end
 
 if op == 'reserve' then
-  local max_wait_s = tonumber(ARGV[11])
+  local max_wait_s = tonumber(ARGV[12])
+  local stamped = false
+  if s.win < 0 and lost_state_guard_s > 0 then
+    -- A fresh state: an empty window over whatever a lost state may have booked.
+    s.win, s.cap, s.used = math.floor(now + lost_state_guard_s), 0, 0
+    stamped = true
+  end
   local rate = current_rate(s, qps, inc)
   local k = math.floor(now)
   if s.win < k then
@@ -215,6 +247,9 @@ if op == 'reserve' then
   local send = math.max(s.win + (index + 0.5) / s.cap, now)
   local wait_s = send - now
   if wait_s > max_wait_s then
+    if stamped then
+      save()
+    end
     return { 0, fmt(wait_s), '0', 0, 0 }
   end
   s.rate, s.rate_ts, s.used = rate, now, index + 1
@@ -252,8 +287,8 @@ end
 
 if op == 'throttled' then
   local changed = step_down()
-  local window = tonumber(ARGV[12])
-  local window_cap = tonumber(ARGV[13])
+  local window = tonumber(ARGV[13])
+  local window_cap = tonumber(ARGV[14])
   if window_cap > 0 and window >= s.tally_win then
     if window == s.tally_win then
       s.tally_n = s.tally_n + 1

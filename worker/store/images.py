@@ -24,10 +24,14 @@ def store_image(session: Session, sealer: Sealer, tenant: str, data: bytes) -> I
     if kind is None:
         raise InputError("not_png_or_jpeg", "image is neither PNG nor JPEG (rule not_png_or_jpeg)")
     digest = sealer.image_digest(data)
+    # FOR KEY SHARE: a retention or erasure deleting this image waits for our job to commit
+    # (and then keeps the image), or we wait for its commit and find the row gone
+    # (worker.store.retention).
     existing = session.scalars(
         select(Image)
         .where(Image.tenant == tenant, Image.digest == digest, Image.size_bytes == len(data))
         .limit(1)
+        .with_for_update(key_share=True)
     ).first()
     if existing is not None:
         return existing

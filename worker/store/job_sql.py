@@ -81,10 +81,15 @@ def _job_update(**values: Any) -> Any:
 def _claim_statement(*, plain: bool = False) -> Any:
     now = _at("now")
     due = or_(JOB.c.next_attempt_at.is_(None), JOB.c.next_attempt_at <= now)
-    claimable = or_(
-        # Two equalities, not IN: an IN list is re-rendered at every execution (expanding).
-        and_(or_(JOB.c.status == JobStatus.queued, JOB.c.status == JobStatus.retrying), due),
-        and_(JOB.c.status == JobStatus.running, JOB.c.lease_expires_at < now),
+    claimable = and_(
+        or_(
+            # Two equalities, not IN: an IN list is re-rendered at every execution (expanding).
+            and_(or_(JOB.c.status == JobStatus.queued, JOB.c.status == JobStatus.retrying), due),
+            and_(JOB.c.status == JobStatus.running, JOB.c.lease_expires_at < now),
+        ),
+        # An erased job is never called for again, whatever its status says
+        # (worker.store.erasure fails it too; this holds even if something resets it).
+        JOB.c.erased_at.is_(None),
     )
     # The outer row is named literally: SQLite's compiler renders RETURNING columns without
     # their table, so inside a subquery `job.id` would come out as an ambiguous `id`.
@@ -268,6 +273,7 @@ _OWN_COLUMNS = (
     "decision",
     "decided_at",
     "id_number_hash",
+    "personal_deleted_at",
 )
 _RESULT_FIELDS = tuple(c.name for c in RESULT.c if c.name not in _OWN_COLUMNS)
 _missing = set(_RESULT_FIELDS) - {f.name for f in dataclasses.fields(OcrResult)}

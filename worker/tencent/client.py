@@ -21,11 +21,11 @@ import yarl
 from pydantic import SecretStr
 
 from worker.errors import AnswerUndecodable, ApiError, ConfigError, TransportError, api_error
+from worker.netpolicy import PUBLIC_ONLY, UrlPolicy
 from worker.settings import Settings, env_name
 from worker.tencent import signing
 from worker.tencent.response import parse_response
 from worker.tencent.types import OcrRequest, OcrResult
-from worker.tencent.urls import PUBLIC_ONLY, UrlPolicy
 from worker.tencent.validation import Base64Text, build_payload, validate_request
 
 log = structlog.get_logger(__name__)

@@ -18,13 +18,8 @@ import aiohttp
 import yarl
 
 from worker.errors import InputError
-from worker.tencent.urls import (
-    IPAddress,
-    UrlPolicy,
-    addresses_of,
-    check_url,
-    refused_address,
-)
+from worker.netpolicy import IPAddress, UrlPolicy, addresses_of, refused_address
+from worker.tencent.urls import check_url
 from worker.tencent.validation import MAX_IMAGE_BASE64_BYTES
 
 MAX_REDIRECTS: Final = 3

@@ -17,15 +17,9 @@ from typing import Final
 from PIL import Image, ImageFile
 
 from worker.errors import InputError
+from worker.netpolicy import PUBLIC_ONLY, IPAddress, UrlPolicy
 from worker.tencent.types import OcrRequest
-from worker.tencent.urls import (
-    PUBLIC_ONLY,
-    IPAddress,
-    Resolver,
-    UrlPolicy,
-    check_resolved,
-    check_url,
-)
+from worker.tencent.urls import Resolver, check_resolved, check_url
 from worker.tencent.validation import validate_request
 
 # Pillow's names for the formats the API takes.

@@ -16,8 +16,9 @@ from typing import Final
 import yarl
 
 from worker.errors import InputError
+from worker.netpolicy import PUBLIC_ONLY, UrlPolicy
 from worker.tencent.types import PORTRAIT_CONFIG, ImageInput, OcrRequest
-from worker.tencent.urls import PUBLIC_ONLY, UrlPolicy, check_url
+from worker.tencent.urls import check_url
 
 # Tencent's limits are stated in MB; we read them as MiB, the SDK's and console's unit.
 MAX_IMAGE_BASE64_BYTES: Final = 7 * 1024 * 1024

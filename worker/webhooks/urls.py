@@ -7,8 +7,9 @@ connection (`PolicyResolver`, aiohttp's resolver filtered), so a name that later
 to an internal address (DNS rebinding) is refused too: we connect only to addresses that
 passed. Redirects are never followed.
 
-(The same rule as the image-URL policy written for worker/tencent/urls.py on another branch;
-`address_allowed` is the one function to swap for it when both land.)
+Which hosts are public is `worker.netpolicy`, the image URLs' policy too (every notation of
+an address, addresses carried inside IPv6 ones, local and metadata names); here is what a
+webhook URL may look like and the `webhook_url_*` rules a refusal names.
 """
 
 from __future__ import annotations
@@ -22,22 +23,21 @@ from aiohttp.abc import AbstractResolver
 from aiohttp.resolver import DefaultResolver
 
 from worker.errors import InputError, WebhookUrlRefused
-
-MAX_URL_CHARS = 2048
-BLOCKED_NAMES = frozenset({"localhost", "localhost.localdomain", "metadata.google.internal"})
+from worker.netpolicy import (
+    MAX_URL_CHARS,
+    IPAddress,
+    UrlPolicy,
+    addresses_of,
+    parse_ip_host,
+    refused_address,
+    refused_name,
+)
 
 
 def address_allowed(address: str, *, allow_private: bool) -> bool:
     """Whether we may connect to this IP address."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    if allow_private:
-        # Still never the unspecified or multicast addresses: no receiver lives there.
-        return not (ip.is_unspecified or ip.is_multicast)
-    # is_global is False for loopback, RFC 1918, link-local (169.254.169.254 and the other
-    # clouds' metadata addresses), CGNAT (Alibaba's 100.100.100.200), ULA and reserved ranges.
-    return ip.is_global and not ip.is_multicast
+    return refused_address(ip, UrlPolicy(allow_private=allow_private)) is None
 
 
 def check_url(url: str, *, allow_private: bool, resolve: bool = True) -> str:
@@ -56,11 +56,12 @@ def check_url(url: str, *, allow_private: bool, resolve: bool = True) -> str:
         port = parts.port
     except ValueError:
         raise InputError("webhook_url_port", "webhook URL has an invalid port") from None
-    if not allow_private and host in BLOCKED_NAMES:
+    policy = UrlPolicy(allow_private=allow_private)
+    if refused_name(host, policy) is not None:
         raise InputError("webhook_url_private", f"webhook host {host} is not a public address")
     addresses = _addresses(host, port or (443 if parts.scheme == "https" else 80), resolve)
     for address in addresses:
-        if not address_allowed(address, allow_private=allow_private):
+        if refused_address(address, policy) is not None:
             raise InputError(
                 "webhook_url_private",
                 f"webhook host {host} resolves to {address}, not a public address "
@@ -69,11 +70,10 @@ def check_url(url: str, *, allow_private: bool, resolve: bool = True) -> str:
     return url
 
 
-def _addresses(host: str, port: int, resolve: bool) -> list[str]:
-    try:
-        return [str(ipaddress.ip_address(host))]
-    except ValueError:
-        pass
+def _addresses(host: str, port: int, resolve: bool) -> list[IPAddress]:
+    literal = parse_ip_host(host)
+    if literal is not None:
+        return [literal]
     if not resolve:
         return []
     try:
@@ -82,7 +82,7 @@ def _addresses(host: str, port: int, resolve: bool) -> list[str]:
         raise InputError(
             "webhook_url_unresolvable", f"webhook host {host} does not resolve"
         ) from None
-    return sorted({str(info[4][0]) for info in infos})
+    return addresses_of(sorted({str(info[4][0]) for info in infos}))
 
 
 class PolicyResolver(AbstractResolver):
@@ -90,12 +90,13 @@ class PolicyResolver(AbstractResolver):
 
     def __init__(self, *, allow_private: bool, inner: AbstractResolver | None = None) -> None:
         self._allow_private = allow_private
+        self._policy = UrlPolicy(allow_private=allow_private)
         self._inner = inner or DefaultResolver()
 
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> Any:
-        if not self._allow_private and host.rstrip(".").lower() in BLOCKED_NAMES:
+        if refused_name(host.rstrip(".").lower(), self._policy) is not None:
             raise WebhookUrlRefused("webhook host is not a public address")
         results = await self._inner.resolve(host, port, family)
         allowed = [

@@ -3,6 +3,9 @@
 Codes are a public contract (stored, filtered on, used as metric labels and policy keys):
 never rename one. A warning code is the stable name of a WarnCardInfos value; a check code is
 one of ours (`worker.decision.checks`).
+
+A leaf (it imports nothing of ours), so the settings can check MACAO_OCR_WARNING_POLICY
+against it (`worker.policy_text`) without reaching up into `worker.decision`.
 """
 
 from __future__ import annotations
