@@ -93,6 +93,8 @@ def _leaks(dump: bytes, needles: dict[str, bytes]) -> list[str]:
 def test_a_dump_after_a_run_holds_no_personal_data_in_plaintext(
     worker_env: dict[str, str], celery_workers: StartWorkers, db: sa.Engine
 ) -> None:
+    # Images kept past success (retention would delete them): the dump must hold them sealed.
+    worker_env = {**worker_env, "MACAO_OCR_IMAGE_RETENTION_S": "86400"}
     settings = _settings(worker_env)
     sealer = Sealer.from_settings(settings)
     specimens = [make_specimen(4200 + i) for i in range(6)]
@@ -129,6 +131,8 @@ def test_a_dump_after_a_run_holds_no_personal_data_in_plaintext(
         }
         results = list(session.scalars(sa.select(Result).where(Result.job_id.in_(ids))))
     assert len(results) == len(ids) and len(portraits) == len(ids)
+    with Session(db) as session:
+        assert session.scalar(sa.select(sa.func.count()).select_from(Image)) == len(ids)
 
     needles: dict[str, bytes] = {}
     for i, spec in enumerate(specimens):
@@ -204,6 +208,8 @@ def _key_ids(engine: sa.Engine) -> dict[str, set[str]]:
 def test_rotation_while_a_worker_runs_leaves_nothing_under_the_old_key(
     worker_env: dict[str, str], celery_workers: StartWorkers, db: sa.Engine, emulator: Any
 ) -> None:
+    # Images kept (retention would delete them at success): their rotation is under test too.
+    worker_env = {**worker_env, "MACAO_OCR_IMAGE_RETENTION_S": "86400"}
     old_ring = worker_env["MACAO_OCR_DATA_KEYS"]
     settings = _settings(worker_env)
     old = Sealer.from_settings(settings)
