@@ -69,6 +69,20 @@ def flush_redis(url: str) -> None:
         client.close()
 
 
+_KEYS: dict[str, str] = {}
+
+
+def keys_env() -> dict[str, str]:
+    """The run's own data key ring and lookup key (made once per bench process, never
+    printed): every scenario's producer and workers encrypt as production does."""
+    if not _KEYS:
+        from worker.privacy.crypto import generate_entry, generate_lookup_key
+
+        _KEYS["MACAO_OCR_DATA_KEYS"] = generate_entry("bench")
+        _KEYS["MACAO_OCR_LOOKUP_KEY"] = generate_lookup_key()
+    return dict(_KEYS)
+
+
 def clean_environ() -> dict[str, str]:
     """os.environ without this project's variables (the scenario sets its own)."""
     return {k: v for k, v in os.environ.items() if not k.startswith(_LEAKY_PREFIXES)}
@@ -173,6 +187,7 @@ class Emulator:
             "MACAO_OCR_API_ENDPOINT": self.url,
             "TENCENTCLOUD_SECRET_ID": self.secret_id,
             "TENCENTCLOUD_SECRET_KEY": self.secret_key,
+            **keys_env(),
         }
 
     def stop(self) -> None:
@@ -207,6 +222,7 @@ def enqueue(
     settings_env: Mapping[str, str], images: Sequence[bytes], n_jobs: int, *, baseline: bool
 ) -> float:
     """Submit `n_jobs` through the real producer (commit, then publish); returns seconds taken."""
+    from worker.privacy.seal import Sealer
     from worker.producer import JobSpec, submit_many
     from worker.settings import Settings
     from worker.store.engine import make_engine, make_sessionmaker
@@ -228,7 +244,14 @@ def enqueue(
     specs = [JobSpec(front=images[i % len(images)]) for i in range(n_jobs)]
     started = time.monotonic()
     try:
-        submit_many(make_sessionmaker(engine), publisher, settings, specs, batch="bench")
+        submit_many(
+            make_sessionmaker(engine),
+            publisher,
+            settings,
+            specs,
+            batch="bench",
+            sealer=Sealer.from_settings(settings),
+        )
     finally:
         app.close()
         engine.dispose()

@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from models import Job, JobStatus
 from models.base import utcnow
+from worker.privacy.seal import Sealer
 from worker.settings import Settings, load_settings
 from worker.store import job_sql
 from worker.store.engine import make_engine, make_sessionmaker
@@ -52,6 +53,7 @@ class _ProcessState:
     http: requests.Session
     sessions: sessionmaker[Session]
     config: ClientConfig
+    sealer: Sealer
 
 
 _state: _ProcessState | None = None
@@ -68,6 +70,7 @@ def _process_state(settings: Settings) -> _ProcessState:
                 http=requests.Session(),
                 sessions=make_sessionmaker(engine),
                 config=ClientConfig.from_settings(settings),
+                sealer=Sealer.from_settings(settings),
             )
         return _state
 
@@ -101,7 +104,7 @@ def run_job(task: Any, settings: Settings, job_id_text: str) -> str:
         job = session.get(Job, job_id)
         if job is None or job.status in (JobStatus.succeeded, JobStatus.failed):
             return "skipped"
-        body = encode_body(build_payload(load_request(session, job)))
+        body = encode_body(build_payload(load_request(session, state.sealer, job)))
     try:
         response = call_api(state, body)
     except requests.RequestException as exc:
@@ -115,7 +118,13 @@ def run_job(task: Any, settings: Settings, job_id_text: str) -> str:
         _count_call(session, job_id)
         if error is None:
             # The result row, its warnings; a second result raises IntegrityError.
-            job_sql.insert_result(session.connection(), job_id, parse_response(response), False)
+            job_sql.insert_result(
+                session.connection(),
+                job_id,
+                parse_response(response),
+                False,
+                sealer=state.sealer,
+            )
             session.execute(
                 update(Job)
                 .where(Job.id == job_id)

@@ -95,6 +95,7 @@ def write_manifest(folder: Path, jobs: int, distinct: int) -> Path:
 
 def _env(db_url: str, redis_url: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MACAO_OCR_")}
+    env.update(h.keys_env())
     env.update(
         {
             "MACAO_OCR_DATABASE_URL": db_url,
@@ -124,18 +125,29 @@ def measure_submit_many(manifest: Path, db_url: str, redis_url: str, chunk_rows:
     """`worker.producer.submit_many` in this process, from the manifest's rows."""
     from worker.app import create_app
     from worker.broker.publish import CeleryPublisher
+    from worker.privacy.seal import Sealer
     from worker.producer import read_manifest, submit_many
     from worker.settings import Settings
 
     _fresh(redis_url)
-    settings = Settings(database_url=db_url, broker_url=redis_url, tenant="bench-python")
+    settings = Settings(
+        database_url=db_url,
+        broker_url=redis_url,
+        tenant="bench-python",
+        data_keys=h.keys_env()["MACAO_OCR_DATA_KEYS"],
+    )
     app = create_app(settings)
     engine = sa.create_engine(settings.database_url)
     try:
         started, cpu = time.perf_counter(), time.process_time()
         specs = read_manifest(manifest)
         ids = submit_many(
-            sessionmaker(engine), CeleryPublisher(app), settings, specs, chunk_rows=chunk_rows
+            sessionmaker(engine),
+            CeleryPublisher(app),
+            settings,
+            specs,
+            chunk_rows=chunk_rows,
+            sealer=Sealer.from_settings(settings),
         )
         seconds, cpu_s = time.perf_counter() - started, time.process_time() - cpu
     finally:

@@ -21,9 +21,11 @@ from decimal import Decimal
 import sqlalchemy as sa
 
 import migrations
+from bench._harness import keys_env
 from models import Job
 from worker.logs import configure_logging
 from worker.pipeline import Outcome, PipelineDeps, process_job
+from worker.privacy.seal import Sealer
 from worker.quota.circuit_memory import MemoryAccountCircuit
 from worker.quota.limiter_memory import MemoryRateLimiter
 from worker.runtime import LoopThread
@@ -65,7 +67,13 @@ def main() -> None:
     loop = LoopThread()
     try:
         migrations.upgrade(url)
-        settings = Settings(database_url=url, qps=0, log_level="WARNING")
+        settings = Settings(
+            database_url=url,
+            qps=0,
+            log_level="WARNING",
+            data_keys=keys_env()["MACAO_OCR_DATA_KEYS"],
+        )
+        sealer = Sealer.from_settings(settings)
         configure_logging(settings)
         engine = make_engine(settings, pool_pre_ping=False)
         autocommit = make_autocommit_engine(settings, pool_pre_ping=False)
@@ -73,7 +81,7 @@ def main() -> None:
         sessions = make_sessionmaker(engine)
         image = b"\xff\xd8\xff" + bytes(60_000)
         with sessions() as session, session.begin():
-            stored = store_image(session, settings.tenant, image)
+            stored = store_image(session, sealer, settings.tenant, image)
             session.flush()
             jobs = [Job(tenant=settings.tenant, front_image_id=stored.id) for _ in range(args.jobs)]
             session.add_all(jobs)
@@ -86,6 +94,7 @@ def main() -> None:
             circuit=MemoryAccountCircuit(),
             limiter_key="k",
             run=loop.run,
+            sealer=sealer,
             validate=lambda request: None,
         )
         ids = [str(j.id) for j in jobs]

@@ -21,10 +21,12 @@ import uuid
 import sqlalchemy as sa
 
 import migrations
+from bench._harness import keys_env
 from bench.pipeline_cpu import InstantClient
 from models import Job
 from worker.logs import configure_logging
 from worker.pipeline import Outcome, PipelineDeps, process_job
+from worker.privacy.seal import Sealer
 from worker.quota.circuit_memory import MemoryAccountCircuit
 from worker.quota.limiter_memory import MemoryRateLimiter
 from worker.runtime import LoopThread
@@ -71,7 +73,13 @@ def main() -> None:
     loop = LoopThread()
     try:
         migrations.upgrade(url)
-        settings = Settings(database_url=url, qps=0, log_level="WARNING")
+        settings = Settings(
+            database_url=url,
+            qps=0,
+            log_level="WARNING",
+            data_keys=keys_env()["MACAO_OCR_DATA_KEYS"],
+        )
+        sealer = Sealer.from_settings(settings)
         configure_logging(settings)
         engine = make_engine(settings, pool_pre_ping=False)
         autocommit = make_autocommit_engine(settings, pool_pre_ping=False)
@@ -86,6 +94,7 @@ def main() -> None:
             circuit=MemoryAccountCircuit(),
             limiter_key="k",
             run=loop.run,
+            sealer=sealer,
             validate=lambda request: None,
         )
         wall: dict[bool, list[float]] = {True: [], False: []}
@@ -98,7 +107,10 @@ def main() -> None:
                 for _ in range(args.jobs):
                     # Distinct bytes: every job owns its image, as most do.
                     image = store_image(
-                        session, settings.tenant, b"\xff\xd8\xff" + uuid.uuid4().bytes * 3750
+                        session,
+                        sealer,
+                        settings.tenant,
+                        b"\xff\xd8\xff" + uuid.uuid4().bytes * 3750,
                     )
                     session.flush()
                     jobs.append(Job(tenant=settings.tenant, front_image_id=image.id))

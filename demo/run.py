@@ -38,6 +38,8 @@ from pydantic import ValidationError
 
 from demo.embedded_broker import EmbeddedBroker, free_port, start_broker
 from worker.errors import ConfigError, InputError
+from worker.privacy.crypto import generate_entry, generate_lookup_key
+from worker.privacy.seal import Sealer
 from worker.procs import die_with_parent
 from worker.settings import ENV_PREFIX, Settings
 from worker.tencent.types import WARNING_SERVICE_DISABLED
@@ -280,6 +282,12 @@ def demo_environment(
             raise DemoError("emulator mode needs the emulator URL and its credential")
         env[f"{ENV_PREFIX}API_ENDPOINT"] = emulator_url
         env["TENCENTCLOUD_SECRET_ID"], env["TENCENTCLOUD_SECRET_KEY"] = credential
+    # The demo's private database gets keys of its own (made here, never printed) unless
+    # the user brought theirs (real-service mode).
+    if not env.get(f"{ENV_PREFIX}DATA_KEYS") and not env.get(f"{ENV_PREFIX}DATA_KEYS_FILE"):
+        env[f"{ENV_PREFIX}DATA_KEYS"] = generate_entry("demo")
+    if not env.get(f"{ENV_PREFIX}LOOKUP_KEY"):
+        env[f"{ENV_PREFIX}LOOKUP_KEY"] = generate_lookup_key()
     return env
 
 
@@ -580,6 +588,7 @@ def _submit(parts: _Parts, cards: Sequence[DemoCard], batch: str) -> list[DemoRo
     session_factory = make_sessionmaker(engine)
     app = create_app(parts.settings)
     publisher = CeleryPublisher(app)
+    sealer = Sealer.from_settings(parts.settings)
     rows: list[DemoRow] = []
     try:
         for card in cards:
@@ -587,7 +596,7 @@ def _submit(parts: _Parts, cards: Sequence[DemoCard], batch: str) -> list[DemoRo
             try:
                 row.job_id = submit(
                     session_factory, publisher, parts.settings, card.source,
-                    tag=card.label, batch=batch,
+                    tag=card.label, batch=batch, sealer=sealer,
                 )  # fmt: skip
                 row.status = "queued"
             except InputError as exc:
@@ -614,6 +623,7 @@ def _poll(
     worker = parts.children[-1]
     engine = make_engine(parts.settings)
     session_factory = make_sessionmaker(engine)
+    sealer = Sealer.from_settings(parts.settings)
     deadline = time.monotonic() + timeout_s
     try:
         while True:
@@ -623,7 +633,7 @@ def _poll(
                     row = by_id[job.id]
                     row.status = str(job.status)
                     if row.status in TERMINAL and row.view is None:
-                        row.view = job_view(session, job)
+                        row.view = job_view(session, job, sealer=sealer)
             done = sum(1 for row in by_id.values() if row.status in TERMINAL)
             if progress is not None:
                 progress(done, len(by_id), Counter(row.status for row in by_id.values()))

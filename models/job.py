@@ -47,13 +47,17 @@ class Image(Base):
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
     tenant: Mapped[str] = mapped_column(String(64))
-    sha256: Mapped[str] = mapped_column(String(64))
+    # Hex HMAC-SHA256 of the bytes under a subkey of the data key that sealed them
+    # (worker.privacy.seal.Sealer.image_digest): finds a tenant's identical image without a
+    # plain digest that would confirm a known card.
+    digest: Mapped[str] = mapped_column(String(64))
     content_type: Mapped[str] = mapped_column(String(32))
     size_bytes: Mapped[int] = mapped_column(Integer)
+    # The bytes, sealed (worker.privacy.seal).
     data: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
-    __table_args__ = (Index("ix_image_tenant_sha256", "tenant", "sha256"),)
+    __table_args__ = (Index("ix_image_tenant_digest", "tenant", "digest"),)
 
 
 class Job(Base):
@@ -76,9 +80,11 @@ class Job(Base):
         ),
         default=JobStatus.queued,
     )
-    front_url: Mapped[str | None] = mapped_column(Text)
+    # The image URLs, sealed (worker.privacy.seal): they point at a person's card and may
+    # carry tokens.
+    front_url: Mapped[bytes | None] = mapped_column(LargeBinary)
     front_image_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("image.id"))
-    back_url: Mapped[str | None] = mapped_column(Text)
+    back_url: Mapped[bytes | None] = mapped_column(LargeBinary)
     back_image_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("image.id"))
     portrait: Mapped[bool] = mapped_column(Boolean, default=False)
     tag: Mapped[str | None] = mapped_column(String(200))

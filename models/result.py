@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import uuid
-from datetime import date, datetime
-from decimal import Decimal
+from datetime import datetime
 
 from sqlalchemy import (
     BigInteger,
     Boolean,
     CheckConstraint,
-    Date,
     Float,
     ForeignKey,
     Index,
     Integer,
     LargeBinary,
-    Numeric,
     String,
     Text,
     Uuid,
@@ -41,22 +38,24 @@ class Result(Base):
         Uuid, ForeignKey("job.id", ondelete="CASCADE"), primary_key=True
     )
     request_id: Mapped[str] = mapped_column(Text)
-    cn_last_name: Mapped[str | None] = mapped_column(Text)
-    en_last_name: Mapped[str | None] = mapped_column(Text)
-    last_name_code: Mapped[str | None] = mapped_column(Text)
-    cn_first_name: Mapped[str | None] = mapped_column(Text)
-    en_first_name: Mapped[str | None] = mapped_column(Text)
-    first_name_code: Mapped[str | None] = mapped_column(Text)
-    id_number: Mapped[str | None] = mapped_column(Text)
-    birthday: Mapped[date | None] = mapped_column(Date)
+    # Personal fields: AES-256-GCM envelopes (worker.privacy.seal), dates and the height as
+    # their ISO text inside. Bound to this row and column; NULL when the card showed none.
+    cn_last_name: Mapped[bytes | None] = mapped_column(LargeBinary)
+    en_last_name: Mapped[bytes | None] = mapped_column(LargeBinary)
+    last_name_code: Mapped[bytes | None] = mapped_column(LargeBinary)
+    cn_first_name: Mapped[bytes | None] = mapped_column(LargeBinary)
+    en_first_name: Mapped[bytes | None] = mapped_column(LargeBinary)
+    first_name_code: Mapped[bytes | None] = mapped_column(LargeBinary)
+    id_number: Mapped[bytes | None] = mapped_column(LargeBinary)
+    birthday: Mapped[bytes | None] = mapped_column(LargeBinary)
     sex: Mapped[str | None] = mapped_column(Text)
-    first_issue_date: Mapped[date | None] = mapped_column(Date)
-    current_issue_date: Mapped[date | None] = mapped_column(Date)
-    validity_period: Mapped[date | None] = mapped_column(Date)
+    first_issue_date: Mapped[bytes | None] = mapped_column(LargeBinary)
+    current_issue_date: Mapped[bytes | None] = mapped_column(LargeBinary)
+    validity_period: Mapped[bytes | None] = mapped_column(LargeBinary)
     # Kept verbatim; the only value when the card has no expiry date.
-    validity_period_text: Mapped[str | None] = mapped_column(Text)
-    symbol: Mapped[str | None] = mapped_column(Text)
-    height_m: Mapped[Decimal | None] = mapped_column(Numeric(4, 2))
+    validity_period_text: Mapped[bytes | None] = mapped_column(LargeBinary)
+    symbol: Mapped[bytes | None] = mapped_column(LargeBinary)
+    height_m: Mapped[bytes | None] = mapped_column(LargeBinary)
     angle: Mapped[float | None] = mapped_column(Float)
     resident_type: Mapped[str | None] = mapped_column(Text)
     warning_service_disabled: Mapped[bool] = mapped_column(Boolean, default=False)
@@ -69,6 +68,9 @@ class Result(Base):
     # replay deletes both).
     decision: Mapped[str | None] = mapped_column(String(8))
     decided_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # HMAC-SHA256 of the normalised ID number under MACAO_OCR_LOOKUP_KEY (worker.privacy.lookup):
+    # finds a person's jobs without decrypting; NULL when no lookup key was configured.
+    id_number_hash: Mapped[bytes | None] = mapped_column(LargeBinary)
     # When retention or erasure deleted the personal fields (worker.privacy.fields), their
     # lookup hashes and the portrait; the row keeps codes, warnings and the decision.
     personal_deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -78,6 +80,7 @@ class Result(Base):
             "decision IS NULL OR decision IN ('clear', 'consider', 'reject')", name="decision"
         ),
         Index("ix_result_decision", "decision"),
+        Index("ix_result_id_number_hash", "id_number_hash"),
         # The sweeper's result retention: results whose personal fields are still held.
         Index(
             "ix_result_personal_held",
@@ -111,6 +114,7 @@ class Portrait(Base):
     job_id: Mapped[uuid.UUID] = mapped_column(
         Uuid, ForeignKey("result.job_id", ondelete="CASCADE"), primary_key=True
     )
+    # The image's bytes, sealed (worker.privacy.seal).
     data: Mapped[bytes] = mapped_column(LargeBinary)
 
 
@@ -129,7 +133,8 @@ class KeptAnswer(Base):
     # The attempt (API call) that bought it.
     attempt_number: Mapped[int] = mapped_column(Integer)
     request_id: Mapped[str | None] = mapped_column(Text)
-    response_json: Mapped[str] = mapped_column(Text)
+    # The JSON text, sealed (worker.privacy.seal): it holds what a result holds.
+    response_json: Mapped[bytes] = mapped_column(LargeBinary)
     # `decode` or `store`, and the exception's type (never its text, which may hold values).
     stage: Mapped[str] = mapped_column(String(16))
     reason: Mapped[str] = mapped_column(Text)

@@ -48,6 +48,16 @@ SERVER_FIXTURES = frozenset(
 )
 
 
+@pytest.fixture(autouse=True)
+def data_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings built in the test process find the run's keys (as a deployment's would);
+    a test about missing keys deletes them with monkeypatch."""
+    from tests.fixtures.workers import KEY_VARIABLES, TEST_DEFAULTS
+
+    for name in KEY_VARIABLES:
+        monkeypatch.setenv(name, TEST_DEFAULTS[name])
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests under tests/integration are marked `integration`; a test under tests/unit that
     needs a server is a mistake of placement, reported before anything runs."""

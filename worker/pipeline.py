@@ -64,6 +64,7 @@ from worker.errors import (
     WorkerLostError,
 )
 from worker.membudget import ByteBudget, Held, held_bytes
+from worker.privacy.seal import Sealer
 from worker.quota.circuit import AccountCircuit
 from worker.quota.limiter import RateLimiter
 from worker.settings import Settings
@@ -157,6 +158,8 @@ class PipelineDeps:
     circuit: AccountCircuit
     limiter_key: str
     run: CoroutineRunner
+    # Seals and opens personal data (worker.privacy.seal), built once by the runtime.
+    sealer: Sealer
     worker_host: str = field(default_factory=socket.gethostname)
     clock: Callable[[], datetime] = utcnow
     sleep: Callable[[float], None] = time.sleep
@@ -315,6 +318,7 @@ def _start(deps: PipelineDeps, job_id: uuid.UUID, inline_max: int) -> Started | 
         now=now,
         lease_until=_call_lease_until(deps, now),
         host=deps.worker_host,
+        sealer=deps.sealer,
         max_worker_lost=deps.settings.max_worker_lost,
         inline_max=inline_max,
     )
@@ -396,7 +400,7 @@ def _make_room(
 
     def load() -> dict[uuid.UUID, bytes]:
         with deps.transaction() as conn:
-            return job_sql.load_images(conn, missing)
+            return job_sql.load_images(conn, missing, deps.sealer)
 
     loaded = _with_db(deps, load, job_id=job_id, claimed=True)
     return replace(
@@ -699,7 +703,14 @@ def _finalize_success(
         try:
             with (deps.statement or deps.transaction)() as conn:
                 job_sql.store_success(
-                    conn, job_id, number, _record(call), result, info.portrait, decision
+                    conn,
+                    job_id,
+                    number,
+                    _record(call),
+                    result,
+                    info.portrait,
+                    decision,
+                    sealer=deps.sealer,
                 )
         except exc.IntegrityError:
             # A result is already stored: our own commit that went through before the
@@ -734,7 +745,14 @@ def _poison(
     def keep() -> None:
         with deps.transaction() as conn:
             kept.fail_keeping_answer(
-                conn, job_id, number, record, answer=answer, error=error, now=now
+                conn,
+                job_id,
+                number,
+                record,
+                answer=answer,
+                error=error,
+                now=now,
+                sealer=deps.sealer,
             )
 
     kept_it = answer is not None
@@ -755,7 +773,14 @@ def _poison(
         def fail() -> None:
             with deps.transaction() as conn:
                 kept.fail_keeping_answer(
-                    conn, job_id, number, record, answer=None, error=lost, now=now
+                    conn,
+                    job_id,
+                    number,
+                    record,
+                    answer=None,
+                    error=lost,
+                    now=now,
+                    sealer=deps.sealer,
                 )
 
         _with_db(deps, fail, job_id=job_id, claimed=True)

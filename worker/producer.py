@@ -13,7 +13,6 @@ publishes nothing; the chunks before it stay submitted.
 from __future__ import annotations
 
 import csv
-import hashlib
 import itertools
 import os
 import stat
@@ -32,6 +31,7 @@ from models.base import utcnow
 from worker.broker.publish import Publisher
 from worker.errors import InputError
 from worker.netpolicy import UrlPolicy
+from worker.privacy.seal import Sealer
 from worker.settings import Settings
 from worker.store import batches
 from worker.store.images import CONTENT_TYPES, store_image
@@ -226,13 +226,13 @@ def prepare(
 
 
 def _side_columns(
-    session: Session, tenant: str, image: ImageInput | None
+    session: Session, sealer: Sealer, tenant: str, image: ImageInput | None
 ) -> tuple[str | None, uuid.UUID | None]:
     if image is None:
         return None, None
     if image.url is not None:
         return image.url, None
-    stored = store_image(session, tenant, image.data or b"")
+    stored = store_image(session, sealer, tenant, image.data or b"")
     session.flush()  # assigns the id, and lets the next identical image find this one
     return None, stored.id
 
@@ -240,21 +240,23 @@ def _side_columns(
 def _add_job(
     session: Session,
     settings: Settings,
+    sealer: Sealer,
     request: OcrRequest,
     spec: JobSpec,
     batch: str | None,
     batch_id: uuid.UUID | None = None,
     job_id: uuid.UUID | None = None,
 ) -> uuid.UUID:
-    front_url, front_image_id = _side_columns(session, settings.tenant, request.front)
-    back_url, back_image_id = _side_columns(session, settings.tenant, request.back)
+    front_url, front_image_id = _side_columns(session, sealer, settings.tenant, request.front)
+    back_url, back_image_id = _side_columns(session, sealer, settings.tenant, request.back)
+    job_id = job_id or uuid.uuid4()
     job = Job(
-        id=job_id or uuid.uuid4(),
+        id=job_id,
         tenant=settings.tenant,
         status=JobStatus.queued,
-        front_url=front_url,
+        front_url=sealer.seal_url(job_id, "front_url", front_url),
         front_image_id=front_image_id,
-        back_url=back_url,
+        back_url=sealer.seal_url(job_id, "back_url", back_url),
         back_image_id=back_image_id,
         portrait=request.portrait,
         tag=spec.tag,
@@ -307,8 +309,10 @@ def submit(
     before_commit: BeforeCommit | None = None,
     preflight: Preflight | None = None,
     publish: bool = True,
+    sealer: Sealer,
 ) -> uuid.UUID:
-    """Validate, commit and publish one job; returns its id (also if the broker is down).
+    """Validate, commit and publish one job (its URLs and images sealed by `sealer`);
+    returns its id (also if the broker is down).
     A `batch` label counts the job into the label's batch row, in the same transaction.
     `job_id`: the id to give it (else a new one); `before_commit` runs in its transaction;
     `preflight`: the rules (from `make_preflight(settings)`; one that checked these images
@@ -321,7 +325,7 @@ def submit(
         batch_id = (
             None if batch is None else batches.count_into_label(session, settings.tenant, batch, 1)
         )
-        job_id = _add_job(session, settings, request, spec, batch, batch_id, job_id)
+        job_id = _add_job(session, settings, sealer, request, spec, batch, batch_id, job_id)
         if before_commit is not None:
             before_commit(session)
         session.commit()
@@ -362,6 +366,7 @@ def submit_many(
     max_rows: int = MAX_ROWS,
     base_dir: Path | None = None,
     preflight: Preflight | None = None,
+    sealer: Sealer,
 ) -> list[uuid.UUID]:
     """All-or-nothing validation of every item (ManifestError lists each bad row), then
     commit in chunks, publishing each chunk after its commit. Ids come back in input order
@@ -398,7 +403,7 @@ def submit_many(
             given = None if job_ids is None else job_ids[start : start + len(chunk)]
             with session_factory() as session:
                 chunk_ids = _insert_chunk(
-                    session, settings.tenant, requests, chunk, batch, batch_id, given
+                    session, sealer, settings.tenant, requests, chunk, batch, batch_id, given
                 )
                 session.commit()
             if not _publish(session_factory, publisher, chunk_ids):
@@ -425,15 +430,11 @@ def _uncount(session_factory: sessionmaker[Session], batch_id: uuid.UUID, jobs: 
         log.warning("batch_uncount_failed", batch_id=str(batch_id), error_type=type(exc).__name__)
 
 
-ImageKey = tuple[str, int]  # (sha256, size): how the image table finds a tenant's duplicate
-
-
-def _image_key(data: bytes) -> ImageKey:
-    return hashlib.sha256(data).hexdigest(), len(data)
+ImageKey = tuple[str, int]  # (keyed digest, size): how the image table finds a tenant's duplicate
 
 
 def _chunk_images(
-    session: Session, tenant: str, requests: Sequence[OcrRequest]
+    session: Session, sealer: Sealer, tenant: str, requests: Sequence[OcrRequest]
 ) -> dict[int, uuid.UUID]:
     """The image id of every uploaded side of the chunk, by `id()` of its bytes: found (one
     query) or inserted (one multi-row INSERT). The same bytes twice are stored once, as
@@ -443,23 +444,23 @@ def _chunk_images(
     for request in requests:
         for side in (request.front, request.back):
             if side is not None and side.data is not None:
-                key = key_of[id(side.data)] = _image_key(side.data)
+                key = key_of[id(side.data)] = (sealer.image_digest(side.data), len(side.data))
                 wanted.setdefault(key, side.data)
     if not wanted:
         return {}
     ids: dict[ImageKey, uuid.UUID] = {}
     found = session.execute(
-        select(IMAGE_TABLE.c.id, IMAGE_TABLE.c.sha256, IMAGE_TABLE.c.size_bytes)
+        select(IMAGE_TABLE.c.id, IMAGE_TABLE.c.digest, IMAGE_TABLE.c.size_bytes)
         .where(
             IMAGE_TABLE.c.tenant == tenant,
-            IMAGE_TABLE.c.sha256.in_(sorted({sha for sha, _ in wanted})),
+            IMAGE_TABLE.c.digest.in_(sorted({digest for digest, _ in wanted})),
         )
         # Held until the chunk commits: a retention or erasure deleting one of these images
         # waits for our jobs and then keeps it (worker.store.retention).
         .with_for_update(key_share=True)
     )
     for row in found:
-        ids.setdefault((row.sha256, row.size_bytes), row.id)
+        ids.setdefault((row.digest, row.size_bytes), row.id)
     now = utcnow()
     rows = []
     for key, data in wanted.items():
@@ -475,10 +476,10 @@ def _chunk_images(
             {
                 "id": ids[key],
                 "tenant": tenant,
-                "sha256": key[0],
+                "digest": key[0],
                 "content_type": CONTENT_TYPES[kind],
                 "size_bytes": key[1],
-                "data": data,
+                "data": sealer.seal_image(ids[key], data),
                 "created_at": now,
             }
         )
@@ -489,6 +490,7 @@ def _chunk_images(
 
 def _insert_chunk(
     session: Session,
+    sealer: Sealer,
     tenant: str,
     requests: Sequence[OcrRequest],
     specs: Sequence[JobSpec],
@@ -497,7 +499,7 @@ def _insert_chunk(
     job_ids: Sequence[uuid.UUID] | None = None,
 ) -> list[uuid.UUID]:
     """The chunk's images and jobs as multi-row INSERTs (not committed); ids in order."""
-    images = _chunk_images(session, tenant, requests)
+    images = _chunk_images(session, sealer, tenant, requests)
 
     def side(image: ImageInput | None) -> tuple[str | None, uuid.UUID | None]:
         if image is None:
@@ -517,9 +519,9 @@ def _insert_chunk(
                 "id": job_id,
                 "tenant": tenant,
                 "status": JobStatus.queued,
-                "front_url": front_url,
+                "front_url": sealer.seal_url(job_id, "front_url", front_url),
                 "front_image_id": front_image_id,
-                "back_url": back_url,
+                "back_url": sealer.seal_url(job_id, "back_url", back_url),
                 "back_image_id": back_image_id,
                 "portrait": request.portrait,
                 "tag": spec.tag,

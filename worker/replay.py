@@ -31,6 +31,7 @@ from models import Job, JobEvent, JobStatus, KeptAnswer, Portrait, Result, Warni
 from models.base import utcnow
 from worker.broker.publish import Publisher
 from worker.errors import InputError, ReplayRefused, StoreFailed
+from worker.privacy.seal import Sealer
 from worker.settings import Settings
 from worker.store import kept, terminal
 from worker.store.filters import JobFilter
@@ -167,6 +168,7 @@ def replay(
     force: bool = False,
     dry_run: bool = False,
     all_tenants: bool = False,
+    sealer: Sealer,
 ) -> ReplayReport:
     """Queue matching failed (or, with force, succeeded) jobs again; see the module doc.
 
@@ -212,7 +214,7 @@ def replay(
 
     for start in range(0, len(eligible), CHUNK):
         chunk = _reset(
-            session_factory, eligible[start : start + CHUNK], actor, reason, force, report
+            session_factory, sealer, eligible[start : start + CHUNK], actor, reason, force, report
         )
         if not chunk:
             continue
@@ -281,7 +283,7 @@ def _replay_event(
 
 
 def _store_kept(
-    session: Session, job: Job, now: datetime, actor: str, reason: str | None
+    session: Session, sealer: Sealer, job: Job, now: datetime, actor: str, reason: str | None
 ) -> str | None:
     """Store a poison job's kept answer (no call), with its replay event, in a savepoint;
     None when stored, else why not (nothing of it then holds)."""
@@ -293,7 +295,7 @@ def _store_kept(
                 .where(Job.id == job.id)
                 .values(attempts=0, last_error_code=None, last_error_message=None)
             )
-            kept.store_kept(conn, job.id, portrait=job.portrait, now=now)
+            kept.store_kept(conn, job.id, portrait=job.portrait, now=now, sealer=sealer)
             session.add(_replay_event(job, now, actor, reason, KEPT_NOTE))
     except StoreFailed as err:
         return f"its kept answer still cannot be {err.stage}d ({err.reason}); it stays kept"
@@ -302,6 +304,7 @@ def _store_kept(
 
 def _reset(
     session_factory: sessionmaker[Session],
+    sealer: Sealer,
     ids: Sequence[uuid.UUID],
     actor: str,
     reason: str | None,
@@ -322,7 +325,7 @@ def _reset(
                 report.refuse(job.id, why)
                 continue
             if job.id in with_answer:
-                unstored = _store_kept(session, job, now, actor, reason)
+                unstored = _store_kept(session, sealer, job, now, actor, reason)
                 if unstored is not None:
                     report.refuse(job.id, ReplayRefused(unstored, code=REFUSED_KEPT))
                 else:

@@ -29,6 +29,7 @@ from worker.decision.store import PolicyCache, engine_loader
 from worker.membudget import ByteBudget, return_large_buffers_to_os
 from worker.netpolicy import UrlPolicy
 from worker.pipeline import PipelineDeps
+from worker.privacy.seal import Sealer
 from worker.quota.circuit import AccountCircuit
 from worker.quota.limiter import RateLimiter, limiter_key
 from worker.settings import Settings
@@ -151,6 +152,8 @@ class WorkerRuntime:
     _parts: _AsyncParts
     # Tenants' warning policies, read from SQL at most once per 30 s (worker.decision.store).
     policies: PolicyCache
+    # Seals and opens personal data (worker.privacy.seal): built once, from the key ring.
+    sealer: Sealer
     # One per process: every task thread's images count against it.
     memory: ByteBudget | None = None
     # One PipelineDeps per worker host name, built on first use: building it per task
@@ -161,6 +164,7 @@ class WorkerRuntime:
     def start(cls, settings: Settings) -> WorkerRuntime:
         """Build everything; ConfigError (credentials, endpoint) before anything starts."""
         config = ClientConfig.from_settings(settings)
+        sealer = Sealer.from_settings(settings)
         # Image buffers freed must leave the process, or the memory bound only bounds use.
         return_large_buffers_to_os()
         pool: dict[str, Any] = {
@@ -207,6 +211,7 @@ class WorkerRuntime:
             _parts=parts,
             policies=PolicyCache(engine_loader(engine.connect), settings.warning_policy_overrides),
             memory=ByteBudget(settings.max_inflight_bytes),
+            sealer=sealer,
         )
 
     def deps(self, worker_host: str | None = None) -> PipelineDeps:
@@ -223,6 +228,7 @@ class WorkerRuntime:
                 circuit=self.circuit,
                 limiter_key=self.limiter_key,
                 run=self.loop.run,
+                sealer=self.sealer,
                 worker_host=host,
                 policies=self.policies,
                 memory=self.memory,

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from models import Job, JobStatus
 from worker.broker.publish import Publisher
+from worker.privacy.seal import Sealer
 from worker.producer import JobSpec, Source, submit, submit_many
 from worker.settings import Settings, load_settings
 from worker.store import access
@@ -35,6 +36,7 @@ def get_job(
     settings: Settings,
     job_id: uuid.UUID | str,
     *,
+    sealer: Sealer,
     history: bool = False,
 ) -> dict[str, Any] | None:
     """The job's `status --json` object, or None if it is unknown (or another tenant's)."""
@@ -48,7 +50,7 @@ def get_job(
         ).one_or_none()
         if job is None:
             return None
-        view = job_view(session, job, history=history)
+        view = job_view(session, job, sealer=sealer, history=history)
         shown = access.with_personal_fields(session, [job.id])
     # Logged before it is handed over, like every read that shows personal fields.
     access.record(
@@ -69,6 +71,8 @@ class Producer:
         from worker.store.engine import make_engine, make_sessionmaker
 
         self.settings = settings
+        # Keys first: without them nothing is opened (ConfigError naming the variables).
+        self.sealer = Sealer.from_settings(settings)
         engine: Engine = make_engine(settings)
         self.session_factory: sessionmaker[Session] = make_sessionmaker(engine)
         self._closers: list[Any] = []
@@ -111,15 +115,25 @@ class Producer:
             portrait=portrait,
             tag=tag,
             batch=batch,
+            sealer=self.sealer,
         )
 
     def submit_many(self, items: Iterable[JobSpec], *, batch: str | None = None) -> list[uuid.UUID]:
         """All-or-nothing validation of every item, then store and queue them in chunks."""
-        return submit_many(self.session_factory, self.publisher, self.settings, items, batch=batch)
+        return submit_many(
+            self.session_factory,
+            self.publisher,
+            self.settings,
+            items,
+            batch=batch,
+            sealer=self.sealer,
+        )
 
     def get_job(self, job_id: uuid.UUID | str, *, history: bool = False) -> dict[str, Any] | None:
         """The job's `status --json` object, or None if unknown."""
-        return get_job(self.session_factory, self.settings, job_id, history=history)
+        return get_job(
+            self.session_factory, self.settings, job_id, sealer=self.sealer, history=history
+        )
 
     def wait(
         self, job_id: uuid.UUID | str, *, timeout_s: float = 300.0, poll_s: float = 0.5

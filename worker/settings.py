@@ -5,6 +5,7 @@ Nothing here reads the environment at import time: `load_settings()` does, when 
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 from typing import Annotated, Any, Self
 from urllib.parse import urlsplit
@@ -24,6 +25,13 @@ from worker.policy_text import PolicyError, parse_policy_text
 
 DEFAULT_ENDPOINT = "https://ocr.intl.tencentcloudapi.com"
 ENV_PREFIX = "MACAO_OCR_"
+
+LOOKUP_KEY_BYTES = 32
+MISSING_KEYS = (
+    "no data keys: this process stores or reads personal data encrypted at rest; set "
+    "MACAO_OCR_DATA_KEYS (or MACAO_OCR_DATA_KEYS_FILE) to a key ring made with "
+    "`macao-ocr keys generate`"
+)
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -178,6 +186,15 @@ class Settings(BaseSettings):
     flower_password: SecretStr | None = None
     flower_port: int = Field(default=5555, ge=1, le=65535)
 
+    # -- personal data at rest (worker/privacy/)
+    # The key ring `id1:base64key,id2:base64key` (first encrypts, all decrypt), or a file
+    # holding it. Every process that stores or reads personal data needs one of them.
+    data_keys: SecretStr | None = None
+    data_keys_file: str | None = None
+    # Base64 of 32 bytes: the HMAC key of `result.id_number_hash`. Unset: no lookup by ID
+    # number (and no hash written).
+    lookup_key: SecretStr | None = None
+
     @field_validator("api_endpoint")
     @classmethod
     def _endpoint_is_http(cls, value: str) -> str:
@@ -227,6 +244,48 @@ class Settings(BaseSettings):
                 f"https:// or set {env_name('allow_insecure_endpoint')}=true"
             )
         return self
+
+    @field_validator("lookup_key")
+    @classmethod
+    def _lookup_key_is_32_bytes(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value().strip():
+            return None
+        try:
+            raw = base64.b64decode(value.get_secret_value().strip(), validate=True)
+        except ValueError:
+            raise ValueError("must be base64 (of 32 random bytes)") from None
+        if len(raw) != LOOKUP_KEY_BYTES:
+            raise ValueError(f"must be base64 of {LOOKUP_KEY_BYTES} bytes, not {len(raw)}")
+        return value
+
+    @property
+    def data_keys_configured(self) -> bool:
+        return self.data_keys is not None or self.data_keys_file is not None
+
+    def data_key_ring_text(self) -> str:
+        """The key ring's text, from MACAO_OCR_DATA_KEYS or the file MACAO_OCR_DATA_KEYS_FILE
+        names. ConfigError (one line naming both variables) when neither is set."""
+        if self.data_keys is not None and self.data_keys.get_secret_value().strip():
+            return self.data_keys.get_secret_value()
+        if self.data_keys_file:
+            try:
+                with open(self.data_keys_file, encoding="utf-8") as handle:
+                    text = handle.read()
+            except OSError as err:
+                raise ConfigError(
+                    f"{env_name('data_keys_file')}: cannot read {self.data_keys_file} "
+                    f"({err.strerror or type(err).__name__})"
+                ) from None
+            if text.strip():
+                return text
+            raise ConfigError(f"{env_name('data_keys_file')}: {self.data_keys_file} is empty")
+        raise ConfigError(MISSING_KEYS)
+
+    def lookup_key_bytes(self) -> bytes | None:
+        """The lookup key's 32 bytes, or None (lookup by ID number off)."""
+        if self.lookup_key is None:
+            return None
+        return base64.b64decode(self.lookup_key.get_secret_value().strip())
 
     @property
     def state_redis_url(self) -> str:

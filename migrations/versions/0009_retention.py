@@ -11,7 +11,7 @@
 Written by hand to match models/ (checked by tests/integration/test_migrations.py).
 
 Revision ID: 0009
-Revises: 0007 (on this branch; 0008, encryption at rest, sits between once merged)
+Revises: 0008
 Create Date: 2026-12-03
 """
 
@@ -25,7 +25,7 @@ from alembic import op
 from migrations.rls import disable_rls, enable_tenant_rls
 
 revision: str = "0009"
-down_revision: str | None = "0007"
+down_revision: str | None = "0008"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from typer.testing import CliRunner, Result
 
 from models import AccessLog
+from tests.fixtures.workers import sealer_for_tests
 from tests.integration.test_retention import now, specimen, submit, succeed
 from worker.broker.publish import RecordingPublisher
 from worker.cli import app as cli_app
@@ -110,9 +111,11 @@ def test_the_python_surface_logs_its_reads_too(factory: sessionmaker[Session], d
 
     done, waiting = jobs(factory, db_url)
     settings = Settings(database_url=db_url, tenant=TENANT)
-    view = get_job(factory, settings, done)
+    view = get_job(factory, settings, done, sealer=sealer_for_tests())
     assert view is not None and view["result"] is not None
-    assert get_job(factory, settings, waiting) is not None  # no result: nothing personal
+    assert (
+        get_job(factory, settings, waiting, sealer=sealer_for_tests()) is not None
+    )  # no result: nothing personal
     [(actor, tenant, job_id, how)] = log_rows(factory)
     assert (tenant, job_id, how) == (TENANT, done, "python.get_job") and "@" in actor
 

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 import migrations
 from models import Batch, Job, JobStatus
 from models.base import utcnow
+from tests.fixtures.workers import sealed_job, sealer_for_tests
 from tests.integration.test_job_sql import _ok_result, _record
 from worker.broker.publish import RecordingPublisher
 from worker.replay import replay
@@ -40,7 +41,9 @@ def _batch(sessions: sessionmaker[Session], n: int) -> tuple[uuid.UUID, list[uui
         batch = Batch(id=uuid.uuid4(), tenant="t", name="b", total=n, succeeded=0, failed=0)
         session.add(batch)
         jobs = [
-            Job(id=uuid.uuid4(), tenant="t", front_url="https://x.invalid/a.png", batch_id=batch.id)
+            sealed_job(
+                id=uuid.uuid4(), tenant="t", front_url="https://x.invalid/a.png", batch_id=batch.id
+            )
             for _ in range(n)
         ]
         session.add_all(jobs)
@@ -57,6 +60,7 @@ def _start(sessions: sessionmaker[Session], job_id: uuid.UUID) -> None:
             lease_until=now + timedelta(seconds=60),
             host="h",
             open_attempt=True,
+            sealer=sealer_for_tests(),
         )
         assert claimed is not None and claimed.opened
 
@@ -72,7 +76,9 @@ def test_success_failure_and_replay_move_the_counters(sessions: sessionmaker[Ses
     batch_id, (ok, bad, other) = _batch(sessions, 3)
     _start(sessions, ok)
     with sessions() as session, session.begin():
-        job_sql.store_success(session.connection(), ok, 1, _record(), _ok_result(), False)
+        job_sql.store_success(
+            session.connection(), ok, 1, _record(), _ok_result(), False, sealer=sealer_for_tests()
+        )
     assert _counts(sessions, batch_id) == (3, 1, 0)
     _start(sessions, bad)
     with sessions() as session, session.begin():
@@ -80,7 +86,7 @@ def test_success_failure_and_replay_move_the_counters(sessions: sessionmaker[Ses
     assert _counts(sessions, batch_id) == (3, 1, 1)
     # A job outside any batch moves nothing.
     with sessions() as session, session.begin():
-        lone = Job(id=uuid.uuid4(), tenant="t", front_url="https://x.invalid/c.png")
+        lone = sealed_job(id=uuid.uuid4(), tenant="t", front_url="https://x.invalid/c.png")
         session.add(lone)
     _start(sessions, lone.id)
     with sessions() as session, session.begin():
@@ -93,6 +99,7 @@ def test_success_failure_and_replay_move_the_counters(sessions: sessionmaker[Ses
         job_ids=[bad],
         actor="test",
         reason=None,
+        sealer=sealer_for_tests(),
     )
     assert report.replayed == [bad]
     assert _counts(sessions, batch_id) == (3, 1, 0)
@@ -104,8 +111,24 @@ def test_a_failed_success_statement_moves_nothing(sessions: sessionmaker[Session
     batch_id, (job_id,) = _batch(sessions, 1)
     _start(sessions, job_id)
     with sessions() as session, session.begin():
-        job_sql.store_success(session.connection(), job_id, 1, _record(), _ok_result(), False)
+        job_sql.store_success(
+            session.connection(),
+            job_id,
+            1,
+            _record(),
+            _ok_result(),
+            False,
+            sealer=sealer_for_tests(),
+        )
     # A second result is refused, and the counter of the statement that raised is not kept.
     with pytest.raises(sa.exc.IntegrityError), sessions() as session, session.begin():
-        job_sql.store_success(session.connection(), job_id, 1, _record(), _ok_result(), False)
+        job_sql.store_success(
+            session.connection(),
+            job_id,
+            1,
+            _record(),
+            _ok_result(),
+            False,
+            sealer=sealer_for_tests(),
+        )
     assert _counts(sessions, batch_id) == (1, 1, 0)

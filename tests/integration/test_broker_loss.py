@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from emulator.specimen import make_specimen
 from models import Attempt, Job, JobStatus, Result
+from tests.fixtures.workers import sealer_for_tests
 from worker.broker.publish import CeleryPublisher
 from worker.broker.queue import queue_depth
 from worker.producer import JobSpec, submit_many
@@ -49,7 +50,9 @@ def submit(env: dict[str, str], factory: sessionmaker[Session]) -> list[uuid.UUI
     app = Celery("broker-loss-producer", broker=settings.broker_url, set_as_current=False)
     try:
         specs = [JobSpec(front=images[i % DISTINCT_IMAGES]) for i in range(JOBS)]
-        return submit_many(factory, CeleryPublisher(app), settings, specs)
+        return submit_many(
+            factory, CeleryPublisher(app), settings, specs, sealer=sealer_for_tests()
+        )
     finally:
         app.close()
 

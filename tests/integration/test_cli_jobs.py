@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from typer.testing import CliRunner, Result
 
 from models import Attempt, Job, JobStatus, Warning
-from models import Result as ResultRow
+from tests.fixtures.workers import sealed_job, sealed_result
 from worker.broker.publish import QUEUE
 from worker.cli import app
 
@@ -165,7 +165,7 @@ def _seed(factory: sessionmaker[Session]) -> dict[str, uuid.UUID]:
     with factory() as session:
         session.add_all(
             [
-                Job(
+                sealed_job(
                     id=ids["ok"],
                     tenant="tenant-cli",
                     status=JobStatus.succeeded,
@@ -175,7 +175,7 @@ def _seed(factory: sessionmaker[Session]) -> dict[str, uuid.UUID]:
                     attempts=1,
                     created_at=T0,
                 ),
-                Job(
+                sealed_job(
                     id=ids["failed"],
                     tenant="tenant-cli",
                     status=JobStatus.failed,
@@ -186,13 +186,13 @@ def _seed(factory: sessionmaker[Session]) -> dict[str, uuid.UUID]:
                     last_error_message="no card found",
                     created_at=T0 + timedelta(seconds=1),
                 ),
-                Job(
+                sealed_job(
                     id=ids["queued"],
                     tenant="tenant-cli",
                     front_url="https://e.com/3",
                     created_at=T0 + timedelta(seconds=2),
                 ),
-                Job(id=ids["other"], tenant="someone-else", front_url="https://e.com/4"),
+                sealed_job(id=ids["other"], tenant="someone-else", front_url="https://e.com/4"),
             ]
         )
         session.flush()
@@ -205,7 +205,7 @@ def _seed(factory: sessionmaker[Session]) -> dict[str, uuid.UUID]:
                     number=1,
                     outcome_code="FailedOperation.ImageNoSpecifiedCard",
                 ),
-                ResultRow(
+                sealed_result(
                     job_id=ids["ok"],
                     request_id="req-ok",
                     id_number="1234567(8)",

@@ -17,8 +17,9 @@ import sqlalchemy as sa
 from sqlalchemy.orm import sessionmaker
 from typer.testing import CliRunner, Result
 
-from models import Attempt, Job, JobStatus
+from models import Attempt, JobStatus
 from models.base import utcnow
+from tests.fixtures.workers import sealed_job
 from worker.cli import app
 
 OURS, THEIRS = "tenant-ours", "tenant-theirs"
@@ -52,14 +53,16 @@ def ids(db_url: str) -> Iterator[dict[str, uuid.UUID]]:
     now = utcnow()
     with sessionmaker(engine)() as session:
         for tenant, code in ((OURS, "FailedOperation.OcrFailed"), (THEIRS, "InternalError")):
-            failed = Job(
+            failed = sealed_job(
                 tenant=tenant,
                 status=JobStatus.failed,
                 front_url="https://e.invalid/f.jpg",
                 last_error_code=code,
                 finished_at=now,
             )
-            done = Job(tenant=tenant, status=JobStatus.succeeded, front_url="https://e.invalid/s")
+            done = sealed_job(
+                tenant=tenant, status=JobStatus.succeeded, front_url="https://e.invalid/s"
+            )
             session.add_all([failed, done])
             session.flush()
             session.add(

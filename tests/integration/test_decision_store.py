@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 import migrations
 from models import DecisionReason, Job, JobEvent, JobStatus, Result
 from models.base import utcnow
+from tests.fixtures.workers import sealed_job, sealer_for_tests
 from tests.integration import test_pipeline
 from tests.integration.test_pipeline import Harness, ok_result
 from worker.cli import app
@@ -54,7 +55,7 @@ def test_the_worker_stores_the_decision_with_the_result(harness: Harness) -> Non
     # ok_result(): photocopy and glare on an otherwise sound card.
     assert stored(harness.sessions, job_id) == ("reject", ["photocopy", "glare"])
     with harness.sessions() as session:
-        view = job_view(session, session.get_one(Job, job_id))
+        view = job_view(session, session.get_one(Job, job_id), sealer=sealer_for_tests())
         assert session.get_one(Result, job_id).decided_at is not None
     assert view["decision"] == "reject"
     assert view["reasons"] == [
@@ -132,12 +133,26 @@ def test_decide_recomputes_after_a_policy_change_and_records_it(harness: Harness
     assert stored(harness.sessions, first) == ("reject", ["photocopy", "glare"])
 
     config = harness.deps.settings
-    dry = redecide(harness.sessions, config, tenant="default", batch="b1", actor="t", dry_run=True)
+    dry = redecide(
+        harness.sessions,
+        config,
+        tenant="default",
+        batch="b1",
+        actor="t",
+        dry_run=True,
+        sealer=sealer_for_tests(),
+    )
     assert (dry.matched, len(dry.changed)) == (2, 2)
     assert stored(harness.sessions, first) == ("reject", ["photocopy", "glare"])
 
     report = redecide(
-        harness.sessions, config, tenant="default", batch="b1", actor="ops", reason="new policy"
+        harness.sessions,
+        config,
+        tenant="default",
+        batch="b1",
+        actor="ops",
+        reason="new policy",
+        sealer=sealer_for_tests(),
     )
     assert (report.matched, len(report.changed)) == (2, 2)
     assert report.changed[0].before == "reject" and report.changed[0].after == "consider"
@@ -150,13 +165,24 @@ def test_decide_recomputes_after_a_policy_change_and_records_it(harness: Harness
         [event] = [e for e in events if e.kind == "decided"]
         assert event.actor == "ops"
         assert event.reason == "new policy; decision reject -> consider"
-        view = job_view(session, session.get_one(Job, first), history=True)
+        view = job_view(
+            session, session.get_one(Job, first), history=True, sealer=sealer_for_tests()
+        )
         assert any(h.get("kind") == "decided" for h in view["history"])
     # Nothing left to change: no new event.
-    again = redecide(harness.sessions, config, tenant="default", batch="b1", actor="ops")
+    again = redecide(
+        harness.sessions,
+        config,
+        tenant="default",
+        batch="b1",
+        actor="ops",
+        sealer=sealer_for_tests(),
+    )
     assert (again.matched, len(again.changed)) == (2, 0)
     # Another tenant's policy does not apply; another tenant's jobs are not touched.
-    none = redecide(harness.sessions, config, tenant="acme", batch="b1", actor="ops")
+    none = redecide(
+        harness.sessions, config, tenant="acme", batch="b1", actor="ops", sealer=sealer_for_tests()
+    )
     assert none.matched == 0
 
 
@@ -164,7 +190,13 @@ def test_decide_needs_a_selection(harness: Harness) -> None:
     from worker.errors import InputError
 
     with pytest.raises(InputError):
-        redecide(harness.sessions, harness.deps.settings, tenant="default", actor="x")
+        redecide(
+            harness.sessions,
+            harness.deps.settings,
+            tenant="default",
+            actor="x",
+            sealer=sealer_for_tests(),
+        )
 
 
 def test_store_success_on_sqlite_keeps_the_decision(tmp_path: Path) -> None:
@@ -176,7 +208,7 @@ def test_store_success_on_sqlite_keeps_the_decision(tmp_path: Path) -> None:
     engine = sa.create_engine(url)
     try:
         with Session(engine) as session, session.begin():
-            job = Job(front_url="https://x.invalid/a.jpg", status=JobStatus.running)
+            job = sealed_job(front_url="https://x.invalid/a.jpg", status=JobStatus.running)
             session.add(job)
             session.flush()
             job_id = job.id
@@ -187,7 +219,9 @@ def test_store_success_on_sqlite_keeps_the_decision(tmp_path: Path) -> None:
         )
         call = job_sql.CallRecord(utcnow(), utcnow(), "OK", None, "r", 5)
         with engine.begin() as conn:
-            job_sql.store_success(conn, job_id, 1, call, result, False, decision)
+            job_sql.store_success(
+                conn, job_id, 1, call, result, False, decision, sealer=sealer_for_tests()
+            )
         sessions = sessionmaker(engine, expire_on_commit=False)
         assert stored(sessions, job_id) == ("reject", ["photocopy", "glare"])
         with engine.begin() as conn:
@@ -216,7 +250,9 @@ def invoke(env: dict[str, str], *args: str) -> Any:
 
 def _succeeded(engine: sa.Engine, decision: str, codes: list[str], tenant: str = "acme") -> str:
     with Session(engine) as session, session.begin():
-        job = Job(tenant=tenant, front_url="https://x.invalid/a.jpg", status=JobStatus.succeeded)
+        job = sealed_job(
+            tenant=tenant, front_url="https://x.invalid/a.jpg", status=JobStatus.succeeded
+        )
         session.add(job)
         session.flush()
         session.add(Result(job_id=job.id, request_id="r", decision=decision, decided_at=utcnow()))

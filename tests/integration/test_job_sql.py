@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 import migrations
 from models import Attempt, Job, JobStatus, Result, Warning
 from models.base import utcnow
+from tests.fixtures.workers import sealed_job, sealer_for_tests
 from worker.store import job_sql
 from worker.store.images import store_image
 from worker.tencent.types import CardWarning, OcrResult
@@ -43,7 +44,7 @@ def sessions(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[session
 
 def _add(sessions: sessionmaker[Session], **values: object) -> uuid.UUID:
     with sessions() as session, session.begin():
-        job = Job(**values)
+        job = sealed_job(**values)
         session.add(job)
         session.flush()
         return job.id
@@ -61,12 +62,16 @@ def _claim(
             lease_until=now + timedelta(seconds=60),
             host="h1",
             open_attempt=open_attempt,
+            sealer=sealer_for_tests(),
         )
 
 
 def test_claim_returns_both_images_and_counts_the_call(sessions: sessionmaker[Session]) -> None:
     with sessions() as session, session.begin():
-        front, back = store_image(session, "t", PNG), store_image(session, "t", JPEG)
+        front, back = (
+            store_image(session, sealer_for_tests(), "t", PNG),
+            store_image(session, sealer_for_tests(), "t", JPEG),
+        )
         session.flush()
         ids = front.id, back.id
     job_id = _add(sessions, tenant="t", front_image_id=ids[0], back_image_id=ids[1])
@@ -176,11 +181,13 @@ def test_store_success_writes_result_warnings_attempt_and_job_together(
             job_sql.insert_attempt(session.connection(), jid, 1, now=utcnow(), host="h1")
     result = _ok_result(en_last_name="CHAN", id_number="1234567(8)", warnings=warnings)
     with sessions() as session, session.begin():
-        job_sql.store_success(session.connection(), job_id, 1, _record(), result, False)
+        job_sql.store_success(
+            session.connection(), job_id, 1, _record(), result, False, sealer=sealer_for_tests()
+        )
     with sessions() as session:
         job = session.get_one(Job, job_id)
         assert (job.status, job.attempts, job.lease_expires_at) == (JobStatus.succeeded, 1, None)
-        stored = session.get_one(Result, job_id)
+        stored = sealer_for_tests().open_result(session.get_one(Result, job_id))
         assert (stored.en_last_name, stored.id_number) == ("CHAN", "1234567(8)")
         rows = session.scalars(sa.select(Warning).where(Warning.job_id == job_id)).all()
         assert sorted((w.code, w.name) for w in rows) == sorted((w.code, w.name) for w in warnings)
@@ -201,7 +208,9 @@ def test_store_success_twice_raises_and_changes_nothing(sessions: sessionmaker[S
         session.add(Result(job_id=job_id, request_id="first"))
     with pytest.raises(sa.exc.IntegrityError), sessions() as session, session.begin():
         warned = _ok_result(warnings=(CardWarning(-9102, "photocopy"),))
-        job_sql.store_success(session.connection(), job_id, 1, _record(), warned, False)
+        job_sql.store_success(
+            session.connection(), job_id, 1, _record(), warned, False, sealer=sealer_for_tests()
+        )
     with sessions() as session:
         assert session.get_one(Result, job_id).request_id == "first"
         assert session.get_one(Job, job_id).status is JobStatus.running

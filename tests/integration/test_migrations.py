@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
+from datetime import date
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,8 @@ from sqlalchemy.orm import Session
 import migrations
 import models
 from models import Job, JobStatus, Result
+from tests.fixtures.workers import TEST_DEFAULTS, sealed_job, sealer_for_tests
+from worker.errors import ConfigError
 
 # Every table the models declare: the migrations must build exactly these.
 TABLES = set(models.Base.metadata.tables)
@@ -69,7 +73,7 @@ def test_diff_would_notice_a_missing_column(migrated_pg_url: str) -> None:
 
 
 def _job() -> Job:
-    return Job(id=uuid.uuid4(), front_url="https://example.invalid/a.jpg")
+    return sealed_job(id=uuid.uuid4(), front_url="https://example.invalid/a.jpg")
 
 
 def test_one_result_per_job_is_enforced(db_session: Session) -> None:
@@ -177,6 +181,7 @@ def test_0003_stores_what_the_api_can_return_and_downgrades(
     beyond SMALLINT failed the store of an answer already paid for; now they are kept.
     Downgrade works, and refuses (changing nothing) while a value is over the old limit."""
     url = fresh_migrated_database()
+    migrations.downgrade(url, "0007")  # plaintext columns, as 0003 made them
     engine = sa.create_engine(url)
     try:
         with engine.begin() as conn:
@@ -198,3 +203,35 @@ def test_0003_stores_what_the_api_can_return_and_downgrades(
     assert "kept_answer" not in _tables(url)
     migrations.upgrade(url)
     assert _diff(url) == []
+
+
+def test_0008_encrypts_the_rows_already_stored(
+    fresh_migrated_database: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Plaintext rows from before 0008 are sealed in place under the configured ring (and
+    their lookup hash written); without keys the upgrade refuses and changes nothing."""
+    url = fresh_migrated_database()
+    migrations.downgrade(url, "0007")
+    engine = sa.create_engine(url)
+    try:
+        with engine.begin() as conn:
+            job_id = _job_with_result(conn, "1234567(8)", -9101, "r-1")
+            conn.execute(sa.text("UPDATE result SET birthday = '1990-02-03', height_m = 1.64"))
+        monkeypatch.delenv("MACAO_OCR_DATA_KEYS")
+        with pytest.raises(ConfigError, match="MACAO_OCR_DATA_KEYS"):
+            migrations.upgrade(url)
+        monkeypatch.setenv("MACAO_OCR_DATA_KEYS", TEST_DEFAULTS["MACAO_OCR_DATA_KEYS"])
+        migrations.upgrade(url)
+        assert _diff(url) == []
+        sealer = sealer_for_tests()
+        with Session(engine) as session:
+            job = session.get_one(Job, job_id)
+            assert sealer.open_url(job.id, "front_url", job.front_url) == "https://x.test/a.jpg"
+            row = session.get_one(Result, job_id)
+            opened = sealer.open_result(row)
+            assert (opened.id_number, opened.birthday) == ("1234567(8)", date(1990, 2, 3))
+            assert opened.height_m == Decimal("1.64")
+            assert row.id_number_hash == sealer.lookup_hash("1234567(8)")
+            assert row.id_number is not None and b"1234567" not in row.id_number
+    finally:
+        engine.dispose()

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from models import Attempt, Job, JobStatus, Portrait, Result, Warning
 from models.base import utcnow
+from tests.fixtures.workers import sealed_job, sealer_for_tests
 from worker.errors import (
     AccountError,
     ApiError,
@@ -188,7 +189,7 @@ class Harness:
 
     def add_job(self, **values: Any) -> uuid.UUID:
         values.setdefault("front_url", "https://cards.example.com/front.jpg")
-        job = Job(**values)
+        job = sealed_job(**values)
         with self.sessions() as session, session.begin():
             session.add(job)
         return job.id
@@ -240,6 +241,7 @@ def harness(
         sleep=sleeps.append,
         rng=random.Random(7),
         statement=transactions if request.param == "one-statement" else None,
+        sealer=sealer_for_tests(),
     )
     return Harness(deps, client, limiter, circuit, session_factory, sleeps)
 
@@ -259,8 +261,9 @@ def test_success_stores_result_warnings_and_portrait(harness: Harness) -> None:
     assert job.finished_at is not None and job.lease_expires_at is None
     assert job.worker_host == "test-host"
     with harness.sessions() as session:
-        result = session.get(Result, job_id)
-        assert result is not None
+        row = session.get(Result, job_id)
+        assert row is not None
+        result = sealer_for_tests().open_result(row)
         expected = ok_result()
         for name in ("request_id", "cn_last_name", "en_first_name", "id_number", "birthday"):
             assert getattr(result, name) == getattr(expected, name)
@@ -272,7 +275,8 @@ def test_success_stores_result_warnings_and_portrait(harness: Harness) -> None:
             (-9102, "photocopy"),
         ]
         portrait = session.get(Portrait, job_id)
-        assert portrait is not None and portrait.data == b"\xff\xd8portrait"
+        assert portrait is not None
+        assert sealer_for_tests().open_portrait(job_id, portrait.data) == b"\xff\xd8portrait"
     [attempt] = harness.attempts(job_id)
     assert attempt.number == 1 and attempt.outcome_code == "OK"
     assert attempt.request_id == "req-ok" and attempt.finished_at is not None
@@ -299,7 +303,7 @@ def test_a_plain_job_is_two_statements_with_no_transaction_around_them(
     assert autocommit is not None
     try:
         with Session(engine, expire_on_commit=False) as session, session.begin():
-            job = Job(front_url="https://cards.example.com/front.jpg", portrait=True)
+            job = sealed_job(front_url="https://cards.example.com/front.jpg", portrait=True)
             session.add(job)
         statements: list[tuple[str, bool]] = []
 
@@ -317,6 +321,7 @@ def test_a_plain_job_is_two_statements_with_no_transaction_around_them(
             circuit=FakeCircuit(),
             limiter_key=KEY,
             run=loop_thread.run,
+            sealer=sealer_for_tests(),
         )
         assert process_job(str(job.id), deps) is Outcome.succeeded
         assert statements == [("WITH", True), ("WITH", True)]
@@ -327,7 +332,8 @@ def test_a_plain_job_is_two_statements_with_no_transaction_around_them(
             assert session.get(Result, job.id) is not None
             assert len(session.scalars(select(Warning).where(Warning.job_id == job.id)).all()) == 2
             portrait = session.get(Portrait, job.id)
-            assert portrait is not None and portrait.data == b"\xff\xd8portrait"
+            assert portrait is not None
+            assert sealer_for_tests().open_portrait(job.id, portrait.data) == b"\xff\xd8portrait"
             [attempt] = session.scalars(select(Attempt).where(Attempt.job_id == job.id)).all()
             assert attempt.outcome_code == "OK" and attempt.finished_at is not None
         # A second delivery of the message: the plain claim finds nothing, the full one

@@ -27,7 +27,14 @@ from sqlalchemy.orm import Session
 
 from emulator.specimen import make_specimen
 from models import TERMINAL_STATUSES, Attempt, Job, JobStatus, Result, Warning
-from tests.fixtures.workers import StartWorkers, clean_environ, cli_env
+from tests.fixtures.workers import (
+    KEY_VARIABLES,
+    TEST_DEFAULTS,
+    StartWorkers,
+    clean_environ,
+    cli_env,
+    sealer_for_tests,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -129,8 +136,9 @@ def wait_terminal(engine: sa.Engine, ids: Sequence[uuid.UUID], timeout_s: float)
 
 
 def assert_result_matches_truth(
-    result: Result, warnings: list[Warning], truth: dict[str, Any]
+    row: Result, warnings: list[Warning], truth: dict[str, Any]
 ) -> None:
+    result = sealer_for_tests().open_result(row)
     for api_name, column in TEXT_FIELDS.items():
         assert getattr(result, column) == (truth[api_name] or None), api_name
     for api_name, column in DATE_FIELDS.items():
@@ -404,6 +412,8 @@ def test_workers_refuse_to_start_without_credentials(tmp_path: Path) -> None:
     env = clean_environ()
     env["MACAO_OCR_BROKER_URL"] = "redis://127.0.0.1:1/0"  # never reached
     env["MACAO_OCR_DATABASE_URL"] = f"sqlite:///{tmp_path / 'x.db'}"
+    # Keys present: the credentials are what is missing (keys: tests/unit/test_privacy_seal.py).
+    env.update({name: TEST_DEFAULTS[name] for name in KEY_VARIABLES})
     launcher = subprocess.run(
         [MACAO_OCR, "worker", "--processes", "1"],
         env=env, capture_output=True, text=True, timeout=60,

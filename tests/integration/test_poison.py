@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from models import Attempt, Job, JobEvent, JobStatus, KeptAnswer, Result
 from models.base import utcnow
+from tests.fixtures.workers import sealed_job, sealer_for_tests
 from tests.integration.test_pipeline import (  # noqa: F401  (fixtures)
     Harness,
     harness,
@@ -60,7 +61,10 @@ ANSWER: dict[str, Any] = {
     "RequestId": "req-poison",
 }
 
-ID_LIMIT = "ALTER TABLE result ADD CONSTRAINT ck_test_id_limit CHECK (char_length(id_number) <= 32)"
+# The ID number is sealed (34 bytes of envelope around it): 40 characters are over 66 bytes.
+ID_LIMIT = (
+    "ALTER TABLE result ADD CONSTRAINT ck_test_id_limit CHECK (octet_length(id_number) <= 66)"
+)
 
 
 def _kept(sessions: sessionmaker[Session], job_id: uuid.UUID) -> KeptAnswer | None:
@@ -73,7 +77,15 @@ def _kept(sessions: sessionmaker[Session], job_id: uuid.UUID) -> KeptAnswer | No
 
 def _replay(sessions: sessionmaker[Session], job_id: uuid.UUID) -> Any:
     publisher = RecordingPublisher()
-    report = replay(sessions, publisher, Settings(), job_ids=[job_id], actor="test", reason="fixed")
+    report = replay(
+        sessions,
+        publisher,
+        Settings(),
+        job_ids=[job_id],
+        actor="test",
+        reason="fixed",
+        sealer=sealer_for_tests(),
+    )
     return report, publisher
 
 
@@ -97,7 +109,7 @@ def test_store_failure_fails_once_keeps_the_answer_and_replay_stores_it(
     kept = _kept(harness.sessions, job_id)
     assert kept is not None and kept.stage == "store" and kept.reason == "IntegrityError"
     assert kept.attempt_number == 1 and kept.request_id == "req-poison"
-    assert json.loads(kept.response_json) == ANSWER
+    assert json.loads(sealer_for_tests().open_answer(job_id, kept.response_json)) == ANSWER
 
     # Another message (a duplicate, the sweeper) buys nothing: the job is finished.
     assert harness.run(job_id) is Outcome.not_claimed
@@ -121,7 +133,8 @@ def test_store_failure_fails_once_keeps_the_answer_and_replay_stores_it(
     assert job.finished_at is not None and job.finished_at > attempt.finished_at
     with harness.sessions() as session:
         result = session.get(Result, job_id)
-        assert result is not None and result.id_number == LONG_ID
+        assert result is not None
+        assert sealer_for_tests().open_result(result).id_number == LONG_ID
         events = session.scalars(select(JobEvent).where(JobEvent.job_id == job_id)).all()
         assert [(e.kind, e.previous_error_code) for e in events] == [
             ("replay", "Internal.StoreFailed")
@@ -183,7 +196,7 @@ def _lost_job(sessions: sessionmaker[Session], lost_before: int, *, old_round: i
     now = utcnow()
     started = now - timedelta(seconds=300)
     with sessions() as session, session.begin():
-        job = Job(
+        job = sealed_job(
             front_url="https://cards.example/front.jpg",
             status=JobStatus.running,
             started_at=started,

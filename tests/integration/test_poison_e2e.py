@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from emulator.specimen import make_specimen
 from models import Job, JobStatus, KeptAnswer, Result
-from tests.fixtures.workers import cli_env, submit_jobs
+from tests.fixtures.workers import cli_env, sealer_for_tests, submit_jobs
 from worker.producer import JobSpec
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -36,7 +36,10 @@ LONG_ID = "7654321(0)" * 4
 LEASE_S = 2.0
 MAX_QUOTA_WAIT_S = 1.0
 LEASE_PERIOD_S = LEASE_S + MAX_QUOTA_WAIT_S
-ID_LIMIT = "ALTER TABLE result ADD CONSTRAINT ck_test_id_limit CHECK (char_length(id_number) <= 32)"
+# The ID number is sealed (34 bytes of envelope around it): 40 characters are over 66 bytes.
+ID_LIMIT = (
+    "ALTER TABLE result ADD CONSTRAINT ck_test_id_limit CHECK (octet_length(id_number) <= 66)"
+)
 
 
 @pytest.fixture
@@ -104,7 +107,9 @@ def test_a_job_whose_answer_cannot_be_stored_is_bought_once_and_replayed_without
     assert job.status is JobStatus.failed and job.api_calls == 1
     with Session(engine) as session:
         kept = session.get(KeptAnswer, job_id)
-        assert kept is not None and json.loads(kept.response_json)["ID"] == LONG_ID
+        assert kept is not None and LONG_ID.encode() not in kept.response_json
+        answer = sealer_for_tests().open_answer(job_id, kept.response_json)
+        assert json.loads(answer)["ID"] == LONG_ID
     log = workers.log_text()
     assert "job_store_failed" in log
     assert LONG_ID not in log and "7654321" not in log  # never the answer in a log
@@ -125,7 +130,8 @@ def test_a_job_whose_answer_cannot_be_stored_is_bought_once_and_replayed_without
     assert job.status is JobStatus.succeeded and job.api_calls == 1
     with Session(engine) as session:
         result = session.get(Result, job_id)
-        assert result is not None and result.id_number == LONG_ID
+        assert result is not None
+        assert sealer_for_tests().open_result(result).id_number == LONG_ID
         assert session.get(KeptAnswer, job_id) is None
     time.sleep(2 * LEASE_PERIOD_S)
     assert emulator.counters()["total"] == 1

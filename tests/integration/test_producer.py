@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from structlog.testing import capture_logs
 
 from models import Image, Job, JobStatus
+from tests.fixtures.workers import sealer_for_tests
 from worker.broker.publish import QUEUE, TASK_NAME, CeleryPublisher, RecordingPublisher
 from worker.errors import InputError
 from worker.producer import JobSpec, ManifestError, read_manifest, submit, submit_many
@@ -71,7 +72,9 @@ def test_rows_are_committed_before_publish(
                 seen.append((row.status, row.enqueued_at))
 
     publisher = RecordingPublisher(on_publish=look)
-    job_id = submit(factory, publisher, settings, image_bytes(), tag="t-1")
+    job_id = submit(
+        factory, publisher, settings, image_bytes(), tag="t-1", sealer=sealer_for_tests()
+    )
 
     assert publisher.published == [job_id]
     assert seen == [(JobStatus.queued, None)]
@@ -106,6 +109,7 @@ def test_submit_many_publishes_each_chunk_after_its_commit(
         batch="b1",
         chunk_rows=2,
         progress=lambda done, total: progress.append((done, total)),
+        sealer=sealer_for_tests(),
     )
 
     assert [len(b) for b in publisher.batches] == [2, 2, 1]
@@ -125,8 +129,20 @@ def test_broker_down_keeps_jobs_for_the_sweeper(
 ) -> None:
     publisher = RecordingPublisher(fail=True)
     with capture_logs() as logs:
-        job_id = submit(session_factory, publisher, settings, "https://example.com/card.jpg?sig=x")
-        ids = submit_many(session_factory, publisher, settings, [JobSpec(front=image_bytes())] * 3)
+        job_id = submit(
+            session_factory,
+            publisher,
+            settings,
+            "https://example.com/card.jpg?sig=x",
+            sealer=sealer_for_tests(),
+        )
+        ids = submit_many(
+            session_factory,
+            publisher,
+            settings,
+            [JobSpec(front=image_bytes())] * 3,
+            sealer=sealer_for_tests(),
+        )
 
     assert publisher.published == []
     with session_factory() as session:
@@ -172,7 +188,7 @@ def test_bad_input_is_refused_and_nothing_written(
     publisher = RecordingPublisher()
     front = kwargs.pop("front")
     with pytest.raises(InputError) as info:
-        submit(session_factory, publisher, settings, front, **kwargs)  # type: ignore[arg-type]
+        submit(session_factory, publisher, settings, front, sealer=sealer_for_tests(), **kwargs)  # type: ignore[arg-type]
     assert info.value.rule == rule
     assert rule in str(info.value)
     assert publisher.published == []
@@ -185,7 +201,7 @@ def test_missing_file_error_names_the_path(
 ) -> None:
     missing = tmp_path / "gone.png"
     with pytest.raises(InputError, match=r"gone\.png"):
-        submit(session_factory, RecordingPublisher(), settings, missing)
+        submit(session_factory, RecordingPublisher(), settings, missing, sealer=sealer_for_tests())
 
 
 def test_manifest_is_all_or_nothing(
@@ -200,7 +216,7 @@ def test_manifest_is_all_or_nothing(
     ]
     publisher = RecordingPublisher()
     with pytest.raises(ManifestError) as info:
-        submit_many(session_factory, publisher, settings, specs)
+        submit_many(session_factory, publisher, settings, specs, sealer=sealer_for_tests())
     assert [(p.line, p.rule) for p in info.value.problems] == [
         (3, "gif_not_supported"),
         (5, "no_image"),
@@ -216,8 +232,17 @@ def test_image_stored_once_and_loadable(
 ) -> None:
     data = image_bytes("JPEG")
     publisher = RecordingPublisher()
-    first = submit(session_factory, publisher, settings, data, portrait=True)
-    second = submit(session_factory, publisher, settings, data, "https://example.com/back.png")
+    first = submit(
+        session_factory, publisher, settings, data, portrait=True, sealer=sealer_for_tests()
+    )
+    second = submit(
+        session_factory,
+        publisher,
+        settings,
+        data,
+        "https://example.com/back.png",
+        sealer=sealer_for_tests(),
+    )
 
     images = db_session.scalars(sa.select(Image)).all()
     assert len(images) == 1
@@ -225,11 +250,11 @@ def test_image_stored_once_and_loadable(
     assert images[0].size_bytes == len(data)
     assert images[0].tenant == "tenant-c"
 
-    request = load_request(db_session, db_session.get_one(Job, first))
+    request = load_request(db_session, sealer_for_tests(), db_session.get_one(Job, first))
     assert request.front is not None and request.front.data == data
     assert request.back is None
     assert request.portrait is True
-    request = load_request(db_session, db_session.get_one(Job, second))
+    request = load_request(db_session, sealer_for_tests(), db_session.get_one(Job, second))
     assert request.front is not None and request.front.data == data
     assert request.back is not None and request.back.url == "https://example.com/back.png"
     assert request.portrait is False
@@ -237,10 +262,10 @@ def test_image_stored_once_and_loadable(
 
 def test_identical_image_of_another_tenant_is_not_shared(db_session: Session) -> None:
     data = image_bytes()
-    a = store_image(db_session, "a", data)
+    a = store_image(db_session, sealer_for_tests(), "a", data)
     db_session.flush()
-    assert store_image(db_session, "a", data) is a
-    b = store_image(db_session, "b", data)
+    assert store_image(db_session, sealer_for_tests(), "a", data) is a
+    b = store_image(db_session, sealer_for_tests(), "b", data)
     db_session.flush()
     assert b.id != a.id
 
@@ -264,13 +289,17 @@ def test_files_and_manifest(
     assert specs[1].front == "https://example.com/f.png" and specs[1].back is None
     assert all(s.portrait for s in specs)
 
-    ids = submit_many(session_factory, RecordingPublisher(), settings, specs)
+    ids = submit_many(
+        session_factory, RecordingPublisher(), settings, specs, sealer=sealer_for_tests()
+    )
     first = db_session.get_one(Job, ids[0])
     assert (first.tag, first.front_url, first.portrait) == ("first", None, True)
-    request = load_request(db_session, first)
+    request = load_request(db_session, sealer_for_tests(), first)
     assert request.back is not None
     assert request.back.data == (tmp_path / "cards" / "b1.jpg").read_bytes()
-    assert db_session.get_one(Job, ids[1]).front_url == "https://example.com/f.png"
+    second = db_session.get_one(Job, ids[1])
+    url = sealer_for_tests().open_url(second.id, "front_url", second.front_url)
+    assert url == "https://example.com/f.png"
 
 
 def test_manifest_header_is_checked(tmp_path: Path) -> None:
@@ -313,13 +342,17 @@ def test_sqlite_embedded_default(tmp_path: Path) -> None:
     factory = make_sessionmaker(engine)
     data = image_bytes()
     ids = submit_many(
-        factory, RecordingPublisher(), settings, [JobSpec(front=data), JobSpec(front=data)]
+        factory,
+        RecordingPublisher(),
+        settings,
+        [JobSpec(front=data), JobSpec(front=data)],
+        sealer=sealer_for_tests(),
     )
     with factory() as session:
         assert count(session, Image) == 1
         job = session.get_one(Job, ids[1])
         assert job.enqueued_at is not None and job.enqueued_at.tzinfo is not None
-        front = load_request(session, job).front
+        front = load_request(session, sealer_for_tests(), job).front
         assert front is not None and front.data == data
     engine.dispose()
 
@@ -341,7 +374,7 @@ def test_a_chunk_that_fails_to_commit_publishes_nothing(
     publisher = RecordingPublisher()
     specs = [JobSpec(front=image_bytes(color=(i, 9, 9)), tag=f"row-{i}") for i in range(6)]
     with pytest.raises(sa.exc.OperationalError):
-        submit_many(factory, publisher, settings, specs, chunk_rows=2)
+        submit_many(factory, publisher, settings, specs, chunk_rows=2, sealer=sealer_for_tests())
 
     assert len(publisher.batches) == 1
     with observer.connect() as conn:
@@ -364,7 +397,9 @@ def test_a_chunk_is_one_insert_of_its_jobs_and_one_of_its_new_images(
     sa.event.listen(engine, "before_cursor_execute", record)
     shared = image_bytes(color=(1, 2, 3))
     specs = [JobSpec(front=shared if i % 2 else image_bytes(color=(i, 0, 5))) for i in range(8)]
-    ids = submit_many(factory, RecordingPublisher(), settings, specs, chunk_rows=4)
+    ids = submit_many(
+        factory, RecordingPublisher(), settings, specs, chunk_rows=4, sealer=sealer_for_tests()
+    )
 
     assert statements.count("INSERT INTO job") == 2
     assert statements.count("INSERT INTO image") == 2
@@ -373,5 +408,5 @@ def test_a_chunk_is_one_insert_of_its_jobs_and_one_of_its_new_images(
         assert conn.scalar(sa.select(sa.func.count()).select_from(Job)) == 8
     with factory() as session:
         for job_id, spec in zip(ids, specs, strict=True):
-            request = load_request(session, session.get_one(Job, job_id))
+            request = load_request(session, sealer_for_tests(), session.get_one(Job, job_id))
             assert request.front is not None and request.front.data == spec.front

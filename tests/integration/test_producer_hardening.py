@@ -13,6 +13,7 @@ from PIL import Image as PILImage
 from sqlalchemy.orm import Session, sessionmaker
 
 from models import Image, Job
+from tests.fixtures.workers import sealer_for_tests
 from worker.broker.publish import RecordingPublisher
 from worker.errors import InputError
 from worker.producer import (
@@ -110,7 +111,14 @@ def test_submit_many_row_cap_takes_no_more_than_it_needs(
             yield JobSpec(front=card())
 
     with pytest.raises(InputError) as info:
-        submit_many(session_factory, RecordingPublisher(), settings, specs(), max_rows=5)
+        submit_many(
+            session_factory,
+            RecordingPublisher(),
+            settings,
+            specs(),
+            max_rows=5,
+            sealer=sealer_for_tests(),
+        )
     assert info.value.rule == "too_many_rows"
     assert taken == 6
     assert count(db_session, Job) == 0
@@ -130,7 +138,9 @@ def test_base_dir_keeps_paths_inside(
     specs = read_manifest(manifest)
     publisher = RecordingPublisher()
     with pytest.raises(ManifestError) as info:
-        submit_many(session_factory, publisher, settings, specs, base_dir=base)
+        submit_many(
+            session_factory, publisher, settings, specs, base_dir=base, sealer=sealer_for_tests()
+        )
     assert [(p.line, p.rule) for p in info.value.problems] == [
         (3, "outside_base_dir"),
         (4, "outside_base_dir"),
@@ -138,7 +148,9 @@ def test_base_dir_keeps_paths_inside(
         (6, "outside_base_dir"),
     ]
     assert publisher.published == [] and count(db_session, Job) == 0
-    ids = submit_many(session_factory, publisher, settings, specs[:1], base_dir=base)
+    ids = submit_many(
+        session_factory, publisher, settings, specs[:1], base_dir=base, sealer=sealer_for_tests()
+    )
     assert len(ids) == 1
 
 
@@ -156,7 +168,14 @@ def test_tags_refuse_control_and_bidi_characters(
     session_factory: sessionmaker[Session], db_session: Session, settings: Settings, tag: str
 ) -> None:
     with pytest.raises(InputError) as info:
-        submit(session_factory, RecordingPublisher(), settings, card(), tag=tag)
+        submit(
+            session_factory,
+            RecordingPublisher(),
+            settings,
+            card(),
+            tag=tag,
+            sealer=sealer_for_tests(),
+        )
     assert info.value.rule == "tag_bad_character"
     assert "U+" in info.value.message
     assert count(db_session, Job) == 0
@@ -165,7 +184,14 @@ def test_tags_refuse_control_and_bidi_characters(
 def test_a_plain_unicode_tag_is_fine(
     session_factory: sessionmaker[Session], settings: Settings
 ) -> None:
-    submit(session_factory, RecordingPublisher(), settings, card(), tag="客戶 42 - José")
+    submit(
+        session_factory,
+        RecordingPublisher(),
+        settings,
+        card(),
+        tag="客戶 42 - José",
+        sealer=sealer_for_tests(),
+    )
 
 
 BAD_URLS = [
@@ -190,7 +216,7 @@ def test_refused_urls_store_and_publish_nothing(
 ) -> None:
     publisher = RecordingPublisher()
     with pytest.raises(InputError) as info:
-        submit(session_factory, publisher, settings, url)
+        submit(session_factory, publisher, settings, url, sealer=sealer_for_tests())
     assert info.value.rule == rule
     assert publisher.published == []
     assert count(db_session, Job) == 0 and count(db_session, Image) == 0
@@ -201,7 +227,7 @@ def test_back_without_front_is_refused(
 ) -> None:
     publisher = RecordingPublisher()
     with pytest.raises(InputError) as info:
-        submit(session_factory, publisher, settings, None, card())
+        submit(session_factory, publisher, settings, None, card(), sealer=sealer_for_tests())
     assert info.value.rule == "no_front"
     assert publisher.published == [] and count(db_session, Job) == 0
 

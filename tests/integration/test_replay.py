@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from typer.testing import CliRunner
 
 from models import Attempt, Job, JobEvent, JobStatus, Portrait, Result, Warning
+from tests.fixtures.workers import sealed_job, sealed_result, sealer_for_tests
 from worker.broker.publish import RecordingPublisher
 from worker.cli import app as cli_app
 from worker.errors import InputError
@@ -40,7 +41,7 @@ def add_failed(
     finished_at: datetime = T0,
     status: JobStatus = JobStatus.failed,
 ) -> Job:
-    job = Job(
+    job = sealed_job(
         front_url="https://cards.example/front.jpg",
         tenant=tenant,
         status=status,
@@ -74,12 +75,14 @@ def add_failed(
 def add_succeeded(session: Session) -> Job:
     job = add_failed(session, code="FailedOperation.OcrFailed", calls=2)
     job.status = JobStatus.succeeded
-    session.add(Result(job_id=job.id, request_id="req-ok", id_number="1234567(8)"))
+    session.add(sealed_result(job_id=job.id, request_id="req-ok", id_number="1234567(8)"))
     session.flush()
     session.add_all(
         [
             Warning(job_id=job.id, code=-9101, name="Card incomplete"),
-            Portrait(job_id=job.id, data=b"\xff\xd8portrait"),
+            Portrait(
+                job_id=job.id, data=sealer_for_tests().seal_portrait(job.id, b"\xff\xd8portrait")
+            ),
         ]
     )
     session.flush()
@@ -113,6 +116,7 @@ def run(
 ) -> object:
     kwargs.setdefault("actor", "ops@box")
     kwargs.setdefault("reason", "vendor outage over")
+    kwargs.setdefault("sealer", sealer_for_tests())
     return replay(session_factory, publisher, settings, **kwargs)  # type: ignore[arg-type]
 
 
@@ -137,6 +141,7 @@ def test_replay_by_error_code_resets_budget_and_keeps_history(
         error_code=OCR_FAILED,
         actor="ops@box",
         reason="vendor outage over",
+        sealer=sealer_for_tests(),
     )
 
     assert report.matched == [target.id]

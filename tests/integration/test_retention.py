@@ -3,6 +3,7 @@ dedup included) and finished by the worker's own statements (`worker.store.job_s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import uuid
@@ -30,10 +31,12 @@ from models import (
     Result,
     Warning,
 )
+from tests.fixtures.workers import sealed_job, sealer_for_tests
 from worker.broker.publish import RecordingPublisher
 from worker.decision.apply import decide_answer, limits_of
 from worker.decision.policy import policy_for
 from worker.errors import StoreFailed
+from worker.privacy.crypto import DecryptError
 from worker.privacy.fields import (
     JOB_PERSONAL_COLUMNS,
     RESULT_LOOKUP_COLUMNS,
@@ -78,12 +81,14 @@ def submit(
     portrait: bool = True,
 ) -> list[uuid.UUID]:
     specs = [JobSpec(front=data, tag=tag, portrait=portrait) for data in images]
-    return submit_many(factory, RecordingPublisher(), settings, specs)
+    return submit_many(factory, RecordingPublisher(), settings, specs, sealer=sealer_for_tests())
 
 
 def add_url_job(factory: sessionmaker[Session], *, tag: str | None = None) -> uuid.UUID:
     with factory() as session, session.begin():
-        job = Job(tenant=TENANT, front_url=URL, back_url=URL + "&back", tag=tag, portrait=True)
+        job = sealed_job(
+            tenant=TENANT, front_url=URL, back_url=URL + "&back", tag=tag, portrait=True
+        )
         session.add(job)
     return job.id
 
@@ -109,7 +114,13 @@ def answer(seed: int = 0) -> OcrResult:
 def _start(conn: sa.Connection, job_id: uuid.UUID) -> job_sql.Claimed:
     at = now()
     claimed = job_sql.claim(
-        conn, job_id, now=at, lease_until=at + timedelta(minutes=2), host="h", open_attempt=True
+        conn,
+        job_id,
+        now=at,
+        lease_until=at + timedelta(minutes=2),
+        host="h",
+        open_attempt=True,
+        sealer=sealer_for_tests(),
     )
     assert claimed is not None and claimed.opened
     return claimed
@@ -134,7 +145,14 @@ def succeed(factory: sessionmaker[Session], job_id: uuid.UUID) -> None:
             limits=limits_of(Settings()),
         )
         job_sql.store_success(
-            conn, job_id, claimed.last_number + 1, _call(), result, True, decision
+            conn,
+            job_id,
+            claimed.last_number + 1,
+            _call(),
+            result,
+            True,
+            decision,
+            sealer=sealer_for_tests(),
         )
 
 
@@ -153,6 +171,7 @@ def fail(factory: sessionmaker[Session], job_id: uuid.UUID, *, poison: bool = Fa
                 answer={"RequestId": "r", "ID": ID_NUMBER, "EnLastName": "CHAN"},
                 error=StoreFailed("store", "IntegrityError"),
                 now=now(),
+                sealer=sealer_for_tests(),
             )
             return
         job_sql.close_attempt(conn, job_id, number, _call("FailedOperation.ImageNoSpecifiedCard"))
@@ -173,32 +192,49 @@ def count(factory: sessionmaker[Session], model: type[Base], *where: Any) -> int
 
 
 def personal_values(factory: sessionmaker[Session], job_id: uuid.UUID) -> dict[str, Any]:
+    """The result's personal columns, opened (None where nothing is stored)."""
     with factory() as session:
         row = session.execute(
             select(*(Result.__table__.c[c] for c in RESULT_PERSONAL_COLUMNS)).where(
                 Result.job_id == job_id
             )
         ).one()
-    return dict(row._mapping)
+    sealer = sealer_for_tests()
+    return {
+        column: sealer.open_text("result", column, job_id, value)
+        for column, value in row._mapping.items()
+    }
 
 
 def everything(factory: sessionmaker[Session]) -> Iterator[tuple[str, str, object]]:
-    """Every value of every table, as (table, column, value)."""
+    """Every value of every table, as (table, column, value); sealed values opened."""
+    sealer = sealer_for_tests()
     with factory() as session:
         for table in Base.metadata.sorted_tables:
+            keys = [c.name for c in table.primary_key.columns]
             for row in session.execute(select(table)):
-                for column, value in row._mapping.items():
+                mapping = row._mapping
+                row_id = mapping[keys[0]] if len(keys) == 1 else None
+                for column, value in mapping.items():
+                    if isinstance(value, bytes | memoryview) and row_id is not None:
+                        # A hash is not sealed: it is looked at as it is.
+                        with contextlib.suppress(DecryptError):
+                            value = sealer.open(table.name, str(column), row_id, bytes(value))
                     yield table.name, str(column), value
 
 
 def holds_person(factory: sessionmaker[Session], images: list[bytes]) -> list[str]:
     """Where a piece of the person is still stored (table.column), if anywhere."""
     found = []
-    texts = (ID_NUMBER, NAME.split()[0], "TAI MAN", "s3cret", "cards.example")
+    texts = (ID_NUMBER, NAME.split()[0], "TAI MAN", "s3cret", "cards.example", "1990-03-05")
     for table, column, value in everything(factory):
         if isinstance(value, bytes | memoryview):
             data = bytes(value)
-            if data == PORTRAIT or any(data == image for image in images):
+            if (
+                data == PORTRAIT
+                or any(data == image for image in images)
+                or any(t.encode() in data for t in texts)
+            ):
                 found.append(f"{table}.{column}")
         elif (isinstance(value, str) and any(t in value for t in texts)) or (
             isinstance(value, date) and value == date(1990, 3, 5)
@@ -254,6 +290,7 @@ def test_a_failed_job_keeps_its_images_for_replay_until_the_failed_retention(
         actor="t",
         reason=None,
         dry_run=True,
+        sealer=sealer_for_tests(),
     )
     assert dry.replayed == [plain]
 
@@ -265,7 +302,13 @@ def test_a_failed_job_keeps_its_images_for_replay_until_the_failed_retention(
 
     publisher = RecordingPublisher()
     refused = replay(
-        session_factory, publisher, settings, job_ids=[plain, poison], actor="t", reason=None
+        session_factory,
+        publisher,
+        settings,
+        job_ids=[plain, poison],
+        actor="t",
+        reason=None,
+        sealer=sealer_for_tests(),
     )
     assert refused.replayed == [] and publisher.published == []
     assert refused.refused_codes == {
@@ -385,7 +428,8 @@ def test_erasing_one_job_never_touches_another_jobs_shared_image(
     assert report.removed.images == 0  # still used by `second`
     with session_factory() as session:
         image = session.get(Image, shared)
-        assert image is not None and image.data == same
+        assert image is not None
+        assert sealer_for_tests().open_image(image.id, image.data) == same
     assert job_row(session_factory, second).front_image_id == shared
     assert personal_values(session_factory, second)["id_number"] == ID_NUMBER
 
@@ -404,14 +448,26 @@ def test_an_erased_job_is_never_claimed_nor_replayed(
         session.execute(sa.update(Job).where(Job.id == queued).values(status=JobStatus.queued))
         at = now()
         claimed = job_sql.claim(
-            session.connection(), queued, now=at, lease_until=at + timedelta(minutes=1), host="h"
+            session.connection(),
+            queued,
+            now=at,
+            lease_until=at + timedelta(minutes=1),
+            host="h",
+            sealer=sealer_for_tests(),
         )
     assert claimed is None
     publisher = RecordingPublisher()
     with session_factory() as session, session.begin():
         session.execute(sa.update(Job).where(Job.id == queued).values(status=JobStatus.failed))
     refused = replay(
-        session_factory, publisher, settings, job_ids=[queued], actor="t", reason=None, force=True
+        session_factory,
+        publisher,
+        settings,
+        job_ids=[queued],
+        actor="t",
+        reason=None,
+        force=True,
+        sealer=sealer_for_tests(),
     )
     assert refused.refused_codes == {queued: REFUSED_ERASED} and publisher.published == []
 
@@ -466,7 +522,9 @@ def test_retention_waits_for_a_producer_reusing_the_image_and_keeps_it(
     succeed(factory, old)
     producer = factory()
     producer.begin()
-    image = store_image(producer, TENANT, same)  # found by digest, its row locked
+    image = store_image(
+        producer, sealer_for_tests(), TENANT, same
+    )  # found by digest, its row locked
     assert image.id == shared
     newcomer = Job(tenant=TENANT, front_image_id=image.id)
     producer.add(newcomer)
@@ -483,7 +541,8 @@ def test_retention_waits_for_a_producer_reusing_the_image_and_keeps_it(
     assert (report.removed.jobs_images, report.removed.images) == (1, 0)
     with factory() as session:
         kept_image = session.get(Image, shared)
-        assert kept_image is not None and kept_image.data == same
+        assert kept_image is not None
+        assert sealer_for_tests().open_image(kept_image.id, kept_image.data) == same
     assert job_row(factory, newcomer.id).front_image_id == shared
 
 
@@ -512,7 +571,8 @@ def test_a_producer_waits_for_a_deletion_and_stores_the_image_again(
     with factory() as session:
         assert session.get(Image, shared) is None
         stored = session.get(Image, fresh)
-        assert stored is not None and stored.data == same
+        assert stored is not None
+        assert sealer_for_tests().open_image(stored.id, stored.data) == same
 
 
 def test_the_purge_command_counts_first_then_removes_and_prints_no_value(

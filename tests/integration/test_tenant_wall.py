@@ -82,7 +82,7 @@ def seed(conn: sa.Connection, tenant: str) -> uuid.UUID:
     job_id, image_id = uuid.uuid4(), uuid.uuid4()
     conn.execute(
         sa.text(
-            "INSERT INTO image (id, tenant, sha256, content_type, size_bytes, data, created_at) "
+            "INSERT INTO image (id, tenant, digest, content_type, size_bytes, data, created_at) "
             "VALUES (:i, :t, :sha, 'image/jpeg', 3, '\\x010203', :at)"
         ),
         {"i": image_id, "t": tenant, "sha": uuid.uuid4().hex, "at": T0},

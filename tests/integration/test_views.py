@@ -9,6 +9,7 @@ from decimal import Decimal
 from sqlalchemy.orm import Session
 
 from models import Attempt, Job, JobEvent, JobStatus, Result, Warning
+from tests.fixtures.workers import sealer_for_tests
 from worker.store.views import job_view, not_found_view, result_view
 
 RESULT_KEYS = {
@@ -60,11 +61,13 @@ def _result(job_id: uuid.UUID, **fields: object) -> Result:
         "warning_service_disabled": False,
     }
     values.update(fields)
-    return Result(**values)
+    return Result(**sealer_for_tests().seal_result(job_id, values))
 
 
 def _job(session: Session, **fields: object) -> Job:
-    job = Job(id=uuid.uuid4(), front_url="https://example.com/f.jpg", **fields)
+    job_id = uuid.uuid4()
+    url = sealer_for_tests().seal_url(job_id, "front_url", "https://example.com/f.jpg")
+    job = Job(id=job_id, front_url=url, **fields)
     session.add(job)
     session.flush()
     return job
@@ -82,7 +85,7 @@ def test_result_view_keys_and_formats(db_session: Session) -> None:
     )
     db_session.flush()
 
-    view = job_view(db_session, job)
+    view = job_view(db_session, job, sealer=sealer_for_tests())
     result = view["result"]
     assert set(result) - {"warnings"} == RESULT_KEYS
     assert result["id_number"] == "1234567(8)"
@@ -100,16 +103,18 @@ def test_result_view_keys_and_formats(db_session: Session) -> None:
 def test_validity_period_text_when_not_a_date(db_session: Session) -> None:
     job = _job(db_session)
     result = _result(job.id, validity_period=None, validity_period_text="永久 Permanent")
-    view = result_view(result, [])
+    view = result_view(sealer_for_tests().open_result(result), [])
     assert view["validity_period"] == "永久 Permanent"
     assert view["validity_period_text"] == "永久 Permanent"
     assert view["warnings"] == []
 
 
 def test_height_keeps_two_decimals() -> None:
-    view = result_view(_result(uuid.uuid4(), height_m=Decimal("1.7")), [])
+    sealer = sealer_for_tests()
+    view = result_view(sealer.open_result(_result(uuid.uuid4(), height_m=Decimal("1.7"))), [])
     assert view["height"] == "1.70"
-    assert result_view(_result(uuid.uuid4(), height_m=None), [])["height"] is None
+    unknown = sealer.open_result(_result(uuid.uuid4(), height_m=None))
+    assert result_view(unknown, [])["height"] is None
 
 
 def test_attempts_counts_every_api_call_and_history_is_ordered(db_session: Session) -> None:
@@ -136,7 +141,7 @@ def test_attempts_counts_every_api_call_and_history_is_ordered(db_session: Sessi
     )
     db_session.flush()
 
-    view = job_view(db_session, job, history=True)
+    view = job_view(db_session, job, history=True, sealer=sealer_for_tests())
     assert set(view) >= JOB_KEYS
     assert view["attempts"] == 2
     assert view["budget_attempts"] == 1
@@ -151,7 +156,7 @@ def test_attempts_counts_every_api_call_and_history_is_ordered(db_session: Sessi
         ("event", None, "recovered"),
         ("attempt", 2, None),
     ]
-    assert "history" not in job_view(db_session, job)
+    assert "history" not in job_view(db_session, job, sealer=sealer_for_tests())
 
 
 def test_not_found_view() -> None:

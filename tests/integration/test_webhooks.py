@@ -35,6 +35,7 @@ from models import (
     WebhookEndpoint,
     WebhookSecret,
 )
+from tests.fixtures.workers import sealer_for_tests
 from worker.broker.publish import RecordingPublisher
 from worker.errors import InputError, WebhookUrlRefused
 from worker.settings import Settings
@@ -195,7 +196,9 @@ def add_jobs(
                     id=job_id,
                     tenant=tenant,
                     status=JobStatus.running,
-                    front_url="https://img.example.com/a.jpg",
+                    front_url=sealer_for_tests().seal_url(
+                        job_id, "front_url", "https://img.example.com/a.jpg"
+                    ),
                     portrait=False,
                     attempts=0,
                     api_calls=1,
@@ -233,10 +236,10 @@ def succeed(engine: sa.Engine, job_id: uuid.UUID) -> None:
     if engine.dialect.name == "postgresql":
         # As a worker runs it: one statement, no transaction around it.
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            job_sql.store_success(conn, job_id, 1, CALL, RESULT, False)
+            job_sql.store_success(conn, job_id, 1, CALL, RESULT, False, sealer=sealer_for_tests())
     else:
         with engine.begin() as conn:
-            job_sql.store_success(conn, job_id, 1, CALL, RESULT, False)
+            job_sql.store_success(conn, job_id, 1, CALL, RESULT, False, sealer=sealer_for_tests())
 
 
 @pytest.mark.parametrize("backend", ["pg", "sqlite"])

@@ -35,6 +35,8 @@ REQUIRED = {
     "MACAO_OCR_FLOWER_PASSWORD": "flower-s3cret",
     "TENCENTCLOUD_SECRET_ID": "AKIDcompose",
     "TENCENTCLOUD_SECRET_KEY": "compose-key",
+    "MACAO_OCR_DATA_KEYS": "compose:" + "A" * 43 + "=",
+    "MACAO_OCR_LOOKUP_KEY": "B" * 43 + "=",
 }
 _SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|_KEY\b|_KEYS")
 
@@ -385,3 +387,11 @@ def test_compose_config_validates() -> None:
         )
         assert missing.returncode != 0, name
         assert name in missing.stderr
+
+
+def test_only_the_services_that_hold_personal_data_get_the_keys(services: dict[str, Any]) -> None:
+    for name in APP_SERVICES:
+        env = services[name]["environment"]
+        holds = name in {"migrate", "worker", "api"}
+        for key in ("MACAO_OCR_DATA_KEYS", "MACAO_OCR_LOOKUP_KEY"):
+            assert (key in env) == holds, (name, key)

@@ -340,3 +340,43 @@ def test_expired_idempotency_keys_are_purged_and_reusable(api: Api) -> None:
     assert second.status_code == 201 and second.json()["job_id"] != first
     with api.services.session_factory() as session:
         assert session.scalars(select(IdempotencyKey.key)).all() == ["old"]
+
+
+def _store_result(api: Api, job_id: str, id_number: str, portrait: bytes | None = None) -> None:
+    import uuid
+
+    from worker.store import job_sql
+    from worker.tencent.types import OcrResult
+
+    result = OcrResult(request_id="r", id_number=id_number, portrait=portrait)
+    with api.services.engine.begin() as conn:
+        job_sql.insert_result(
+            conn, uuid.UUID(job_id), result, portrait is not None, sealer=api.services.sealer
+        )
+
+
+def test_jobs_by_id_number_through_the_keyed_hash_within_the_tenant(api: Api) -> None:
+    a, b = api.key("a"), api.key("b")
+    ids = [api.client.post("/v1/jobs", json=URL_JOB, headers=h).json()["job_id"] for h in (a, a, b)]
+    png = b"\x89PNG\r\n\x1a\n" + bytes(64)
+    _store_result(api, ids[0], "1234567(8)", portrait=png)
+    _store_result(api, ids[1], "7654321(0)")
+    _store_result(api, ids[2], "1234567(8)")
+    mine = api.client.get("/v1/jobs", params={"id_number": " 1234567(8)"}, headers=a).json()
+    assert [j["job_id"] for j in mine["jobs"]] == [ids[0]]
+    assert mine["jobs"][0]["result"]["id_number"] == "1234567(8)"
+    theirs = api.client.get("/v1/jobs", params={"id_number": "1234567(8)"}, headers=b).json()
+    assert [j["job_id"] for j in theirs["jobs"]] == [ids[2]]
+    portrait = api.client.get(f"/v1/jobs/{ids[0]}/portrait", headers=a)
+    assert portrait.status_code == 200 and portrait.content == png
+
+
+def test_jobs_by_id_number_without_a_lookup_key_is_a_problem(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MACAO_OCR_LOOKUP_KEY")
+    for api in _make(tmp_path, qps=0):
+        answer = api.client.get("/v1/jobs", params={"id_number": "1"}, headers=api.key("a"))
+        assert answer.status_code == 400
+        assert answer.headers["content-type"] == "application/problem+json"
+        assert "MACAO_OCR_LOOKUP_KEY" in answer.json()["detail"]

@@ -16,7 +16,8 @@ import sqlalchemy as sa
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from models import Base, Job, JobStatus
+from models import Base, JobStatus
+from tests.fixtures.workers import sealed_job
 from worker import metrics
 from worker.broker.queue import queue_keys
 from worker.settings import Settings
@@ -189,7 +190,7 @@ def sqlite_engine(tmp_path: Path) -> sa.Engine:
 def add_jobs(engine: sa.Engine, status: JobStatus, n: int) -> None:
     with sa.orm.Session(engine) as session:
         for _ in range(n):
-            session.add(Job(status=status, front_url="https://example.invalid/a.png"))
+            session.add(sealed_job(status=status, front_url="https://example.invalid/a.png"))
         session.commit()
 
 

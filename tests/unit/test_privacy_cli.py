@@ -15,9 +15,9 @@ from typer.testing import CliRunner
 import migrations
 from emulator.specimen import make_specimen
 from models import Image, Job, JobStatus
+from tests.fixtures.workers import sealer_for_tests
 from worker.broker.publish import RecordingPublisher
 from worker.cli import app
-from worker.cli.privacy_cmd import LOOKUP_FUNCTION, LOOKUP_MODULE
 from worker.producer import JobSpec, submit_many
 from worker.settings import Settings, load_settings
 from worker.store.retention import purge
@@ -51,15 +51,10 @@ def test_erase_needs_exactly_one_selection(args: list[str], tmp_path: Path) -> N
     assert "exactly one of --job, --tag or --id-number" in result.output
 
 
-def test_erase_by_id_number_says_in_one_line_that_lookup_is_missing(tmp_path: Path) -> None:
-    import importlib
-
-    try:
-        getattr(importlib.import_module(LOOKUP_MODULE), LOOKUP_FUNCTION)
-    except (ImportError, AttributeError):
-        pass
-    else:
-        pytest.skip("this build has lookup by ID number")
+def test_erase_by_id_number_without_a_lookup_key_says_so_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MACAO_OCR_LOOKUP_KEY")
     db = tmp_path / "never-created.db"
     result = CliRunner().invoke(
         app,
@@ -68,7 +63,7 @@ def test_erase_by_id_number_says_in_one_line_that_lookup_is_missing(tmp_path: Pa
     )
     assert result.exit_code == 2
     lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and "lookup by ID number" in lines[0]
+    assert len(lines) == 1 and "lookup by ID number is off" in lines[0]
     assert "1234567" not in result.output  # the number is never echoed
     assert not db.exists()  # refused before any database work
 
@@ -84,6 +79,7 @@ def test_purge_on_sqlite_deletes_a_succeeded_jobs_image(tmp_path: Path) -> None:
         RecordingPublisher(),
         settings,
         [JobSpec(front=make_specimen(seed=s).image) for s in (1, 2)],
+        sealer=sealer_for_tests(),
     )
     at = datetime.now(UTC)
     with factory() as session, session.begin():
@@ -113,6 +109,7 @@ def test_erase_two_jobs_after_one_job_flag_on_sqlite(tmp_path: Path) -> None:
         RecordingPublisher(),
         Settings(database_url=url),
         [JobSpec(front=make_specimen(seed=s).image, tag="t") for s in (3, 4, 5)],
+        sealer=sealer_for_tests(),
     )
     env = {"MACAO_OCR_DATABASE_URL": url}
     lone = CliRunner().invoke(app, ["erase", str(first)], env=env)

@@ -17,6 +17,7 @@ from worker.cli import (
     emulator_cmd,
     health_cmd,
     jobs_cmd,
+    keys_cmd,
     ops_cmd,
     privacy_cmd,
     read_cmd,
@@ -78,6 +79,7 @@ for _module in (
     decide_cmd,
     api_cmd,
     webhooks_cmd,
+    keys_cmd,
     privacy_cmd,
 ):
     _module.register(app)

@@ -21,7 +21,11 @@ def api(
     """Serve the HTTP API (OpenAPI at /openapi.json, docs at /docs). Stateless: run several."""
     import uvicorn
 
+    from worker.privacy.seal import Sealer
+
     settings = load_or_exit()
+    # Refuse here, once, rather than in every server process: no keys, no API.
+    Sealer.from_settings(settings)
     uvicorn.run(
         "worker.http.app:create_app_from_env",
         factory=True,

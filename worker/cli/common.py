@@ -16,7 +16,7 @@ import sys
 import traceback
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from sqlalchemy.orm import Session, sessionmaker
@@ -25,6 +25,9 @@ from typer.core import TyperGroup
 from worker.broker.publish import CeleryPublisher, Publisher
 from worker.errors import ConfigError, DeploymentError, InputError, MacaoOcrError
 from worker.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from worker.privacy.seal import Sealer
 
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
@@ -239,6 +242,14 @@ def load_or_exit(*, interactive: bool = True) -> Settings:
     level = None if "log_level" in explicit else "WARNING"
     configure_logging(settings.model_copy(update={"log_json": log_json}), level=level)
     return settings
+
+
+def sealer_for(settings: Settings) -> Sealer:
+    """The command's sealer (worker.privacy.seal): a command that stores or reads personal
+    data stops here, with one line naming the key variables, when none is configured."""
+    from worker.privacy.seal import Sealer
+
+    return Sealer.from_settings(settings)
 
 
 @contextmanager

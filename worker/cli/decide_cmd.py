@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from worker.cli.common import database, fail, load_or_exit
+from worker.cli.common import database, fail, load_or_exit, sealer_for
 from worker.cli.replay_cmd import _when, default_actor
 from worker.errors import InputError
 
@@ -35,6 +35,7 @@ def decide_command(
         raise fail("name --batch or --since; recomputing everything is never implied")
     since_at = _when("--since", since)
     settings = load_or_exit()
+    sealer = sealer_for(settings)
     try:
         with database(settings) as session_factory:
             report = redecide(
@@ -46,6 +47,7 @@ def decide_command(
                 actor=actor or default_actor(),
                 reason=reason,
                 dry_run=dry_run,
+                sealer=sealer,
             )
     except InputError as exc:
         raise fail(exc.message) from None

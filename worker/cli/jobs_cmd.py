@@ -27,14 +27,17 @@ from worker.cli.common import (
     make_publisher,
     os_actor,
     scope,
+    sealer_for,
 )
 from worker.errors import InputError, StateUnavailable
+from worker.privacy.seal import Sealer
 from worker.producer import MAX_ROWS, JobSpec, ManifestError, read_manifest, submit_many
 from worker.producer import submit as submit_one
 from worker.reason_codes import Outcome, is_reason_code
 from worker.settings import Settings
 from worker.store import access
 from worker.store.filters import JobFilter
+from worker.store.lookup import LOOKUP_OFF, job_ids_by_id_number
 from worker.store.views import job_view, not_found_view
 
 stderr = Console(stderr=True)
@@ -118,6 +121,7 @@ def submit(
 ) -> None:
     """Validate and queue cards for reading. Bad input: nothing is submitted."""
     settings = load_or_exit()
+    sealer = sealer_for(settings)
     if base_dir is not None and not base_dir.is_dir():
         raise fail(f"--base-dir is not a folder: {base_dir}")
     try:
@@ -132,6 +136,7 @@ def submit(
                     factory,
                     publisher,
                     settings,
+                    sealer,
                     specs,
                     batch,
                     manifest=manifest is not None,
@@ -178,6 +183,7 @@ def _submit(
     factory: sessionmaker[Session],
     publisher: Publisher,
     settings: Settings,
+    sealer: Sealer,
     specs: Sequence[JobSpec],
     batch: str | None,
     *,
@@ -197,6 +203,7 @@ def _submit(
                 portrait=spec.portrait,
                 tag=spec.tag,
                 batch=batch,
+                sealer=sealer,
             )
         ]
     with Progress(
@@ -212,6 +219,7 @@ def _submit(
             progress=lambda done, _total: bar.update(task, completed=done),
             max_rows=max_rows,
             base_dir=base_dir,
+            sealer=sealer,
         )
 
 
@@ -354,6 +362,7 @@ def status(
     A job is named by its id or by the short id `jobs` prints (its first 8 characters).
     """
     settings = load_or_exit()
+    sealer = sealer_for(settings)
     tenant = scope(settings, all_tenants)
     pause, pause_known = read_pause(settings)
     missing = 0
@@ -368,7 +377,7 @@ def status(
                     views.append(not_found_view(text))
                 else:
                     shown.append(job)
-                    view = job_view(session, job, history=history)
+                    view = job_view(session, job, sealer=sealer, history=history)
                     views.append(_with_tenant(view, job, tenant))
             personal = access.with_personal_fields(session, [job.id for job in shown])
         # Logged before anything is shown: a read that cannot be logged shows nothing.
@@ -436,14 +445,29 @@ def jobs(
         bool, typer.Option("--full-ids", help="Whole job ids (default: the first 8 characters).")
     ] = False,
     all_tenants: Annotated[bool, typer.Option("--all-tenants", help=ALL_TENANTS_HELP)] = False,
+    id_number: Annotated[
+        str | None,
+        typer.Option(
+            "--id-number",
+            help="Only the jobs of this card number (keyed hash; needs MACAO_OCR_LOOKUP_KEY).",
+        ),
+    ] = None,
 ) -> None:
     """List this tenant's jobs (MACAO_OCR_TENANT), newest first (times in UTC)."""
     if reason is not None and not is_reason_code(reason):
         raise fail(f"--reason: unknown code {reason[:48]!r} (see README, Decisions)")
     settings = load_or_exit()
+    sealer = sealer_for(settings)
     tenant = scope(settings, all_tenants)
+    person: list[uuid.UUID] | None = None
+    if id_number is not None:
+        if sealer.lookup_key is None:
+            raise fail(f"--id-number: {LOOKUP_OFF}", error="lookup_disabled")
+        with database(settings, tenant=tenant) as factory, factory() as session:
+            person = job_ids_by_id_number(session, sealer.lookup_key, id_number, tenant)
     matching = JobFilter(
         tenant=tenant,
+        job_ids=person,
         status=status_,
         error_code=error_code,
         batch=batch,
@@ -455,7 +479,9 @@ def jobs(
     with database(settings, tenant=tenant) as factory:
         with factory() as session:
             rows = session.scalars(query).all()
-            views = [_with_tenant(job_view(session, job), job, tenant) for job in rows]
+            views = [
+                _with_tenant(job_view(session, job, sealer=sealer), job, tenant) for job in rows
+            ]
             personal = access.with_personal_fields(session, [job.id for job in rows])
         if json_out:
             # The table shows no personal field; the JSON lines do.

@@ -6,7 +6,6 @@ print counts and job ids, never a value of a card.
 
 from __future__ import annotations
 
-import importlib
 import json
 import uuid
 from datetime import datetime
@@ -28,11 +27,6 @@ from worker.settings import Settings
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
-
-# Where erasure by ID number finds a person's jobs (encryption at rest's lookup hash, issue
-# 12): `job_ids_by_id_number(session, lookup_key, id_number, tenant) -> list[UUID]`.
-LOOKUP_MODULE = "worker.store.lookup"
-LOOKUP_FUNCTION = "job_ids_by_id_number"
 
 
 def _emit(obj: dict[str, Any]) -> None:
@@ -73,27 +67,18 @@ def _job_ids(texts: list[str]) -> list[uuid.UUID]:
     return ids
 
 
-def id_number_lookup() -> Any:
-    """The store's `job_ids_by_id_number`, or one clear line when this build has none."""
-    try:
-        return getattr(importlib.import_module(LOOKUP_MODULE), LOOKUP_FUNCTION)
-    except (ImportError, AttributeError):
-        raise fail(
-            "--id-number needs lookup by ID number (encryption at rest's keyed hash), which "
-            "this build does not have: erase by --job or --tag"
-        ) from None
-
-
 def by_id_number(
     session_factory: sessionmaker[Session], settings: Settings, id_number: str, tenant: str | None
 ) -> list[uuid.UUID]:
-    """The jobs whose result holds this ID number, through the store's keyed-hash lookup."""
-    find = id_number_lookup()
-    lookup_key = getattr(settings, "lookup_key", None)
+    """The jobs whose result holds this ID number, through the keyed-hash lookup
+    (worker.store.lookup): nothing is decrypted to find them."""
+    from worker.store.lookup import LOOKUP_OFF, job_ids_by_id_number
+
+    lookup_key = settings.lookup_key_bytes()
     if lookup_key is None:
-        raise fail("--id-number needs MACAO_OCR_LOOKUP_KEY (lookup by ID number is off)")
+        raise fail(f"--id-number: {LOOKUP_OFF}", error="lookup_disabled")
     with session_factory() as session:
-        return list(find(session, lookup_key, id_number, tenant))
+        return job_ids_by_id_number(session, lookup_key, id_number, tenant)
 
 
 def erase_command(
@@ -125,9 +110,12 @@ def erase_command(
     chosen = [name for name, v in (("--job", job), ("--tag", tag), ("--id-number", id_number)) if v]
     if len(chosen) != 1:
         raise fail("name exactly one of --job, --tag or --id-number; erasing all is never implied")
-    if id_number is not None:
-        id_number_lookup()  # fails fast, before any database work, when there is none
     settings = load_or_exit()
+    if id_number is not None and settings.lookup_key_bytes() is None:
+        from worker.store.lookup import LOOKUP_OFF
+
+        # Before any database work.
+        raise fail(f"--id-number: {LOOKUP_OFF}", error="lookup_disabled")
     tenant = scope(settings, all_tenants)
     with database(settings, tenant=tenant) as session_factory:
         ids = _job_ids(job) if job else None

@@ -21,6 +21,7 @@ from worker.cli.common import (
     make_publisher,
     os_actor,
     scope,
+    sealer_for,
 )
 from worker.errors import InputError
 from worker.settings import Settings
@@ -99,6 +100,7 @@ def replay_command(
             "replaying everything is never implied"
         )
     settings = load_or_exit()
+    sealer = sealer_for(settings)
     publisher: Publisher = _NoPublish() if dry_run else make_publisher(settings)[0]
     try:
         with database(settings, tenant=scope(settings, all_tenants)) as session_factory:
@@ -117,6 +119,7 @@ def replay_command(
                 force=force,
                 dry_run=dry_run,
                 all_tenants=all_tenants,
+                sealer=sealer,
             )
     except InputError as exc:
         raise fail(exc.message) from None

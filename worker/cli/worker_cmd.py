@@ -215,6 +215,10 @@ def run_workers(
     hostname: str | None = None,
 ) -> int:
     """Check the deployment, then start and supervise the worker processes until a signal."""
+    from worker.privacy.seal import Sealer
+
+    # Workers store personal data: no keys, no start (one line naming the variables).
+    Sealer.from_settings(settings)
     startup_checks(settings)
     from worker.tencent.client import ClientConfig
 

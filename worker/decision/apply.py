@@ -43,15 +43,17 @@ def decide_answer(
 
 def decide_stored(
     result: Result,
+    fields: OcrResult,
     warnings: Sequence[Warning],
     policy: Policy,
     *,
     sides_identical: bool,
     limits: Limits,
 ) -> Decision:
-    """The decision on a stored result, as of the day it was read (its created_at)."""
+    """The decision on a stored result, as of the day it was read (its created_at); `fields`:
+    its personal fields opened (`Sealer.open_result`)."""
     return decide(
-        card_facts(result, unreadable=result.unreadable_fields, sides_identical=sides_identical),
+        card_facts(fields, unreadable=result.unreadable_fields, sides_identical=sides_identical),
         [(w.code, w.name) for w in warnings],
         warning_service_disabled=result.warning_service_disabled,
         policy=policy,

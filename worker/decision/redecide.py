@@ -26,6 +26,7 @@ from worker.decision.facts import same_image
 from worker.decision.policy import Policy, policy_for
 from worker.decision.store import load_overrides
 from worker.errors import InputError
+from worker.privacy.seal import Sealer
 from worker.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -101,6 +102,7 @@ def redecide(
     actor: str,
     reason: str | None = None,
     dry_run: bool = False,
+    sealer: Sealer,
 ) -> DecideReport:
     """Recompute the decisions of the tenant's succeeded jobs in `batch` and/or finished at
     or after `since` (at least one is required: never everything by accident)."""
@@ -118,7 +120,16 @@ def redecide(
         ids = _job_ids(session, tenant, batch, since)
     report.matched = len(ids)
     for start in range(0, len(ids), CHUNK):
-        _chunk(session_factory, settings, policy, ids[start : start + CHUNK], actor, reason, report)
+        _chunk(
+            session_factory,
+            settings,
+            sealer,
+            policy,
+            ids[start : start + CHUNK],
+            actor,
+            reason,
+            report,
+        )
     log.info(
         "decide",
         tenant=tenant,
@@ -133,6 +144,7 @@ def redecide(
 def _chunk(
     session_factory: sessionmaker[Session],
     settings: Settings,
+    sealer: Sealer,
     policy: Policy,
     ids: Sequence[uuid.UUID],
     actor: str,
@@ -158,9 +170,15 @@ def _chunk(
             stored.setdefault(r.job_id, []).append((r.code, r.source, r.detail))
         for result in results:
             job = jobs[result.job_id]
-            sides = same_image(job.front_url, job.front_image_id, job.back_url, job.back_image_id)
+            sides = same_image(
+                sealer.open_url(job.id, "front_url", job.front_url),
+                job.front_image_id,
+                sealer.open_url(job.id, "back_url", job.back_url),
+                job.back_image_id,
+            )
             decision = decide_stored(
                 result,
+                sealer.open_result(result),
                 warnings.get(result.job_id, []),
                 policy,
                 sides_identical=sides,

@@ -33,6 +33,7 @@ KEY_POOL_SIZE = 2
 
 
 def _services(settings: Settings, publisher: Publisher | None) -> Services:
+    from worker.privacy.seal import Sealer
     from worker.store.engine import (
         TenantSessions,
         make_autocommit_engine,
@@ -40,6 +41,8 @@ def _services(settings: Settings, publisher: Publisher | None) -> Services:
         make_sessionmaker,
     )
 
+    # Keys first: an API without them refuses to start (ConfigError naming the variables).
+    sealer = Sealer.from_settings(settings)
     # Every request's key lookup is one SELECT: on PostgreSQL without BEGIN and ROLLBACK
     # (None elsewhere, where the pools are SQLite's own).
     key_engine = make_autocommit_engine(settings, pool_size=KEY_POOL_SIZE, max_overflow=0)
@@ -66,6 +69,7 @@ def _services(settings: Settings, publisher: Publisher | None) -> Services:
         publisher=publisher,
         enqueuer=Enqueuer(publisher, sessions),
         backlog=Backlog(settings, sessions),
+        sealer=sealer,
         celery_app=celery_app,
     )
 

@@ -102,6 +102,7 @@ def _store(
             batch_id=batch_id,
             job_ids=[uuid.UUID(job["job_id"]) for job in created["jobs"]],
             preflight=preflight,
+            sealer=svc.sealer,
         )
     except BaseException:
         # Chunks committed before the error stay: the total says how many there are.
@@ -251,5 +252,6 @@ def replay_batch(
         error_code=error_code,
         actor=f"api:{who.key_id}",
         reason=None,
+        sealer=svc.sealer,
     )
     return JSONResponse(report.to_dict())

@@ -35,6 +35,7 @@ from worker.http.services import CallerDep, Services, ServicesDep
 from worker.producer import JobSpec, make_preflight, submit
 from worker.replay import replay
 from worker.store import access
+from worker.store.lookup import LOOKUP_OFF, job_ids_by_id_number
 from worker.store.views import job_view
 from worker.tenants import Caller
 from worker.tencent.preflight import Preflight
@@ -118,7 +119,8 @@ def job_json(
     svc: Services, who: Caller, job_id: uuid.UUID, *, history: bool = False
 ) -> dict[str, Any]:
     with svc.sessions(who.tenant)() as session:
-        view = job_view(session, _load(session, who.tenant, job_id), history=history)
+        job = _load(session, who.tenant, job_id)
+        view = job_view(session, job, sealer=svc.sealer, history=history)
         personal = access.with_personal_fields(session, [job_id])
     _log_reads(svc, who, access.API_JOB, list(personal))
     return view
@@ -142,7 +144,7 @@ def _submit(
         if claim is not None:
             idempotency.seal(session, claim)
         session.flush()
-        views.append(job_view(session, session.get_one(Job, job_id)))
+        views.append(job_view(session, session.get_one(Job, job_id), sealer=svc.sealer))
 
     submit(
         svc.sessions(who.tenant),
@@ -157,6 +159,7 @@ def _submit(
         before_commit=before_commit,
         preflight=preflight,
         publish=False,
+        sealer=svc.sealer,
     )
     [view] = views
     enqueued_at = svc.enqueuer.enqueue(who.tenant, job_id)
@@ -275,9 +278,10 @@ def get_portrait(job_id: uuid.UUID, who: CallerDep, svc: ServicesDep) -> Respons
             "Not found",
             "no portrait: not asked for, or the job has no result yet",
         )
-    kind = sniff_image_type(portrait.data)
+    data = svc.sealer.open_portrait(job_id, portrait.data)
+    kind = sniff_image_type(data)
     media = f"image/{kind}" if kind else "application/octet-stream"
-    return Response(portrait.data, media_type=media, headers={"Cache-Control": "no-store"})
+    return Response(data, media_type=media, headers={"Cache-Control": "no-store"})
 
 
 def _cursor(job: Job) -> str:
@@ -309,10 +313,20 @@ def list_jobs(
     batch: Annotated[str | None, Query(description="A batch id or batch label.")] = None,
     error_code: str | None = None,
     created_after: datetime | None = None,
+    id_number: Annotated[
+        str | None,
+        Query(description="The jobs of one card number (keyed hash; needs MACAO_OCR_LOOKUP_KEY)."),
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
     cursor: str | None = None,
 ) -> JSONResponse:
     query = select(Job).where(Job.tenant == who.tenant)
+    if id_number is not None:
+        if svc.sealer.lookup_key is None:
+            raise ProblemError(400, "lookup_disabled", "Lookup by ID number is off", LOOKUP_OFF)
+        with svc.session_factory() as session:
+            ids = job_ids_by_id_number(session, svc.sealer.lookup_key, id_number, who.tenant)
+        query = query.where(Job.id.in_(ids))
     if status is not None:
         query = query.where(Job.status == status)
     if batch is not None:
@@ -330,7 +344,7 @@ def list_jobs(
     with svc.sessions(who.tenant)() as session:
         jobs = list(session.scalars(query))
         page = jobs[:limit]
-        views = [job_view(session, job) for job in page]
+        views = [job_view(session, job, sealer=svc.sealer) for job in page]
         personal = access.with_personal_fields(session, [job.id for job in page])
     _log_reads(svc, who, access.API_JOBS, [job.id for job in page if job.id in personal])
     next_cursor = _cursor(page[-1]) if len(jobs) > limit else None
@@ -359,6 +373,7 @@ def _replay_job(
         actor=f"api:{who.key_id}",  # the replay event's actor, as before
         reason=options.reason,
         force=options.force,
+        sealer=svc.sealer,
     )
     if job_id in report.refused:
         # `code` is the refusal's own (`Replay.ImagesDeleted`, `Replay.Erased`...); the type

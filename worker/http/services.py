@@ -20,6 +20,7 @@ from worker.broker.publish import Publisher
 from worker.http.backpressure import Backlog
 from worker.http.enqueue import Enqueuer
 from worker.http.problems import unauthorized
+from worker.privacy.seal import Sealer
 from worker.settings import Settings
 from worker.store.engine import TenantSessions
 from worker.tenants import Caller, authenticate
@@ -39,6 +40,8 @@ class Services:
     # Single jobs: published together with the requests of the moment.
     enqueuer: Enqueuer
     backlog: Backlog
+    # Seals what the API stores and opens what it shows (worker.privacy.seal).
+    sealer: Sealer
     celery_app: Any = None
 
     def for_tenant(self, tenant: str) -> Settings:

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from typing import Final
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from worker.errors import ConfigError, MacaoOcrError
 
@@ -75,6 +77,7 @@ class KeyRing:
         if len(set(ids)) != len(ids):
             raise ConfigError("the data key ring names one key id twice")
         self._keys = {k.key_id: AESGCM(k.key) for k in keys}
+        self._current_raw = keys[0].key
         self.current_id = ids[0]
         self.key_ids = tuple(ids)
 
@@ -86,6 +89,13 @@ class KeyRing:
 
     def __repr__(self) -> str:
         return f"KeyRing(current={self.current_id!r}, ids={self.key_ids!r})"
+
+    def derive(self, purpose: bytes) -> bytes:
+        """A 32-byte subkey of the current key for `purpose` (HKDF-SHA256): a keyed digest
+        that goes with the current key, never the data key itself."""
+        return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=purpose).derive(
+            self._current_raw
+        )
 
     def encrypt(self, plaintext: bytes, aad: bytes) -> bytes:
         """Seal `plaintext` under the current key, bound to `aad`."""
@@ -121,6 +131,11 @@ def key_id_of(blob: bytes) -> str:
     if len(blob) < 2 or blob[0] != VERSION or len(blob) < 2 + blob[1] + NONCE_BYTES + 16:
         raise DecryptError("value is not an encrypted envelope")
     return blob[2 : 2 + blob[1]].decode("ascii", errors="replace")
+
+
+def generate_lookup_key() -> str:
+    """A new MACAO_OCR_LOOKUP_KEY: base64 of 32 random bytes."""
+    return base64.b64encode(secrets.token_bytes(KEY_BYTES)).decode()
 
 
 def generate_entry(key_id: str | None = None) -> str:

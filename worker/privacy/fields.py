@@ -37,4 +37,4 @@ PERSONAL_BLOB_COLUMNS: Final = (
 
 # Keyed hashes that find a person's jobs without decrypting (worker/privacy/lookup.py):
 # personal data too, so retention and erasure clear them with the fields above.
-RESULT_LOOKUP_COLUMNS: Final[tuple[str, ...]] = ()
+RESULT_LOOKUP_COLUMNS: Final[tuple[str, ...]] = ("id_number_hash",)

@@ -11,6 +11,10 @@ most of a worker's SQL CPU, and each statement saved is about 2% of a busy worke
 The claim returns everything the call needs (the job's request, its budget, whether a result
 is already stored, whether a dead worker left an attempt open, the image bytes) through
 scalar subqueries in its RETURNING clause. PostgreSQL and SQLite (3.35+) both run it.
+
+Personal values cross this module sealed (worker.privacy.seal): the claim opens the URLs and
+image bytes it returns, the success seals the result's personal fields and the portrait (and
+writes the ID number's lookup hash) before they are bound.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from models import Attempt, DecisionReason, Image, Job, JobStatus, Portrait, Result, Warning
 from models.base import UTCDateTime, utcnow
 from worker.decision.engine import Decision
+from worker.privacy.seal import Sealer
 from worker.store import terminal
 from worker.tencent.types import OcrResult
 from worker.webhooks import outbox
@@ -125,6 +130,7 @@ def _claim_statement(*, plain: bool = False) -> Any:
             api_calls=JOB.c.api_calls + 1,
         )
         .returning(
+            JOB.c.id,
             JOB.c.started_at,
             JOB.c.quota_turn_at,
             JOB.c.tenant,
@@ -271,6 +277,7 @@ _OWN_COLUMNS = (
     "unreadable_fields",
     "decision",
     "decided_at",
+    "id_number_hash",
     "personal_deleted_at",
 )
 _RESULT_FIELDS = tuple(c.name for c in RESULT.c if c.name not in _OWN_COLUMNS)
@@ -311,7 +318,7 @@ def _succeed_statement() -> Any:
     # Prefixed: a bindparam named like an INSERT's own column is reserved by SQLAlchemy.
     values: dict[str, Any] = {
         n: bindparam(f"r_{n}", type_=RESULT.c[n].type)
-        for n in (*_RESULT_FIELDS, "unreadable_fields", "decision")
+        for n in (*_RESULT_FIELDS, "unreadable_fields", "decision", "id_number_hash")
     }
     values["decided_at"] = _at("r_decided_at")
     result = (
@@ -384,14 +391,14 @@ class Claimed:
     started_at: datetime
     attempts: int
     portrait: bool
-    front_url: str | None
+    front_url: str | None  # opened (the column holds it sealed)
     front_image_id: uuid.UUID | None
     back_url: str | None
     back_image_id: uuid.UUID | None
     open_attempts: int
     last_number: int
     bought: bool
-    # The stored images' bytes: None for a side over the claim's `inline_max` (read it with
+    # The stored images' bytes (opened): None for a side over the claim's `inline_max` (read it with
     # `load_images`) or with no stored image; their sizes whenever one is stored.
     front_data: bytes | None
     back_data: bytes | None
@@ -413,6 +420,7 @@ def claim(
     now: datetime,
     lease_until: datetime,
     host: str,
+    sealer: Sealer,
     open_attempt: bool = False,
     inline_max: int = NO_INLINE_LIMIT,
 ) -> Claimed | None:
@@ -433,7 +441,7 @@ def claim(
     if row is None:
         return None
     m = row._mapping
-    claimed = _claimed(m, opened=bool(m["opened"]) if in_one else False)
+    claimed = _claimed(m, sealer, opened=bool(m["opened"]) if in_one else False)
     if open_attempt and not in_one and not claimed.open_attempts and not claimed.bought:
         insert_attempt(conn, job_id, claimed.last_number + 1, now=now, host=host)
         claimed = dataclasses.replace(claimed, opened=True)
@@ -447,6 +455,7 @@ def claim_plain(
     now: datetime,
     lease_until: datetime,
     host: str,
+    sealer: Sealer,
     inline_max: int = NO_INLINE_LIMIT,
 ) -> Claimed | None:
     """PostgreSQL only: take the job if it is a plain start (due or its lease expired, no
@@ -462,23 +471,24 @@ def claim_plain(
     row = conn.execute(_CLAIM_PLAIN, params).first()
     if row is None:
         return None
-    return _claimed(row._mapping, opened=True)
+    return _claimed(row._mapping, sealer, opened=True)
 
 
-def _claimed(m: Any, *, opened: bool) -> Claimed:
+def _claimed(m: Any, sealer: Sealer, *, opened: bool) -> Claimed:
+    job_id = m["id"]
     return Claimed(
         started_at=m["started_at"],
         attempts=int(m["attempts"]),
         portrait=bool(m["portrait"]),
-        front_url=m["front_url"],
+        front_url=sealer.open_url(job_id, "front_url", m["front_url"]),
         front_image_id=m["front_image_id"],
-        back_url=m["back_url"],
+        back_url=sealer.open_url(job_id, "back_url", m["back_url"]),
         back_image_id=m["back_image_id"],
         open_attempts=int(m["open_attempts"]),
         last_number=int(m["last_number"]),
         bought=bool(m["bought"]),
-        front_data=m["front_data"],
-        back_data=m["back_data"],
+        front_data=sealer.open_image(m["front_image_id"], m["front_data"]),
+        back_data=sealer.open_image(m["back_image_id"], m["back_data"]),
         front_size=m["front_size"],
         back_size=m["back_size"],
         opened=opened,
@@ -507,9 +517,12 @@ def count_lost(conn: Connection, job_id: uuid.UUID, *, since: datetime | None) -
     return int(conn.execute(query).scalar() or 0)
 
 
-def load_images(conn: Connection, ids: list[uuid.UUID]) -> dict[uuid.UUID, bytes]:
-    """The bytes of stored images by id (those the claim left out for their size)."""
-    return {row.id: row.data for row in conn.execute(_LOAD_IMAGES, {"ids": ids})}
+def load_images(conn: Connection, ids: list[uuid.UUID], sealer: Sealer) -> dict[uuid.UUID, bytes]:
+    """The (opened) bytes of stored images by id (those the claim left out for their size)."""
+    return {
+        row.id: sealer.open("image", "data", row.id, row.data)
+        for row in conn.execute(_LOAD_IMAGES, {"ids": ids})
+    }
 
 
 def renew_lease(conn: Connection, job_id: uuid.UUID, *, lease_until: datetime) -> None:
@@ -570,6 +583,8 @@ def store_success(
     result: OcrResult,
     portrait: bool,
     decision: Decision | None = None,
+    *,
+    sealer: Sealer,
 ) -> None:
     """Result, warnings, decision and its reasons, portrait, attempt closed and job
     succeeded; the caller commits.
@@ -579,7 +594,7 @@ def store_success(
     the job raises IntegrityError and changes nothing. `decision` None: none could be made
     (`macao-ocr decide` makes it later)."""
     if conn.dialect.name != "postgresql":
-        insert_result(conn, job_id, result, portrait, decision, call.finished_at)
+        insert_result(conn, job_id, result, portrait, decision, call.finished_at, sealer=sealer)
         close_attempt(conn, job_id, number, call)
         mark_succeeded(conn, job_id, call.finished_at)
         terminal.on_job_terminal(conn, job_id, JobStatus.succeeded, now=call.finished_at)
@@ -597,8 +612,8 @@ def store_success(
         "d_details": [r.detail[:200] for r in reasons],
         **_decision_params(result, decision, call.finished_at),
         **call.params(),
-        **{f"r_{name}": getattr(result, name) for name in _RESULT_FIELDS},
-        "p_data": result.portrait if portrait else None,
+        **{f"r_{name}": value for name, value in _result_values(job_id, result, sealer).items()},
+        "p_data": sealer.seal_portrait(job_id, result.portrait) if portrait else None,
         **outbox.event_params(call.finished_at, prefix="wh"),
         **outbox.event_params(call.finished_at, prefix="whb"),
     }
@@ -671,11 +686,14 @@ def insert_result(
     portrait: bool,
     decision: Decision | None = None,
     decided_at: datetime | None = None,
+    *,
+    sealer: Sealer,
 ) -> None:
-    """The result row, its warnings, its decision's reasons and (when asked for) the portrait.
+    """The result row, its warnings, its decision's reasons and (when asked for) the portrait,
+    personal fields sealed.
 
     A second result for the job raises IntegrityError (the result's key is the job id)."""
-    values = {name: getattr(result, name) for name in _RESULT_FIELDS}
+    values = _result_values(job_id, result, sealer)
     own = _decision_params(result, decision, decided_at or utcnow())
     values.update({k.removeprefix("r_"): v for k, v in own.items()})
     conn.execute(_INSERT_RESULT, {"job_id": job_id, **values})
@@ -688,4 +706,12 @@ def insert_result(
     if rows:
         conn.execute(_INSERT_REASON, rows)
     if portrait and result.portrait is not None:
-        conn.execute(_INSERT_PORTRAIT, {"job_id": job_id, "data": result.portrait})
+        conn.execute(
+            _INSERT_PORTRAIT,
+            {"job_id": job_id, "data": sealer.seal_portrait(job_id, result.portrait)},
+        )
+
+
+def _result_values(job_id: uuid.UUID, result: OcrResult, sealer: Sealer) -> dict[str, Any]:
+    """The result's API columns, personal ones sealed, and the ID number's lookup hash."""
+    return sealer.seal_result(job_id, {name: getattr(result, name) for name in _RESULT_FIELDS})

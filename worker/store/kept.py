@@ -1,8 +1,9 @@
 """Poison jobs: an answer the API gave that could not be decoded or stored is kept, not lost.
 
 A failure after the API answered must never buy the job again. The job fails at once with
-`Internal.StoreFailed` and the `Response` object is kept in `kept_answer` (JSON, as received;
-it holds personal data like a result, so it lives in the database and never in a log). Once
+`Internal.StoreFailed` and the `Response` object is kept in `kept_answer` (JSON, as received,
+sealed by worker.privacy.seal: it holds personal data like a result, so it lives in the
+database, encrypted, and never in a log). Once
 the fault is fixed, `macao-ocr replay` parses and stores the kept answer (`store_kept`)
 without a new call, and deletes it.
 """
@@ -19,6 +20,7 @@ from sqlalchemy import Connection, Table, delete, insert, select, update
 
 from models import Attempt, Job, KeptAnswer
 from worker.errors import StoreFailed
+from worker.privacy.seal import Sealer
 from worker.store import job_sql
 from worker.tencent.response import parse_response
 
@@ -41,6 +43,7 @@ def fail_keeping_answer(
     answer: Mapping[str, Any] | None,
     error: StoreFailed,
     now: datetime,
+    sealer: Sealer,
 ) -> None:
     """Close the call's attempt (the API answered: its own code), spend it, keep the answer
     (when there is one) and fail the job with `Internal.StoreFailed`; the caller commits."""
@@ -53,7 +56,7 @@ def fail_keeping_answer(
                 job_id=job_id,
                 attempt_number=number,
                 request_id=call.request_id,
-                response_json=answer_json(answer),
+                response_json=sealer.seal_answer(job_id, answer_json(answer)),
                 stage=error.stage,
                 reason=error.reason,
                 kept_at=now,
@@ -67,7 +70,9 @@ def has_kept(conn: Connection, job_id: uuid.UUID) -> bool:
     return conn.execute(select(KEPT.c.job_id).where(KEPT.c.job_id == job_id)).first() is not None
 
 
-def store_kept(conn: Connection, job_id: uuid.UUID, *, portrait: bool, now: datetime) -> None:
+def store_kept(
+    conn: Connection, job_id: uuid.UUID, *, portrait: bool, now: datetime, sealer: Sealer
+) -> None:
     """Parse the kept answer and store it as the job's result (job succeeded, answer
     deleted), with no API call; the caller commits. Raises StoreFailed when it still fails:
     run it in a savepoint, so that nothing of it then holds."""
@@ -93,11 +98,13 @@ def store_kept(conn: Connection, job_id: uuid.UUID, *, portrait: bool, now: date
         latency_ms=attempt["latency_ms"] or 0,
     )
     try:
-        result = parse_response(json.loads(kept["response_json"]))
+        result = parse_response(json.loads(sealer.open_answer(job_id, kept["response_json"])))
     except Exception as err:
         raise StoreFailed("decode", type(err).__name__) from None
     try:
-        job_sql.store_success(conn, job_id, kept["attempt_number"], call, result, portrait)
+        job_sql.store_success(
+            conn, job_id, kept["attempt_number"], call, result, portrait, sealer=sealer
+        )
     except Exception as err:
         raise StoreFailed("store", type(err).__name__) from None
     # The job finished now (store_success dates it from the call); the answer is stored.

@@ -18,6 +18,7 @@ from datetime import datetime
 from sqlalchemy import Connection
 
 from worker.errors import WorkerLostError
+from worker.privacy.seal import Sealer
 from worker.store import job_sql
 
 ConnectionScope = Callable[[], AbstractContextManager[Connection]]
@@ -48,6 +49,7 @@ def start_job(
     now: datetime,
     lease_until: datetime,
     host: str,
+    sealer: Sealer,
     max_worker_lost: int | None = None,
     inline_max: int = job_sql.NO_INLINE_LIMIT,
 ) -> Started | NotStarted:
@@ -60,7 +62,13 @@ def start_job(
     if statement is not None:
         with statement() as conn:
             plain = job_sql.claim_plain(
-                conn, job_id, now=now, lease_until=lease_until, host=host, inline_max=inline_max
+                conn,
+                job_id,
+                now=now,
+                lease_until=lease_until,
+                host=host,
+                sealer=sealer,
+                inline_max=inline_max,
             )
         if plain is not None:
             return Started(plain, plain.attempts, plain.last_number + 1)
@@ -71,6 +79,7 @@ def start_job(
             now=now,
             lease_until=lease_until,
             host=host,
+            sealer=sealer,
             open_attempt=True,
             inline_max=inline_max,
         )

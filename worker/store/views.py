@@ -11,6 +11,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from models import Attempt, DecisionReason, Job, JobEvent, Result, Warning
+from worker.privacy.seal import Sealer
 from worker.tencent.types import CardWarning, OcrResult
 
 
@@ -28,12 +29,11 @@ def warnings_view(warnings: Sequence[Warning | CardWarning]) -> list[dict[str, A
     return [{"code": w.code, "name": w.name} for w in warnings]
 
 
-def result_view(
-    result: Result | OcrResult, warnings: Sequence[Warning | CardWarning]
-) -> dict[str, Any]:
+def result_view(result: OcrResult, warnings: Sequence[Warning | CardWarning]) -> dict[str, Any]:
     """Every response field under the snake_case of its API name (`ID` is `id_number`).
 
-    Takes a stored Result row or the client's OcrResult (`macao-ocr read`): one shape."""
+    Takes the client's OcrResult (`macao-ocr read`) or a stored row opened by
+    `Sealer.open_result`: one shape."""
     validity: str | None = _iso(result.validity_period)
     if validity is None:
         # A card of a holder aged 60+ has no expiry date: show the card's own text.
@@ -107,8 +107,11 @@ def _history(session: Session, job: Job) -> list[dict[str, Any]]:
     return [item for _, item in sorted(items, key=lambda pair: pair[0])]
 
 
-def job_view(session: Session, job: Job, *, history: bool = False) -> dict[str, Any]:
-    """The status object of one job: status, API calls made, last error, result, warnings."""
+def job_view(
+    session: Session, job: Job, *, sealer: Sealer, history: bool = False
+) -> dict[str, Any]:
+    """The status object of one job: status, API calls made, last error, result (its
+    personal fields opened by `sealer`), warnings."""
     api_calls = session.scalar(
         select(func.count()).select_from(Attempt).where(Attempt.job_id == job.id)
     )
@@ -132,7 +135,7 @@ def job_view(session: Session, job: Job, *, history: bool = False) -> dict[str, 
         "budget_attempts": job.attempts,
         "error_code": job.last_error_code,
         "error_message": job.last_error_message,
-        "result": None if result is None else result_view(result, warnings),
+        "result": None if result is None else result_view(sealer.open_result(result), warnings),
         "warnings": warnings_view(warnings),
         # clear | consider | reject; None until the job succeeded (or for a result stored
         # before decisions existed: `macao-ocr decide` makes it).
