@@ -352,3 +352,56 @@ def test_decide_command_needs_a_selection(cli_db: tuple[dict[str, str], sa.Engin
     out = invoke(env, "decide", "--since", "2026-01-01T00:00:00")
     assert out.exit_code == 2 and "time zone" in out.output
     engine.dispose()
+
+
+def test_decide_after_retention_keeps_what_only_the_deleted_data_showed(harness: Harness) -> None:
+    """Images gone: `sides_identical` was seen when they were read and stays. Personal fields
+    gone: the decision made on the card stands (there is nothing left to decide on)."""
+    from worker.store import retention
+
+    same = harness.add_job(back_url="https://cards.example.com/front.jpg", batch="r")
+    aged = harness.add_job(batch="r")
+    for job_id in (same, aged):
+        assert harness.run(job_id) is Outcome.succeeded
+    assert "sides_identical" in stored(harness.sessions, same)[1]
+    before_aged = stored(harness.sessions, aged)
+    with harness.sessions() as session, session.begin():
+        conn = session.connection()
+        retention.release_images(conn, [same, aged], utcnow())
+        retention.clear_results(conn, [aged], utcnow())
+    with harness.sessions() as session:
+        assert session.get_one(Job, same).front_url is None
+        assert session.get_one(Job, same).images_deleted_at is not None
+
+    # Same policy: nothing to change, `sides_identical` kept although the URLs are gone.
+    report = redecide(
+        harness.sessions,
+        harness.deps.settings,
+        tenant="default",
+        batch="r",
+        actor="ops",
+        sealer=sealer_for_tests(),
+    )
+    assert report.changed == []
+    assert "sides_identical" in stored(harness.sessions, same)[1]
+
+    # A new policy re-decides the job that still has its fields, never the one that has not.
+    with harness.sessions() as session, session.begin():
+        save_overrides(
+            session.connection(),
+            "default",
+            {"photocopy": Effect.ignore, "glare": Effect.ignore},
+            actor="test",
+            now=utcnow(),
+        )
+    report = redecide(
+        harness.sessions,
+        harness.deps.settings,
+        tenant="default",
+        batch="r",
+        actor="ops",
+        sealer=sealer_for_tests(),
+    )
+    assert [c.job_id for c in report.changed] == [same]
+    assert stored(harness.sessions, same)[1] == ["sides_identical"]
+    assert stored(harness.sessions, aged) == before_aged

@@ -29,6 +29,9 @@ from worker.errors import InputError
 from worker.privacy.seal import Sealer
 from worker.settings import Settings
 
+# The one check that reads the job's images rather than its result (decision/checks.py).
+SIDES_IDENTICAL = "sides_identical"
+
 log = structlog.get_logger(__name__)
 
 CHUNK = 500
@@ -169,13 +172,22 @@ def _chunk(
         ):
             stored.setdefault(r.job_id, []).append((r.code, r.source, r.detail))
         for result in results:
+            if result.personal_deleted_at is not None:
+                # Past its retention the card's values are gone: a decision recomputed from
+                # nothing would be about nothing. The one made on the card stands.
+                continue
             job = jobs[result.job_id]
-            sides = same_image(
-                sealer.open_url(job.id, "front_url", job.front_url),
-                job.front_image_id,
-                sealer.open_url(job.id, "back_url", job.back_url),
-                job.back_image_id,
-            )
+            if job.images_deleted_at is not None:
+                # The images went with their retention; whether the two sides were one image
+                # was seen when they were read, and is kept in the stored reasons.
+                sides = any(code == SIDES_IDENTICAL for code, _, _ in stored.get(job.id, []))
+            else:
+                sides = same_image(
+                    sealer.open_url(job.id, "front_url", job.front_url),
+                    job.front_image_id,
+                    sealer.open_url(job.id, "back_url", job.back_url),
+                    job.back_image_id,
+                )
             decision = decide_stored(
                 result,
                 sealer.open_result(result),
