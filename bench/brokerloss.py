@@ -37,7 +37,7 @@ import sqlalchemy as sa
 from bench import _harness as h
 
 if TYPE_CHECKING:
-    from bench.quota import Context, Scenario
+    from bench._scenario import Context, Scenario
 
 # The issue's target: back at >= 95% of Q within 15 s of the republish.
 RECOVERY_FRACTION = 0.95
@@ -181,7 +181,8 @@ def _terminal_count(db_url: str) -> int:
 
 def run(ctx: Context, sc: Scenario, index: int) -> LossFigures:
     """Steady state, FLUSHDB, recovery, drain; then the figures."""
-    from bench.quota import _scenario_env, _wait_first_accepted
+    from bench._scenario import scenario_env as _scenario_env
+    from bench._scenario import wait_first_accepted as _wait_first_accepted
 
     args = ctx.args
     tag = f"{index:02d}-brokerloss-p{sc.processes}-q{sc.emulator_quota}"

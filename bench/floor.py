@@ -29,8 +29,9 @@ from pathlib import Path
 import redis
 
 from bench import _harness as h
+from bench._scenario import NOQUOTA_LATENCY
 from bench.floor_app import QUEUE, TASK_NAME
-from bench.quota import DEFAULT_PG_ADMIN_URL, DEFAULT_REDIS_URL, NOQUOTA_LATENCY
+from bench.quota import DEFAULT_PG_ADMIN_URL, DEFAULT_REDIS_URL
 from worker.broker.queue import queue_keys
 
 WARM_FRACTION = 0.15

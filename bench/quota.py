@@ -29,11 +29,10 @@ import argparse
 import logging
 import math
 import os
-import socket
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import redis
@@ -42,30 +41,19 @@ import structlog
 
 from bench import _harness as h
 from bench import brokerloss
+from bench._scenario import POLL_S, QUOTA_LATENCY
+from bench._scenario import Context as Context
+from bench._scenario import Scenario as Scenario
+from bench._scenario import scenario_env as _scenario_env
+from bench._scenario import wait_first_accepted as _wait_first_accepted
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/9"
 DEFAULT_PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 DEFAULT_PG_PREFIX = "macao_h"
 SPECIMENS = 50
 
-# Realistic API latency: median 400 ms, lognormal spread, 1% of calls 5x slower.
-QUOTA_LATENCY = {
-    "latency_median_ms": 400.0,
-    "latency_sigma": 0.3,
-    "latency_tail_prob": 0.01,
-    "latency_tail_mult": 5.0,
-}
-# The throughput mode: ~300 ms, nearly fixed.
-NOQUOTA_LATENCY = {
-    "latency_median_ms": 300.0,
-    "latency_sigma": 0.05,
-    "latency_tail_prob": 0.0,
-    "latency_tail_mult": 1.0,
-}
 MISMATCH_CONFIGURED_QPS = 10
 MISMATCH_REAL_QUOTA = 7
-FIRST_CALL_TIMEOUT_S = 120.0
-POLL_S = 0.5
 
 # Targets (issue 4).
 MIN_UTILISATION = 0.98
@@ -77,29 +65,6 @@ NOQUOTA_MIN_RATIO = 30.0
 # this machine (350-400 jobs/s at 4 processes), so the window is full length, not cut short.
 NOQUOTA_JOBS_PER_WINDOW_S = 450
 NOQUOTA_RAMP_S = 5
-
-
-@dataclass(frozen=True)
-class Scenario:
-    mode: str  # quota | mismatch | noquota | brokerloss
-    impl: str  # ours | baseline
-    processes: int  # ours: OS processes; baseline: celery worker instances
-    limiter_qps: float  # what the workers are configured with (0: no limit)
-    emulator_quota: int  # what the emulator enforces (0: none)
-    jobs: int
-    duration_s: int  # brokerloss: steady seconds before the loss
-
-    @property
-    def latency(self) -> dict[str, float]:
-        return NOQUOTA_LATENCY if self.mode == "noquota" else QUOTA_LATENCY
-
-    @property
-    def label(self) -> str:
-        if self.mode == "noquota":
-            return "noquota"
-        if self.mode == "mismatch":
-            return f"Q={self.limiter_qps:g}/real {self.emulator_quota}"
-        return f"Q={self.emulator_quota}"
 
 
 @dataclass
@@ -125,39 +90,7 @@ class Figures:
         return self.windows.accepted / (quota * seconds)
 
 
-@dataclass
-class Context:
-    args: argparse.Namespace
-    run_dir: Path
-    emulator: h.Emulator
-    images: list[bytes]
-    verdicts: list[str] = field(default_factory=list)
-    infos: list[str] = field(default_factory=list)
-    failed: int = 0
-
-
 # ------------------------------------------------------------------ running one scenario
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _scenario_env(ctx: Context, sc: Scenario, db_url: str, tag: str) -> dict[str, str]:
-    env = {
-        "MACAO_OCR_DATABASE_URL": db_url,
-        "MACAO_OCR_BROKER_URL": ctx.args.redis_url,
-        "MACAO_OCR_QPS": f"{sc.limiter_qps:g}",
-        "MACAO_OCR_LOG_LEVEL": ctx.args.loglevel,
-        # Production-like (the launcher serves /metrics), on a port nobody else uses.
-        "MACAO_OCR_METRICS_PORT": str(_free_port()),
-        "MACAO_OCR_PROMETHEUS_MULTIPROC_DIR": str(ctx.run_dir / f"metrics-{tag}"),
-        "MACAO_OCR_BROKER_TWEAKS": "true" if ctx.args.broker_tweaks else "false",
-    }
-    env.update(ctx.emulator.env())
-    return env
 
 
 def run_scenario(ctx: Context, sc: Scenario, index: int) -> Figures:
@@ -233,18 +166,6 @@ def cpu_line(fig: Figures) -> str:
         per_job = f"{1000 * used_s / jobs:.2f} ms/job" if jobs > 0 else "n/a"
         parts.append(f"{name} {100 * used_s / cpu.wall_s:.0f}% ({per_job})")
     return f"cpu ({os.cpu_count()} cores = {100 * (os.cpu_count() or 1)}%): " + ", ".join(parts)
-
-
-def _wait_first_accepted(ctx: Context, fleet: h.Fleet, log_path: Path) -> int:
-    deadline = time.monotonic() + FIRST_CALL_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if not fleet.alive():
-            raise RuntimeError(f"a worker process exited before any call; see {log_path}")
-        first = h.first_accepted_second(h.parse_windows(ctx.emulator.counters()["windows"]))
-        if first is not None:
-            return first
-        time.sleep(POLL_S)
-    raise RuntimeError(f"no accepted call within {FIRST_CALL_TIMEOUT_S:.0f} s; see {log_path}")
 
 
 # ------------------------------------------------------------------ output

@@ -14,6 +14,7 @@ import pytest
 import redis
 import schemathesis
 from hypothesis import HealthCheck, settings
+from pydantic import SecretStr
 from schemathesis import checks
 
 from tests.conftest import drop_database
@@ -61,7 +62,10 @@ def deployment(
 
 
 def _document() -> dict[str, Any]:
-    app = create_app(Settings(database_url="sqlite://"), publisher=RecordingPublisher())
+    config = Settings(
+        database_url="sqlite://", data_keys=SecretStr(TEST_DEFAULTS["MACAO_OCR_DATA_KEYS"])
+    )
+    app = create_app(config, publisher=RecordingPublisher())
     try:
         return app.openapi()
     finally:
