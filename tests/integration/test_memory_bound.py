@@ -5,7 +5,6 @@ and the client refuses an answer over its size cap."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import os
 import threading
@@ -19,7 +18,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from PIL import Image as PILImage
 
-from models import Image
+from tests.fixtures.workers import sealer_for_tests
 from tests.integration.test_pipeline import (  # noqa: F401  (fixtures)
     Harness,
     harness,
@@ -30,6 +29,7 @@ from worker.errors import AnswerUndecodable, TransportError
 from worker.membudget import ByteBudget, held_bytes, inline_max_bytes
 from worker.pipeline import Outcome, process_job
 from worker.settings import Settings
+from worker.store.images import store_image
 from worker.tencent.client import ClientConfig, OcrClient, make_session
 from worker.tencent.types import ImageInput, OcrRequest
 
@@ -116,14 +116,7 @@ def test_a_job_waits_for_room_renewing_its_lease_then_reads_its_image(harness: H
     quick = harness.deps.settings.model_copy(update={"lease_s": 1.5})
     deps = dataclasses.replace(harness.deps, memory=budget, settings=quick)
     with harness.sessions() as session, session.begin():
-        image = Image(
-            tenant="default",
-            sha256=hashlib.sha256(data).hexdigest(),
-            content_type="image/png",
-            size_bytes=len(data),
-            data=data,
-        )
-        session.add(image)
+        image = store_image(session, sealer_for_tests(), "default", data)
         session.flush()
         image_id = image.id
     job_id = harness.add_job(front_url=None, front_image_id=image_id)
@@ -152,14 +145,7 @@ def test_an_image_larger_than_the_cap_runs_alone(harness: Harness) -> None:
     budget = ByteBudget(10_000)
     deps = dataclasses.replace(harness.deps, memory=budget)
     with harness.sessions() as session, session.begin():
-        image = Image(
-            tenant="default",
-            sha256=hashlib.sha256(data).hexdigest(),
-            content_type="image/png",
-            size_bytes=len(data),
-            data=data,
-        )
-        session.add(image)
+        image = store_image(session, sealer_for_tests(), "default", data)
         session.flush()
         image_id = image.id
     job_id = harness.add_job(front_url=None, front_image_id=image_id)
