@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from structlog.testing import capture_logs
 
 from models import Attempt, Job, JobEvent, JobStatus
+from tests.fixtures.workers import sealed_job
 from worker.broker.publish import QUEUE, CeleryPublisher, RecordingPublisher
 from worker.broker.queue import broker_job_ids, broker_message_count, job_id_of_message
 from worker.settings import Settings
@@ -50,7 +51,7 @@ def add_job(session: Session, **fields: object) -> Job:
         "created_at": ago(600),
     }
     values.update(fields)
-    job = Job(**values)
+    job = sealed_job(**values)
     session.add(job)
     session.flush()
     return job
