@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from models import Attempt, Job, JobEvent, JobStatus, Result, Warning
 from tests.fixtures.workers import sealer_for_tests
-from worker.store.views import job_view, not_found_view, result_view
+from worker.store.views import job_view, new_job_view, not_found_view, result_view
 
 RESULT_KEYS = {
     "cn_last_name",
@@ -161,3 +161,11 @@ def test_attempts_counts_every_api_call_and_history_is_ordered(db_session: Sessi
 
 def test_not_found_view() -> None:
     assert not_found_view("nope") == {"job_id": "nope", "status": "not_found"}
+
+
+def test_new_job_view_is_the_queried_view_of_a_new_job(db_session: Session) -> None:
+    # The API answers a submit with new_job_view (no queries): the same object job_view
+    # would read for the job at that point, key for key.
+    job = _job(db_session, status=JobStatus.queued, tag="t", batch="b", portrait=True)
+    assert new_job_view(job) == job_view(db_session, job, sealer=sealer_for_tests())
+    assert new_job_view(job)["attempts"] == 0 and new_job_view(job)["result"] is None

@@ -36,7 +36,7 @@ from worker.producer import JobSpec, make_preflight, submit
 from worker.replay import replay
 from worker.store import access
 from worker.store.lookup import LOOKUP_OFF, job_ids_by_id_number
-from worker.store.views import job_view
+from worker.store.views import job_view, new_job_view
 from worker.tenants import Caller
 from worker.tencent.preflight import Preflight
 
@@ -143,8 +143,8 @@ def _submit(
     def before_commit(session: Session) -> None:
         if claim is not None:
             idempotency.seal(session, claim)
-        session.flush()
-        views.append(job_view(session, session.get_one(Job, job_id), sealer=svc.sealer))
+        session.flush()  # the INSERTs, and with them created_at's default, for the view
+        views.append(new_job_view(session.get_one(Job, job_id)))
 
     submit(
         svc.sessions(who.tenant),

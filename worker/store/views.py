@@ -127,15 +127,37 @@ def job_view(
             .where(DecisionReason.job_id == job.id)
             .order_by(DecisionReason.id)
         ).all()
-    view: dict[str, Any] = {
+    opened = None if result is None else result_view(sealer.open_result(result), warnings)
+    view = _view(job, api_calls or 0, result, opened, warnings, reasons)
+    if history:
+        view["history"] = _history(session, job)
+    return view
+
+
+def new_job_view(job: Job) -> dict[str, Any]:
+    """`job_view` of a job stored in the caller's own transaction, not yet committed, with no
+    query: nobody can have made an API call for it or stored its result yet (the HTTP API's
+    answer to a submit, which would otherwise pay two statements per job for zeros)."""
+    return _view(job, 0, None, None, (), ())
+
+
+def _view(
+    job: Job,
+    api_calls: int,
+    result: Result | None,
+    opened: dict[str, Any] | None,
+    warnings: Sequence[Warning],
+    reasons: Sequence[DecisionReason],
+) -> dict[str, Any]:
+    return {
         "job_id": str(job.id),
         "status": str(job.status),
         # Every API call made for the job (one attempt row each), budget-spending or not.
-        "attempts": api_calls or 0,
+        "attempts": api_calls,
         "budget_attempts": job.attempts,
         "error_code": job.last_error_code,
         "error_message": job.last_error_message,
-        "result": None if result is None else result_view(sealer.open_result(result), warnings),
+        "result": opened,
         "warnings": warnings_view(warnings),
         # clear | consider | reject; None until the job succeeded (or for a result stored
         # before decisions existed: `macao-ocr decide` makes it).
@@ -150,9 +172,6 @@ def job_view(
         "finished_at": _iso(job.finished_at),
         "next_attempt_at": _iso(job.next_attempt_at),
     }
-    if history:
-        view["history"] = _history(session, job)
-    return view
 
 
 def not_found_view(job_id: str) -> dict[str, Any]:
