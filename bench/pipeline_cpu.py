@@ -14,13 +14,10 @@ import cProfile
 import io
 import pstats
 import time
-import uuid
 from datetime import date
 from decimal import Decimal
 
-import sqlalchemy as sa
-
-import migrations
+from bench import _harness as h
 from bench._harness import keys_env
 from models import Job
 from worker.logs import configure_logging
@@ -59,14 +56,9 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    name = f"macao_ocr_cpu_{uuid.uuid4().hex[:8]}"
-    admin = sa.create_engine(args.pg_admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    url = sa.make_url(args.pg_admin_url).set(database=name).render_as_string(False)
+    url = h.create_database(args.pg_admin_url, "macao_ocr_cpu")
     loop = LoopThread()
     try:
-        migrations.upgrade(url)
         settings = Settings(
             database_url=url,
             qps=0,
@@ -119,9 +111,7 @@ def main() -> None:
         autocommit.dispose()
     finally:
         loop.stop()
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+        h.drop_database(args.pg_admin_url, url)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import uuid
 
 import sqlalchemy as sa
 
-import migrations
+from bench import _harness as h
 from bench._harness import keys_env
 from bench.pipeline_cpu import InstantClient
 from models import Job
@@ -65,14 +65,9 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    name = f"{args.pg_prefix}_{uuid.uuid4().hex[:8]}"
-    admin = sa.create_engine(args.pg_admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    url = sa.make_url(args.pg_admin_url).set(database=name).render_as_string(False)
+    url = h.create_database(args.pg_admin_url, args.pg_prefix)
     loop = LoopThread()
     try:
-        migrations.upgrade(url)
         settings = Settings(
             database_url=url,
             qps=0,
@@ -146,9 +141,7 @@ def main() -> None:
         autocommit.dispose()
     finally:
         loop.stop()
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+        h.drop_database(args.pg_admin_url, url)
 
 
 if __name__ == "__main__":
