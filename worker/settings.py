@@ -192,7 +192,8 @@ class Settings(BaseSettings):
     data_keys: SecretStr | None = None
     data_keys_file: str | None = None
     # Base64 of 32 bytes: the HMAC key of `result.id_number_hash`. Unset: no lookup by ID
-    # number (and no hash written).
+    # number (and no hash written). Several, comma-separated, while rotating: the first
+    # hashes, all are searched (`keys rotate` hashes old rows again under the first).
     lookup_key: SecretStr | None = None
 
     @field_validator("api_endpoint")
@@ -247,15 +248,19 @@ class Settings(BaseSettings):
 
     @field_validator("lookup_key")
     @classmethod
-    def _lookup_key_is_32_bytes(cls, value: SecretStr | None) -> SecretStr | None:
+    def _lookup_keys_are_32_bytes(cls, value: SecretStr | None) -> SecretStr | None:
         if value is None or not value.get_secret_value().strip():
             return None
-        try:
-            raw = base64.b64decode(value.get_secret_value().strip(), validate=True)
-        except ValueError:
-            raise ValueError("must be base64 (of 32 random bytes)") from None
-        if len(raw) != LOOKUP_KEY_BYTES:
-            raise ValueError(f"must be base64 of {LOOKUP_KEY_BYTES} bytes, not {len(raw)}")
+        for n, item in enumerate(value.get_secret_value().split(","), start=1):
+            where = f"key {n}: " if "," in value.get_secret_value() else ""
+            try:
+                raw = base64.b64decode(item.strip(), validate=True)
+            except ValueError:
+                raise ValueError(f"{where}must be base64 (of 32 random bytes)") from None
+            if len(raw) != LOOKUP_KEY_BYTES:
+                raise ValueError(
+                    f"{where}must be base64 of {LOOKUP_KEY_BYTES} bytes, not {len(raw)}"
+                )
         return value
 
     @property
@@ -282,10 +287,16 @@ class Settings(BaseSettings):
         raise ConfigError(MISSING_KEYS)
 
     def lookup_key_bytes(self) -> bytes | None:
-        """The lookup key's 32 bytes, or None (lookup by ID number off)."""
+        """The current lookup key's 32 bytes (the first listed), or None (lookup off)."""
+        keys = self.lookup_keys_bytes()
+        return keys[0] if keys else None
+
+    def lookup_keys_bytes(self) -> tuple[bytes, ...]:
+        """Every lookup key, the current one first; empty when lookup by ID number is off."""
         if self.lookup_key is None:
-            return None
-        return base64.b64decode(self.lookup_key.get_secret_value().strip())
+            return ()
+        text = self.lookup_key.get_secret_value()
+        return tuple(base64.b64decode(item.strip()) for item in text.split(","))
 
     @property
     def state_redis_url(self) -> str:

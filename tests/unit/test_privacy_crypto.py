@@ -14,7 +14,7 @@ from worker.privacy.crypto import (
     generate_entry,
     key_id_of,
 )
-from worker.privacy.lookup import id_number_hash
+from worker.privacy.lookup import id_number_hash, key_fingerprint, search_hashes
 
 AAD = associated_data("result", "id_number", "00000000-0000-0000-0000-000000000001")
 
@@ -82,4 +82,6 @@ def test_the_lookup_hash_is_keyed_and_spelling_blind() -> None:
     a = id_number_hash(b"k" * 32, "1234567(8)")
     assert a == id_number_hash(b"k" * 32, " 1234567(8) ")
     assert a != id_number_hash(b"j" * 32, "1234567(8)")
-    assert len(a) == 32
+    assert len(a) == 36 and a[:4] == key_fingerprint(b"k" * 32) != key_fingerprint(b"j" * 32)
+    # Lookups also match the bare HMAC that releases before the fingerprint stored.
+    assert search_hashes([b"k" * 32], "1234567(8)") == [a, a[4:]]

@@ -15,6 +15,7 @@ from models import Result
 from worker.errors import ConfigError
 from worker.privacy.crypto import DecryptError, KeyRing, generate_entry, key_id_of
 from worker.privacy.fields import RESULT_PERSONAL_COLUMNS
+from worker.privacy.lookup import key_fingerprint
 from worker.privacy.seal import Sealer
 from worker.settings import MISSING_KEYS, Settings, load_settings
 from worker.tencent.types import OcrResult
@@ -77,7 +78,9 @@ def test_the_lookup_hash_is_written_with_the_result_only_with_a_lookup_key() -> 
     sealer = _sealer()
     sealed = sealer.seal_result(JOB, {"id_number": "1234567(8)"})
     assert sealed["id_number_hash"] == sealer.lookup_hash(" 1234567(8) ")
-    assert len(sealed["id_number_hash"]) == 32
+    # The lookup key's fingerprint, then the HMAC: rotation tells which key made a hash.
+    assert len(sealed["id_number_hash"]) == 36
+    assert sealed["id_number_hash"][:4] == key_fingerprint(LOOKUP)
     keyless = Sealer(KeyRing.parse(generate_entry("k1")))
     assert keyless.seal_result(JOB, {"id_number": "1234567(8)"})["id_number_hash"] is None
 
@@ -159,6 +162,11 @@ def test_a_bad_key_is_refused_without_echoing_it(monkeypatch: pytest.MonkeyPatch
     with pytest.raises(ConfigError) as lookup:
         load_settings()
     assert "MACAO_OCR_LOOKUP_KEY" in str(lookup.value) and secret not in str(lookup.value)
+    # In a list of lookup keys the bad one is named by its place, still never echoed.
+    monkeypatch.setenv("MACAO_OCR_LOOKUP_KEY", f"{base64.b64encode(LOOKUP).decode()},{secret}")
+    with pytest.raises(ConfigError) as listed:
+        load_settings()
+    assert "key 2" in str(listed.value) and secret not in str(listed.value)
 
 
 def test_without_a_lookup_key_lookup_is_off(monkeypatch: pytest.MonkeyPatch) -> None:

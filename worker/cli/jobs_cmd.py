@@ -464,7 +464,7 @@ def jobs(
         if sealer.lookup_key is None:
             raise fail(f"--id-number: {LOOKUP_OFF}", error="lookup_disabled")
         with database(settings, tenant=tenant) as factory, factory() as session:
-            person = job_ids_by_id_number(session, sealer.lookup_key, id_number, tenant)
+            person = job_ids_by_id_number(session, sealer.lookup_keys, id_number, tenant)
     matching = JobFilter(
         tenant=tenant,
         job_ids=person,

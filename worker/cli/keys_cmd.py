@@ -52,9 +52,10 @@ def rotate(
     ] = 500,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary.")] = False,
 ) -> None:
-    """Re-encrypt every stored value not under the current key (the ring's first), in
-    chunks of rows, one transaction each, while workers run. Resumable: a value already
-    under the current key is skipped. Counts only; never a value."""
+    """Re-encrypt every stored value not under the current key (the ring's first), and hash
+    again every ID-number lookup hash not under the first MACAO_OCR_LOOKUP_KEY, in chunks of
+    rows, one transaction each, while workers run. Resumable: what is already under the
+    current keys is skipped. Counts only; never a value."""
     from worker.store.engine import make_engine
     from worker.store.rotate import count_stale
     from worker.store.rotate import rotate as rotate_all

@@ -74,11 +74,11 @@ def by_id_number(
     (worker.store.lookup): nothing is decrypted to find them."""
     from worker.store.lookup import LOOKUP_OFF, job_ids_by_id_number
 
-    lookup_key = settings.lookup_key_bytes()
-    if lookup_key is None:
+    lookup_keys = settings.lookup_keys_bytes()
+    if not lookup_keys:
         raise fail(f"--id-number: {LOOKUP_OFF}", error="lookup_disabled")
     with session_factory() as session:
-        return job_ids_by_id_number(session, lookup_key, id_number, tenant)
+        return job_ids_by_id_number(session, lookup_keys, id_number, tenant)
 
 
 def erase_command(

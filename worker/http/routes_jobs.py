@@ -325,7 +325,7 @@ def list_jobs(
         if svc.sealer.lookup_key is None:
             raise ProblemError(400, "lookup_disabled", "Lookup by ID number is off", LOOKUP_OFF)
         with svc.session_factory() as session:
-            ids = job_ids_by_id_number(session, svc.sealer.lookup_key, id_number, who.tenant)
+            ids = job_ids_by_id_number(session, svc.sealer.lookup_keys, id_number, who.tenant)
         query = query.where(Job.id.in_(ids))
     if status is not None:
         query = query.where(Job.status == status)

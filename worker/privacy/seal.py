@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import date
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Final
@@ -55,17 +55,27 @@ def _from_text(column: str, text: str | None) -> Any:
 
 class Sealer:
     """Seals and opens the personal columns of one process, under its key ring; computes
-    the keyed ID-number hash when a lookup key is configured."""
+    the keyed ID-number hash when a lookup key is configured.
 
-    def __init__(self, ring: KeyRing, lookup_key: bytes | None = None) -> None:
+    `lookup_key`: the key new hashes are made under; `lookup_keys`: every key lookups
+    search, the current one first (it alone when not given)."""
+
+    def __init__(
+        self,
+        ring: KeyRing,
+        lookup_key: bytes | None = None,
+        lookup_keys: Sequence[bytes] = (),
+    ) -> None:
         self.ring = ring
-        self.lookup_key = lookup_key
+        self.lookup_keys = tuple(lookup_keys) or ((lookup_key,) if lookup_key else ())
+        self.lookup_key = self.lookup_keys[0] if self.lookup_keys else None
         self._digest_keys: dict[str, bytes] = {}
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Sealer:
         """The process's sealer; ConfigError (one line) when no data keys are configured."""
-        return cls(KeyRing.parse(settings.data_key_ring_text()), settings.lookup_key_bytes())
+        ring = KeyRing.parse(settings.data_key_ring_text())
+        return cls(ring, lookup_keys=settings.lookup_keys_bytes())
 
     def __repr__(self) -> str:
         return f"Sealer({self.ring!r}, lookup={'on' if self.lookup_key else 'off'})"

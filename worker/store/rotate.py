@@ -6,6 +6,11 @@ already under the current key is never selected (its envelope starts with the cu
 so a run stopped half-way continues where it stopped when run again. Images get their keyed
 digest recomputed under the current key with their bytes (`Sealer.image_digest`).
 
+The ID-number lookup hashes rotate the same way when a lookup key is set: a hash that does
+not begin with the current lookup key's fingerprint (an older key, the bare hash written
+before fingerprints, or none at all because the result was stored before lookup was turned
+on) is made again from the opened ID number (`rehash_chunk`).
+
 Workers must already run with the new key first in their ring (they then write under it), or
 rows they write during the run stay under the old key until the next run."""
 
@@ -16,10 +21,21 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, LargeBinary, Table, bindparam, func, or_, select, update
+from sqlalchemy import (
+    Connection,
+    LargeBinary,
+    Table,
+    and_,
+    bindparam,
+    func,
+    or_,
+    select,
+    update,
+)
 
 from models import Image, Job, KeptAnswer, Portrait, Result
 from worker.privacy.fields import JOB_PERSONAL_COLUMNS, RESULT_PERSONAL_COLUMNS
+from worker.privacy.lookup import FINGERPRINT_BYTES, HASH_BYTES, key_fingerprint
 from worker.privacy.seal import Sealer
 
 ConnectionScope = Callable[[], Any]
@@ -42,6 +58,9 @@ TARGETS: tuple[Target, ...] = (
     Target(KeptAnswer.__table__, "job_id", ("response_json",)),  # type: ignore[arg-type]
 )
 DEFAULT_CHUNK_ROWS = 500
+# The name `count_stale` and the report give the lookup hashes.
+LOOKUP_TARGET = "result.id_number_hash"
+RESULT: Table = Result.__table__  # type: ignore[assignment]
 
 
 def envelope_prefix(key_id: str) -> bytes:
@@ -65,7 +84,7 @@ def _stale(target: Target, prefix: bytes) -> Any:
 def count_stale(conn: Connection, sealer: Sealer) -> dict[str, int]:
     """Rows per table holding a value not under the current key."""
     prefix = envelope_prefix(sealer.ring.current_id)
-    return {
+    counts = {
         t.table.name: int(
             conn.execute(
                 select(func.count()).select_from(t.table).where(_stale(t, prefix))
@@ -73,6 +92,50 @@ def count_stale(conn: Connection, sealer: Sealer) -> dict[str, int]:
         )
         for t in TARGETS
     }
+    if sealer.lookup_key is not None:
+        counts[LOOKUP_TARGET] = int(
+            conn.execute(
+                select(func.count()).select_from(RESULT).where(_stale_lookup(sealer.lookup_key))
+            ).scalar_one()
+        )
+    return counts
+
+
+def _stale_lookup(lookup_key: bytes) -> Any:
+    """Results with an ID number whose lookup hash is not under `lookup_key`."""
+    hash_ = RESULT.c.id_number_hash
+    head = bindparam("fingerprint", key_fingerprint(lookup_key), type_=LargeBinary())
+    return and_(
+        RESULT.c.id_number.is_not(None),
+        or_(
+            hash_.is_(None),
+            func.length(hash_) != HASH_BYTES,
+            func.substr(hash_, 1, FINGERPRINT_BYTES) != head,
+        ),
+    )
+
+
+def rehash_chunk(conn: Connection, sealer: Sealer, after: Any, limit: int) -> list[Any]:
+    """Hash again, under the current lookup key, the next `limit` stale lookup hashes after
+    job id `after` (None: the first), rows locked; returns their job ids. The caller commits."""
+    assert sealer.lookup_key is not None
+    key = RESULT.c.job_id
+    query = select(key, RESULT.c.id_number).where(_stale_lookup(sealer.lookup_key))
+    if after is not None:
+        query = query.where(key > after)
+    rows = conn.execute(query.order_by(key).limit(limit).with_for_update()).all()
+    if not rows:
+        return []
+    params = [
+        {
+            "k": job_id,
+            "v": sealer.lookup_hash(sealer.open_text("result", "id_number", job_id, blob)),
+        }
+        for job_id, blob in rows
+    ]
+    statement = update(RESULT).where(key == bindparam("k")).values(id_number_hash=bindparam("v"))
+    conn.execute(statement, params)
+    return [job_id for job_id, _ in rows]
 
 
 def _reseal(sealer: Sealer, target: Target, row: Any, prefix: bytes) -> tuple[dict[str, Any], int]:
@@ -172,6 +235,31 @@ def rotate(
                 progress(name, len(keys))
             if len(keys) < chunk_rows:
                 break
+    if sealer.lookup_key is not None:
+        _rehash_all(transaction, sealer, chunk_rows, report, progress)
     with transaction() as conn:
         report.remaining = count_stale(conn, sealer)
     return report
+
+
+def _rehash_all(
+    transaction: ConnectionScope,
+    sealer: Sealer,
+    chunk_rows: int,
+    report: RotateReport,
+    progress: Callable[[str, int], None] | None,
+) -> None:
+    report.rows[LOOKUP_TARGET] = report.values[LOOKUP_TARGET] = 0
+    after: uuid.UUID | None = None
+    while True:
+        with transaction() as conn:
+            keys = rehash_chunk(conn, sealer, after, chunk_rows)
+        if not keys:
+            return
+        after = keys[-1]
+        report.rows[LOOKUP_TARGET] += len(keys)
+        report.values[LOOKUP_TARGET] += len(keys)
+        if progress is not None:
+            progress(LOOKUP_TARGET, len(keys))
+        if len(keys) < chunk_rows:
+            return
