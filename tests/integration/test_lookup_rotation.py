@@ -79,8 +79,9 @@ def test_every_listed_key_is_searched_and_rotation_rehashes_under_the_first(
     hashes = {job_id: digest for job_id, digest in rows}
     assert hashes[erased] is None
     for job_id in (under_old, before_fingerprints, before_lookup, other_person):
-        assert len(hashes[job_id]) == HASH_BYTES
-        assert hashes[job_id][:4] == key_fingerprint(NEW)
+        digest = hashes[job_id]
+        assert digest is not None and len(digest) == HASH_BYTES
+        assert digest[:4] == key_fingerprint(NEW)
     # Resumable: a second run finds nothing left to do.
     again = rotate(transactions, rotating, chunk_rows=2)
     assert again.values[LOOKUP_TARGET] == 0
