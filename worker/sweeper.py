@@ -44,11 +44,11 @@ import redis
 import structlog
 from redis.exceptions import LockError
 from redis.lock import Lock
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, bindparam, exists, func, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from models import Attempt, Job, JobEvent, JobStatus
+from models import Attempt, DeliveryStatus, Job, JobEvent, JobStatus, WebhookDelivery
 from worker.broker.publish import Publisher
 from worker.broker.queue import broker_job_ids, broker_message_count, stale_deliveries
 from worker.errors import WorkerLostError
@@ -126,17 +126,24 @@ def sweep_once(
     """Run every sweep rule once. `redis` is the broker's Redis; without it rule 3 is skipped.
     Without `webhook_publisher` rule 5 is."""
     report = SweepReport(at=_utc(now))
-    _recover_dead_workers(session_factory, settings, report)
-    _publish_due_retries(session_factory, publisher, report)
-    _publish_never_published(session_factory, publisher, report)
+    due = probe(session_factory, settings, report.at, count_expected=redis is not None)
+    if due.dead_workers:
+        _recover_dead_workers(session_factory, settings, report)
+    if due.retries or report.recovered:
+        _publish_due_retries(session_factory, publisher, report)
+    if due.never_published:
+        _publish_never_published(session_factory, publisher, report)
     if redis is not None:
-        _republish_lost(session_factory, publisher, settings, redis, report)
-    if webhook_publisher is not None:
+        # The probe's count predates the rules above: read it again if they moved a job.
+        expected = None if report.changed or report.published else due.expected
+        _republish_lost(session_factory, publisher, settings, redis, report, expected=expected)
+    if webhook_publisher is not None and due.deliveries:
         _publish_due_deliveries(session_factory, webhook_publisher, settings, report)
     # Last: the rules that keep jobs moving come first, whatever retention meets.
-    report.retention = retention.purge(
-        session_factory, settings, now=report.at, max_batches=RETENTION_BATCHES
-    ).removed
+    if due.retention:
+        report.retention = retention.purge(
+            session_factory, settings, now=report.at, max_batches=RETENTION_BATCHES
+        ).removed
     if report.retention.total:
         log.info("retention", **report.retention.to_dict())
     if report.changed:
@@ -150,6 +157,97 @@ def sweep_once(
             broker_restarted=report.broker_restarted,
         )
     return report
+
+
+# -- one statement saying which rules have work ------------------------------------------
+
+
+@dataclass(frozen=True)
+class Due:
+    """Which rules may have work at one instant (True may be a false alarm, never the
+    reverse for rows committed before the probe), and rule 3's count of jobs that should
+    have a message."""
+
+    dead_workers: bool
+    retries: bool
+    never_published: bool
+    deliveries: bool
+    retention: bool
+    expected: int | None
+
+
+def probe(
+    session_factory: sessionmaker[Session],
+    settings: Settings,
+    now: datetime,
+    *,
+    count_expected: bool = True,
+) -> Due:
+    """One round trip instead of a session per rule: a quiet fleet's leader sweeps every
+    sweep_interval_s, and each rule's own query (ORM, pool checkout, a transaction) made
+    the leader's sweeps most of an idle fleet's CPU. Each rule still runs its own exact
+    query when its flag is set; a row committed after the probe waits for the next sweep."""
+    cut = retention.Cutoffs.at(now, settings)
+    params = {
+        "now": now,
+        "never_published_before": now - timedelta(seconds=NEVER_PUBLISHED_GRACE_S),
+        "succeeded_images": cut.succeeded_images,
+        "failed_images": cut.failed_images,
+        "results": cut.results,
+    }
+    with session_factory() as session:
+        row = session.connection().execute(_probe_statement(count_expected), params).one()
+    return Due(
+        dead_workers=bool(row[0]),
+        retries=bool(row[1]),
+        never_published=bool(row[2]),
+        deliveries=bool(row[3]),
+        retention=bool(row[4]),
+        expected=int(row[5] or 0) if count_expected else None,
+    )
+
+
+_probe_statements: dict[bool, Any] = {}
+
+
+def _probe_statement(count_expected: bool) -> Any:
+    # Built once, with its instants as parameters: building it took more CPU than running it.
+    statement = _probe_statements.get(count_expected)
+    if statement is None:
+        now = bindparam("now", type_=Job.lease_expires_at.type)
+
+        def instant(name: str) -> Any:
+            return bindparam(name, type_=now.type)
+
+        # retention's own conditions, with parameters where its cutoffs go.
+        cut = retention.Cutoffs(
+            succeeded_images=instant("succeeded_images"),
+            failed_images=instant("failed_images"),
+            results=instant("results"),
+        )
+        d = WebhookDelivery
+        columns: list[Any] = [
+            exists().where(Job.status == JobStatus.running, Job.lease_expires_at < now),
+            exists().where(_due_retry(now)),
+            exists().where(_never_published(instant("never_published_before"))),
+            # A superset of dispatch.due_deliveries' condition, which decides.
+            exists().where(d.status == DeliveryStatus.pending, d.next_attempt_at <= now),
+            or_(*(exists().where(where) for where in _retention_due(cut))),
+        ]
+        if count_expected:
+            columns.append(_expected_count().scalar_subquery())
+        statement = _probe_statements.setdefault(count_expected, select(*columns))
+    return statement
+
+
+def _retention_due(cut: retention.Cutoffs) -> list[Any]:
+    """The conditions of every pass of retention.purge (its own, so they cannot drift)."""
+    return [
+        retention._images_due(cut, JobStatus.succeeded),
+        retention._images_due(cut, JobStatus.failed),
+        retention._results_due(cut),
+        retention._erased_results_held(),
+    ]
 
 
 # -- rule 4: dead workers ---------------------------------------------------------------
@@ -238,6 +336,18 @@ def _recover_dead_workers(
 # -- rules 1 and 2: due retries, never published ------------------------------------------
 
 
+def _due_retry(now: Any) -> Any:
+    return and_(
+        Job.status == JobStatus.retrying,
+        Job.next_attempt_at <= now,
+        or_(Job.enqueued_at.is_(None), Job.enqueued_at < Job.next_attempt_at),
+    )
+
+
+def _never_published(before: Any) -> Any:
+    return and_(Job.status == JobStatus.queued, Job.enqueued_at.is_(None), Job.created_at < before)
+
+
 def _publish_due_retries(
     session_factory: sessionmaker[Session], publisher: Publisher, report: SweepReport
 ) -> None:
@@ -246,11 +356,7 @@ def _publish_due_retries(
         ids = list(
             session.scalars(
                 select(Job.id)
-                .where(
-                    Job.status == JobStatus.retrying,
-                    Job.next_attempt_at <= now,
-                    or_(Job.enqueued_at.is_(None), Job.enqueued_at < Job.next_attempt_at),
-                )
+                .where(_due_retry(now))
                 .order_by(Job.next_attempt_at)
                 .limit(SWEEP_LIMIT)
             )
@@ -261,16 +367,11 @@ def _publish_due_retries(
 def _publish_never_published(
     session_factory: sessionmaker[Session], publisher: Publisher, report: SweepReport
 ) -> None:
-    cutoff = report.at - timedelta(seconds=NEVER_PUBLISHED_GRACE_S)
     with session_factory() as session:
         ids = list(
             session.scalars(
                 select(Job.id)
-                .where(
-                    Job.status == JobStatus.queued,
-                    Job.enqueued_at.is_(None),
-                    Job.created_at < cutoff,
-                )
+                .where(_never_published(report.at - timedelta(seconds=NEVER_PUBLISHED_GRACE_S)))
                 .order_by(Job.created_at)
                 .limit(SWEEP_LIMIT)
             )
@@ -353,6 +454,14 @@ def _published_waiting() -> Any:
     )
 
 
+def _expected_count() -> Any:
+    return (
+        select(func.count())
+        .select_from(Job)
+        .where(or_(_published_waiting(), Job.status == JobStatus.running))
+    )
+
+
 def _broker_restarted(client: redis.Redis) -> bool:
     """True when the epoch key is gone: the broker's Redis lost its data since we wrote it."""
     return bool(client.set(EPOCH_KEY, uuid.uuid4().hex, nx=True))
@@ -364,17 +473,18 @@ def _republish_lost(
     settings: Settings,
     client: redis.Redis,
     report: SweepReport,
+    *,
+    expected: int | None = None,
 ) -> None:
+    """Rule 3; `expected` is the count of jobs that should have a message, when the caller
+    read it at `report.at` with nothing published since (else it is read here)."""
     now = report.at
     held_s = settings.republish_after_s
     restarted = _broker_restarted(client)
     report.broker_restarted = restarted
-    with session_factory() as session:
-        expected = session.scalar(
-            select(func.count())
-            .select_from(Job)
-            .where(or_(_published_waiting(), Job.status == JobStatus.running))
-        )
+    if expected is None:
+        with session_factory() as session:
+            expected = session.scalar(_expected_count())
     present = broker_message_count(client)
     deficit = (expected or 0) - present
     if not restarted:
@@ -427,12 +537,14 @@ class SweeperLeader:
 
     def try_lead(self) -> bool:
         """Keep or take the lead without blocking; False while another process holds it."""
-        try:
-            if self._lock.owned():
+        # Reacquire checks the token itself (one round trip, not owned()'s extra GET): a
+        # non-leader tries one SET NX per sweep, the leader one script.
+        if self._lock.local.token is not None:
+            try:
                 self._lock.reacquire()
                 return True
-        except LockError:
-            pass  # expired and perhaps taken by another: try a fresh acquire
+            except LockError:
+                pass  # expired and perhaps taken by another: try a fresh acquire
         return bool(self._lock.acquire(blocking=False))
 
     def release(self) -> None:

@@ -82,3 +82,45 @@ def test_an_ack_rides_on_the_next_delivery_or_goes_out_when_none_comes() -> None
         hub.close()
         client.delete(queue)
     app.close()
+
+
+def test_an_idle_consumer_waits_longer_but_a_message_wakes_it_at_once() -> None:
+    import threading
+
+    from kombu import Consumer
+    from kombu import Queue as KombuQueue
+
+    from worker.broker.transport import BRPOP_TIMEOUT_S
+
+    app = create_app(Settings(broker_url="redis://127.0.0.1:6379/9"))
+    queue = f"test-brpop-{uuid.uuid4().hex[:8]}"
+    got: list[float] = []
+    with app.connection_for_write() as conn:
+        channel: Any = conn.channel()
+        assert channel.brpop_timeout == BRPOP_TIMEOUT_S > 1
+        consumer = Consumer(
+            channel,
+            [KombuQueue(queue, routing_key=queue)],
+            callbacks=[lambda _body, _message: got.append(time.monotonic())],
+            no_ack=True,
+        )
+        consumer.consume()
+        other = conn.clone()
+        publisher: Any = other.channel()
+        sent: list[float] = []
+
+        def send() -> None:
+            time.sleep(0.3)
+            sent.append(time.monotonic())
+            publisher.basic_publish(publisher.prepare_message("m"), exchange="", routing_key=queue)
+
+        thread = threading.Thread(target=send)
+        thread.start()
+        # drain_events sends one BRPOP with the channel's timeout and reads its reply.
+        conn.drain_events(timeout=BRPOP_TIMEOUT_S + 2)
+        thread.join()
+        assert got and got[0] - sent[0] < 0.5
+        other.close()
+        consumer.cancel()
+        channel.close()
+    app.close()

@@ -26,7 +26,9 @@ from worker.settings import Settings
 from worker.sweeper import (
     EPOCH_KEY,
     WORKER_LOST,
+    Due,
     SweeperLeader,
+    probe,
     start_sweeper_thread,
     sweep_if_leader,
     sweep_once,
@@ -523,3 +525,70 @@ def test_sweeper_thread_outlives_a_broker_outage(
     finally:
         thread.stop()  # type: ignore[attr-defined]
     assert not thread.is_alive()
+
+
+# -- the probe: one statement when nothing is due ------------------------------------------
+
+
+def _selects_during(session_factory: sessionmaker[Session], fn: Callable[[], Any]) -> list[str]:
+    bind = session_factory.kw["bind"]
+    seen: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if statement.lstrip().upper().startswith("SELECT"):
+            seen.append(statement)
+
+    sa.event.listen(bind, "before_cursor_execute", record)
+    try:
+        fn()
+    finally:
+        sa.event.remove(bind, "before_cursor_execute", record)
+    return seen
+
+
+def test_a_quiet_sweep_is_one_statement(
+    session_factory: sessionmaker[Session], settings: Settings
+) -> None:
+    with session_factory() as session, session.begin():
+        # Nothing due: a job waiting for its message, one not due yet, one done long ago.
+        add_job(session, created_at=ago(30), enqueued_at=ago(29))
+        add_job(session, status=JobStatus.retrying, next_attempt_at=ago(-30), enqueued_at=ago(5))
+        add_job(session, status=JobStatus.running, lease_expires_at=ago(-60))
+    publisher = RecordingPublisher()
+
+    def sweep() -> None:
+        sweep_once(session_factory, publisher, settings, now=NOW, webhook_publisher=publisher)
+
+    assert len(_selects_during(session_factory, sweep)) == 1
+    assert publisher.published == []
+
+
+def test_the_probe_sees_each_rule_due(
+    session_factory: sessionmaker[Session], settings: Settings
+) -> None:
+    assert probe(session_factory, settings, NOW) == Due(
+        dead_workers=False,
+        retries=False,
+        never_published=False,
+        deliveries=False,
+        retention=False,
+        expected=0,
+    )
+    with session_factory() as session, session.begin():
+        add_job(session, status=JobStatus.running, lease_expires_at=ago(1))
+        add_job(session, status=JobStatus.retrying, next_attempt_at=ago(1), enqueued_at=ago(9))
+        add_job(session, created_at=ago(30))
+        add_job(session, created_at=ago(30), enqueued_at=ago(29))
+        add_job(session, status=JobStatus.succeeded, finished_at=ago(1))
+    assert probe(session_factory, settings, NOW) == Due(
+        dead_workers=True,
+        retries=True,
+        never_published=True,
+        deliveries=False,
+        retention=True,
+        # The running job and the one queued with its message.
+        expected=2,
+    )
+    # Half a minute earlier none of them was due yet.
+    before = probe(session_factory, settings, ago(31))
+    assert not (before.dead_workers or before.retries or before.never_published or before.retention)
