@@ -14,6 +14,8 @@ from worker.broker.publish import Publisher
 from worker.http import routes_batches, routes_health, routes_jobs
 from worker.http.backpressure import Backlog
 from worker.http.enqueue import Enqueuer
+from worker.http.grouped import JobGroups
+from worker.http.keys import KeyCache
 from worker.http.limits import BodyLimit
 from worker.http.problems import Problem, install
 from worker.http.schemas import BatchRequest, JobRequest
@@ -65,13 +67,16 @@ def _services(settings: Settings, publisher: Publisher | None) -> Services:
         celery_app = create_celery_app(settings)
         # A server publishes a job or a batch per request: one held connection, shared.
         publisher = SharedConnectionPublisher(celery_app)
+    key_sessions = factory if key_engine is None else make_sessionmaker(key_engine)
     return Services(
         settings=settings,
         engine=engine,
         session_factory=factory,
-        key_sessions=factory if key_engine is None else make_sessionmaker(key_engine),
+        key_sessions=key_sessions,
+        keys=KeyCache(key_sessions, settings.http_key_cache_s),
         sessions=sessions,
         publisher=publisher,
+        groups=JobGroups(sessions, sealer),
         enqueuer=Enqueuer(publisher, sessions),
         backlog=Backlog(settings, sessions),
         sealer=sealer,
