@@ -369,6 +369,7 @@ def submit_many(
     max_rows: int = MAX_ROWS,
     base_dir: Path | None = None,
     preflight: Preflight | None = None,
+    checked: Sequence[OcrRequest] | None = None,
     sealer: Sealer,
 ) -> list[uuid.UUID]:
     """All-or-nothing validation of every item (ManifestError lists each bad row), then
@@ -382,6 +383,8 @@ def submit_many(
     taken from `items`). With `base_dir`, every file path must lie inside it (symlinks
     resolved). Files are read twice (validate, then store) rather than all held in memory;
     a file that changes in between fails its chunk, and earlier chunks stay submitted.
+    `checked`: the items' requests as `prepare` returned them, one per item, when the caller
+    validated every item already (the HTTP API, whose images are in memory): not again.
     """
     check_label(batch, "batch")
     specs = list(itertools.islice(items, max_rows + 1))
@@ -389,8 +392,11 @@ def submit_many(
         raise too_many_rows(max_rows)
     if job_ids is not None and len(job_ids) != len(specs):
         raise ValueError("job_ids must give one id per item")
+    if checked is not None and len(checked) != len(specs):
+        raise ValueError("checked must give one request per item")
     preflight = preflight or make_preflight(settings)
-    _validate_all(specs, preflight, base_dir)
+    if checked is None:
+        _validate_all(specs, preflight, base_dir)
     counted: uuid.UUID | None = None
     if batch is not None and batch_id is None and specs:
         with session_factory() as session:
@@ -402,7 +408,11 @@ def submit_many(
     unpublished = 0
     try:
         for start, chunk in _chunks(specs, chunk_rows):
-            requests = [prepare(spec, preflight, base_dir=base_dir) for spec in chunk]
+            requests = (
+                [prepare(spec, preflight, base_dir=base_dir) for spec in chunk]
+                if checked is None
+                else checked[start : start + len(chunk)]
+            )
             given = None if job_ids is None else job_ids[start : start + len(chunk)]
             with session_factory() as session:
                 chunk_ids = _insert_chunk(

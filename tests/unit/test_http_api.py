@@ -23,10 +23,9 @@ from emulator.specimen import make_specimen
 from models import ApiKey, Batch, Job, JobStatus
 from worker.broker.publish import RecordingPublisher
 from worker.cli import app as cli_app
-from worker.http import keys as keys_module
 from worker.http.app import create_app
 from worker.settings import Settings
-from worker.tenants import create_key
+from worker.tenants import authenticate, create_key
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -101,13 +100,13 @@ def test_a_valid_key_is_looked_up_once_per_cache_period(
 ) -> None:
     headers = cached_keys.key("acme")
     lookups: list[str] = []
-    real = keys_module.authenticate
+    real = authenticate
 
     def counted(sessions: Any, api_key: str) -> Any:
         lookups.append(api_key)
         return real(sessions, api_key)
 
-    monkeypatch.setattr(keys_module, "authenticate", counted)
+    monkeypatch.setattr("worker.http.keys.authenticate", counted)
     for _ in range(3):
         assert cached_keys.client.get("/v1/jobs", headers=headers).status_code == 200
     assert len(lookups) == 1
