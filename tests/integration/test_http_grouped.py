@@ -24,8 +24,9 @@ from sqlalchemy.orm import Session
 
 from emulator.specimen import make_specimen
 from models import IdempotencyKey, Image, Job
+from worker import producer
 from worker.broker.publish import RecordingPublisher
-from worker.http import grouped, idempotency
+from worker.http import idempotency
 from worker.http.app import create_app
 from worker.http.grouped import JobGroups, PendingJob
 from worker.http.services import Services
@@ -178,7 +179,7 @@ def test_a_job_that_fails_to_store_fails_only_its_own_request(
     publisher = svc.publisher
     assert isinstance(publisher, RecordingPublisher)
     publisher.on_publish = committed_check(svc, published)
-    real_row = grouped.job_row
+    real_row = producer.job_row
 
     def job_row(*args: Any) -> dict[str, Any]:
         row = real_row(*args)
@@ -186,7 +187,7 @@ def test_a_job_that_fails_to_store_fails_only_its_own_request(
             row["tenant"] = "someone-else"
         return row
 
-    monkeypatch.setattr(grouped, "job_row", job_row)
+    monkeypatch.setattr("worker.http.grouped.job_row", job_row)
     hold = held(client, monkeypatch)
     auth = {"Authorization": f"Bearer {create_key(svc.session_factory, 'acme').api_key}"}
     keyed = {**auth, "Idempotency-Key": "k2"}
