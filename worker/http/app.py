@@ -68,6 +68,7 @@ def _services(settings: Settings, publisher: Publisher | None) -> Services:
         # A server publishes a job or a batch per request: one held connection, shared.
         publisher = SharedConnectionPublisher(celery_app)
     key_sessions = factory if key_engine is None else make_sessionmaker(key_engine)
+    enqueuer = Enqueuer(publisher, sessions)
     return Services(
         settings=settings,
         engine=engine,
@@ -76,8 +77,8 @@ def _services(settings: Settings, publisher: Publisher | None) -> Services:
         keys=KeyCache(key_sessions, settings.http_key_cache_s),
         sessions=sessions,
         publisher=publisher,
-        groups=JobGroups(sessions, sealer),
-        enqueuer=Enqueuer(publisher, sessions),
+        groups=JobGroups(sessions, sealer, enqueuer),
+        enqueuer=enqueuer,
         backlog=Backlog(settings, sessions),
         sealer=sealer,
         celery_app=celery_app,

@@ -5,8 +5,8 @@ job in here. While one group's transaction runs, the jobs handed in meanwhile ga
 first of their threads to find no transaction running stores them all: per tenant one
 transaction with the key seals, one query for the images already stored, one multi-row
 INSERT for the new images, one for the jobs, and one commit (instead of all of that per
-request). Each request then publishes its own committed job (`Enqueuer`, which groups the
-publishes in turn): enqueue-after-commit as everywhere.
+request). After the commits, the group's jobs are published together (`Enqueuer`): enqueue
+after commit as everywhere.
 
 One request must not fail the others of its group. A lost idempotency claim (`ClaimLost`:
 the key was taken over) is found by its seal's UPDATE, which changes nothing, and only that
@@ -21,6 +21,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
+import structlog
 from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
@@ -28,12 +29,15 @@ from models import Job
 from models.base import utcnow
 from worker.broker.shared import Combiner
 from worker.http import idempotency
+from worker.http.enqueue import Enqueuer
 from worker.privacy.seal import Sealer
 from worker.producer import JOB_TABLE, chunk_images, job_row
 from worker.store import batches
 from worker.store.engine import TenantSessions
 from worker.store.views import new_job_view
 from worker.tencent.types import OcrRequest
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass(eq=False)
@@ -57,14 +61,16 @@ class PendingJob:
 class JobGroups:
     """Thread-safe; one per server process."""
 
-    def __init__(self, sessions: TenantSessions, sealer: Sealer) -> None:
+    def __init__(self, sessions: TenantSessions, sealer: Sealer, enqueuer: Enqueuer) -> None:
         self.sessions = sessions
         self.sealer = sealer
+        self.enqueuer = enqueuer
         self._combiner: Combiner[PendingJob, None] = Combiner(self._flush)
 
     def store(self, job: PendingJob) -> dict[str, Any]:
-        """Commit the job (with the others of the moment); its view. Raises what storing it
-        alone raised (`ClaimLost` if its key was taken over)."""
+        """Commit the job (with the others of the moment), then publish it; its view (with
+        `enqueued_at` unless the broker refused it: the sweeper publishes it later). Raises
+        what storing it alone raised (`ClaimLost` if its key was taken over)."""
         self._combiner.submit([job])
         if job.error is not None:
             raise job.error
@@ -87,6 +93,21 @@ class JobGroups:
                         self._store(tenant, [job])
                     except Exception as alone:
                         job.error = alone
+        stored = [job for job in jobs if job.view is not None]
+        if not stored:
+            return
+        # After every commit of the group, and for the group at once: one pipelined publish
+        # and one `enqueued_at` UPDATE a tenant, while the next group gathers.
+        try:
+            enqueued_at = self.enqueuer.enqueue_many([(job.tenant, job.job_id) for job in stored])
+        except Exception as exc:
+            # Committed all the same: answered as queued, and the sweeper publishes them.
+            log.warning("enqueue_failed", jobs=len(stored), error_type=type(exc).__name__)
+            enqueued_at = None
+        if enqueued_at is not None:
+            for job in stored:
+                assert job.view is not None
+                job.view["enqueued_at"] = enqueued_at.isoformat()
 
     def _store(self, tenant: str, group: list[PendingJob]) -> None:
         with self.sessions(tenant)() as session, session.begin():

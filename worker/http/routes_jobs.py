@@ -136,7 +136,7 @@ def _submit(
     claim: idempotency.Claim | None = None,
 ) -> tuple[uuid.UUID, dict[str, Any]]:
     """Store the job (and the key's seal) in a transaction shared with the requests of the
-    moment (worker.http.grouped), then publish it: the job's id and its view."""
+    moment, then publish it with them (worker.http.grouped): the job's id and its view."""
     svc.backlog.admit(who.tenant, 1)
     job_id = uuid.uuid4() if claim is None else claim.job_id or uuid.uuid4()
     view = svc.groups.store(
@@ -149,9 +149,6 @@ def _submit(
             claim=claim,
         )
     )
-    enqueued_at = svc.enqueuer.enqueue(who.tenant, job_id)
-    if enqueued_at is not None:
-        view["enqueued_at"] = enqueued_at.isoformat()
     return job_id, view
 
 
