@@ -47,9 +47,9 @@ def _services(settings: Settings, publisher: Publisher | None) -> Services:
     sealer = Sealer.from_settings(settings)
     # Every request's key lookup is one SELECT: on PostgreSQL without BEGIN and ROLLBACK
     # (None elsewhere, where the pools are SQLite's own).
-    # No ping per checkout, as the worker (worker.runtime): a round trip for every session,
-    # and a single job opens three (key, job, enqueued_at). A connection that died with the
-    # server fails its statement as invalidated, once, and the pool replaces it.
+    # No ping per checkout, as the worker (worker.runtime): a round trip for every session.
+    # A connection that died with the server fails its statement as invalidated, once, and
+    # the pool replaces it.
     key_engine = make_autocommit_engine(
         settings, pool_size=KEY_POOL_SIZE, max_overflow=0, pool_pre_ping=False
     )
