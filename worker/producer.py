@@ -20,7 +20,9 @@ import unicodedata
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import structlog
 from sqlalchemy import Table, insert, select, update
@@ -192,7 +194,8 @@ def _resolve(source: Source | None, side: str, base_dir: Path | None = None) -> 
     return ImageInput(data=read_image_file(path, side))
 
 
-def _check_label(value: str | None, what: str) -> None:
+def check_label(value: str | None, what: str) -> None:
+    """A job's `tag` or `batch` label: InputError if too long or holding control characters."""
     if value is None:
         return
     if len(value) > MAX_LABEL_CHARS:
@@ -214,7 +217,7 @@ def prepare(
 ) -> OcrRequest:
     """Read and check one job's inputs against every pre-flight rule; raises InputError
     naming the rule. `preflight`: the rules' configuration (defaults without one)."""
-    _check_label(spec.tag, "tag")
+    check_label(spec.tag, "tag")
     request = OcrRequest(
         front=_resolve(spec.front, "front", base_dir),
         back=_resolve(spec.back, "back", base_dir),
@@ -318,7 +321,7 @@ def submit(
     `preflight`: the rules (from `make_preflight(settings)`; one that checked these images
     already does not decode them again); `publish=False`: the caller publishes the committed
     job and records its `enqueued_at` (the HTTP API, grouping its requests)."""
-    _check_label(batch, "batch")
+    check_label(batch, "batch")
     spec = JobSpec(front=front, back=back, portrait=portrait, tag=tag)
     request = prepare(spec, preflight or make_preflight(settings))
     with session_factory() as session:
@@ -366,6 +369,7 @@ def submit_many(
     max_rows: int = MAX_ROWS,
     base_dir: Path | None = None,
     preflight: Preflight | None = None,
+    checked: Sequence[OcrRequest] | None = None,
     sealer: Sealer,
 ) -> list[uuid.UUID]:
     """All-or-nothing validation of every item (ManifestError lists each bad row), then
@@ -379,15 +383,20 @@ def submit_many(
     taken from `items`). With `base_dir`, every file path must lie inside it (symlinks
     resolved). Files are read twice (validate, then store) rather than all held in memory;
     a file that changes in between fails its chunk, and earlier chunks stay submitted.
+    `checked`: the items' requests as `prepare` returned them, one per item, when the caller
+    validated every item already (the HTTP API, whose images are in memory): not again.
     """
-    _check_label(batch, "batch")
+    check_label(batch, "batch")
     specs = list(itertools.islice(items, max_rows + 1))
     if len(specs) > max_rows:
         raise too_many_rows(max_rows)
     if job_ids is not None and len(job_ids) != len(specs):
         raise ValueError("job_ids must give one id per item")
+    if checked is not None and len(checked) != len(specs):
+        raise ValueError("checked must give one request per item")
     preflight = preflight or make_preflight(settings)
-    _validate_all(specs, preflight, base_dir)
+    if checked is None:
+        _validate_all(specs, preflight, base_dir)
     counted: uuid.UUID | None = None
     if batch is not None and batch_id is None and specs:
         with session_factory() as session:
@@ -399,7 +408,11 @@ def submit_many(
     unpublished = 0
     try:
         for start, chunk in _chunks(specs, chunk_rows):
-            requests = [prepare(spec, preflight, base_dir=base_dir) for spec in chunk]
+            requests = (
+                [prepare(spec, preflight, base_dir=base_dir) for spec in chunk]
+                if checked is None
+                else checked[start : start + len(chunk)]
+            )
             given = None if job_ids is None else job_ids[start : start + len(chunk)]
             with session_factory() as session:
                 chunk_ids = _insert_chunk(
@@ -433,7 +446,7 @@ def _uncount(session_factory: sessionmaker[Session], batch_id: uuid.UUID, jobs: 
 ImageKey = tuple[str, int]  # (keyed digest, size): how the image table finds a tenant's duplicate
 
 
-def _chunk_images(
+def chunk_images(
     session: Session, sealer: Sealer, tenant: str, requests: Sequence[OcrRequest]
 ) -> dict[int, uuid.UUID]:
     """The image id of every uploaded side of the chunk, by `id()` of its bytes: found (one
@@ -499,7 +512,31 @@ def _insert_chunk(
     job_ids: Sequence[uuid.UUID] | None = None,
 ) -> list[uuid.UUID]:
     """The chunk's images and jobs as multi-row INSERTs (not committed); ids in order."""
-    images = _chunk_images(session, sealer, tenant, requests)
+    images = chunk_images(session, sealer, tenant, requests)
+    now = utcnow()
+    ids = list(job_ids) if job_ids is not None else [uuid.uuid4() for _ in specs]
+    rows = [
+        job_row(sealer, tenant, job_id, request, images, spec.tag, batch, batch_id, now)
+        for job_id, request, spec in zip(ids, requests, specs, strict=True)
+    ]
+    # One statement: SQLAlchemy sends an executemany of one INSERT as multi-row VALUES.
+    session.execute(insert(JOB_TABLE), rows)
+    return ids
+
+
+def job_row(
+    sealer: Sealer,
+    tenant: str,
+    job_id: uuid.UUID,
+    request: OcrRequest,
+    images: dict[int, uuid.UUID],
+    tag: str | None,
+    batch: str | None,
+    batch_id: uuid.UUID | None,
+    now: datetime,
+) -> dict[str, Any]:
+    """A new job's row for a multi-row INSERT (its URLs sealed); `images`: from
+    `chunk_images`."""
 
     def side(image: ImageInput | None) -> tuple[str | None, uuid.UUID | None]:
         if image is None:
@@ -508,33 +545,24 @@ def _insert_chunk(
             return image.url, None
         return None, images[id(image.data)]
 
-    now = utcnow()
-    ids = list(job_ids) if job_ids is not None else [uuid.uuid4() for _ in specs]
-    rows = []
-    for job_id, request, spec in zip(ids, requests, specs, strict=True):
-        front_url, front_image_id = side(request.front)
-        back_url, back_image_id = side(request.back)
-        rows.append(
-            {
-                "id": job_id,
-                "tenant": tenant,
-                "status": JobStatus.queued,
-                "front_url": sealer.seal_url(job_id, "front_url", front_url),
-                "front_image_id": front_image_id,
-                "back_url": sealer.seal_url(job_id, "back_url", back_url),
-                "back_image_id": back_image_id,
-                "portrait": request.portrait,
-                "tag": spec.tag,
-                "batch": batch,
-                "batch_id": batch_id,
-                "attempts": 0,
-                "api_calls": 0,
-                "created_at": now,
-            }
-        )
-    # One statement: SQLAlchemy sends an executemany of one INSERT as multi-row VALUES.
-    session.execute(insert(JOB_TABLE), rows)
-    return ids
+    front_url, front_image_id = side(request.front)
+    back_url, back_image_id = side(request.back)
+    return {
+        "id": job_id,
+        "tenant": tenant,
+        "status": JobStatus.queued,
+        "front_url": sealer.seal_url(job_id, "front_url", front_url),
+        "front_image_id": front_image_id,
+        "back_url": sealer.seal_url(job_id, "back_url", back_url),
+        "back_image_id": back_image_id,
+        "portrait": request.portrait,
+        "tag": tag,
+        "batch": batch,
+        "batch_id": batch_id,
+        "attempts": 0,
+        "api_calls": 0,
+        "created_at": now,
+    }
 
 
 def too_many_rows(max_rows: int) -> InputError:

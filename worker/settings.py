@@ -163,6 +163,9 @@ class Settings(BaseSettings):
     # A batch body above this is refused before it is read whole (one job's limit follows
     # from the image limits).
     http_max_batch_body_bytes: PositiveInt = 64 * 1024 * 1024
+    # A server process remembers a valid API key this long: a revoked key may still be
+    # accepted for up to this many seconds (0: looked up on every request).
+    http_key_cache_s: float = Field(default=5.0, ge=0, le=60)
 
     # -- webhooks (worker/webhooks/)
     # Allow receivers on loopback/private/link-local addresses (tests, on-premise receivers).

@@ -23,6 +23,7 @@ import sqlalchemy as sa
 from emulator.specimen import make_specimen
 from tests.fixtures.api_server import ApiServer, create_tenant
 from tests.fixtures.workers import REPO_ROOT, StartWorkers, cli_env
+from worker.settings import Settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -166,7 +167,11 @@ def test_http_api_end_to_end(
         [sys.executable, "-c", "from worker.cli import main; main()", "tenants", "revoke", key_id],
         env=cli_env(worker_env), cwd=REPO_ROOT, capture_output=True, timeout=60, check=True,
     )  # fmt: skip
-    assert b.get("/v1/jobs").status_code == 401
+    # A server process remembers a valid key for up to http_key_cache_s (5 s by default).
+    deadline = time.monotonic() + Settings.model_construct().http_key_cache_s + 2
+    while b.get("/v1/jobs").status_code != 401:
+        assert time.monotonic() < deadline, "a revoked key still accepted"
+        time.sleep(0.2)
 
     # -- the server stays healthy, and is ready (database, Redis, broker)
     assert requests.get(server.url + "/readyz", timeout=10).json()["status"] == "ok"

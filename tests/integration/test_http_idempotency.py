@@ -20,10 +20,10 @@ from sqlalchemy import func, select
 
 from models import Batch, IdempotencyKey, Job
 from models.base import utcnow
-from worker import producer
 from worker.broker.publish import RecordingPublisher
 from worker.http import idempotency, routes_jobs
 from worker.http.app import create_app
+from worker.http.grouped import PendingJob
 from worker.http.intake import request_sha256, spec_digest, spec_from_json
 from worker.http.schemas import JobRequest
 from worker.http.services import Services
@@ -83,18 +83,19 @@ def test_a_slow_first_request_taken_over_stores_nothing_and_answers_the_takers_j
     job. A retry takes the claim over and makes the job. When the first wakes, its seal
     finds the claim gone: its job is rolled back and it answers the retry's job."""
     monkeypatch.setattr(idempotency, "ABANDONED_AFTER", STALE_AFTER)
-    real_submit = producer.submit
+    groups = services(client).groups
+    real_store = groups.store
     first_in, retry_done = threading.Event(), threading.Event()
     calls: list[int] = []
 
-    def submit(*args: Any, **kwargs: Any) -> uuid.UUID:
+    def store(job: PendingJob) -> dict[str, Any]:
         calls.append(1)
         if len(calls) == 1:
             first_in.set()
             assert retry_done.wait(30)
-        return real_submit(*args, **kwargs)
+        return real_store(job)
 
-    monkeypatch.setattr(routes_jobs, "submit", submit)
+    monkeypatch.setattr(groups, "store", store)
     h = headers(client, "acme", "slow")
     with ThreadPoolExecutor(2) as pool:
         first = pool.submit(client.post, "/v1/jobs", json=URL_JOB, headers=h)

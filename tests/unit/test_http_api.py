@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ from worker.broker.publish import RecordingPublisher
 from worker.cli import app as cli_app
 from worker.http.app import create_app
 from worker.settings import Settings
-from worker.tenants import create_key
+from worker.tenants import authenticate, create_key
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -64,7 +65,16 @@ def api(tmp_path: Path) -> Iterator[Api]:
     yield from _make(tmp_path, qps=0)
 
 
-def test_auth_missing_unknown_and_revoked_keys_get_401(api: Api, tmp_path: Path) -> None:
+KEY_CACHE_S = 0.5
+
+
+@pytest.fixture
+def cached_keys(tmp_path: Path) -> Iterator[Api]:
+    yield from _make(tmp_path, qps=0, http_key_cache_s=KEY_CACHE_S)
+
+
+def test_auth_missing_unknown_and_revoked_keys_get_401(cached_keys: Api, tmp_path: Path) -> None:
+    api = cached_keys
     assert api.client.get("/v1/jobs").status_code == 401
     bad = api.client.get("/v1/jobs", headers={"Authorization": "Bearer mocr_nope"})
     assert bad.status_code == 401
@@ -80,7 +90,34 @@ def test_auth_missing_unknown_and_revoked_keys_get_401(api: Api, tmp_path: Path)
     assert row["last_used_at"] is not None and row["revoked_at"] is None
     revoked = runner.invoke(cli_app, ["tenants", "revoke", row["key_id"]], env=env)
     assert revoked.exit_code == 0, revoked.output
+    # Remembered by the server process for at most http_key_cache_s: then refused.
+    time.sleep(KEY_CACHE_S + 0.1)
     assert api.client.get("/v1/jobs", headers=headers).status_code == 401
+
+
+def test_a_valid_key_is_looked_up_once_per_cache_period(
+    cached_keys: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    headers = cached_keys.key("acme")
+    lookups: list[str] = []
+    real = authenticate
+
+    def counted(sessions: Any, api_key: str) -> Any:
+        lookups.append(api_key)
+        return real(sessions, api_key)
+
+    monkeypatch.setattr("worker.http.keys.authenticate", counted)
+    for _ in range(3):
+        assert cached_keys.client.get("/v1/jobs", headers=headers).status_code == 200
+    assert len(lookups) == 1
+    time.sleep(KEY_CACHE_S + 0.1)
+    assert cached_keys.client.get("/v1/jobs", headers=headers).status_code == 200
+    assert len(lookups) == 2
+    # An unknown key is looked up every time: guesses are not remembered.
+    for _ in range(2):
+        bad = {"Authorization": "Bearer mocr_nope"}
+        assert cached_keys.client.get("/v1/jobs", headers=bad).status_code == 401
+    assert len(lookups) == 4
 
 
 def test_tenants_cli_prints_the_key_once_and_stores_only_its_hash(tmp_path: Path) -> None:

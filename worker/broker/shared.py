@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from worker.broker.publish import PIPELINE_COMMANDS, QUEUE, TASK_NAME
+from worker.broker.publish import PIPELINE_COMMANDS, QUEUE, TASK_NAME, send_messages
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -106,10 +106,7 @@ class SharedConnectionPublisher:
                 self._producer = self.app.amqp.Producer(self._connection, auto_declare=False)
             batch = getattr(self._producer, "batch", None)
             with batch(max_size=PIPELINE_COMMANDS) if batch else contextlib.nullcontext():
-                for one in ids:
-                    self.app.send_task(
-                        self.task, args=[str(one)], queue=self.queue, producer=self._producer
-                    )
+                send_messages(self.app, self._producer, self.task, self.queue, ids)
         except BaseException:
             self._drop()
             raise

@@ -14,6 +14,8 @@ from worker.broker.publish import Publisher
 from worker.http import routes_batches, routes_health, routes_jobs
 from worker.http.backpressure import Backlog
 from worker.http.enqueue import Enqueuer
+from worker.http.grouped import JobGroups
+from worker.http.keys import KeyCache
 from worker.http.limits import BodyLimit
 from worker.http.problems import Problem, install
 from worker.http.schemas import BatchRequest, JobRequest
@@ -45,9 +47,9 @@ def _services(settings: Settings, publisher: Publisher | None) -> Services:
     sealer = Sealer.from_settings(settings)
     # Every request's key lookup is one SELECT: on PostgreSQL without BEGIN and ROLLBACK
     # (None elsewhere, where the pools are SQLite's own).
-    # No ping per checkout, as the worker (worker.runtime): a round trip for every session,
-    # and a single job opens three (key, job, enqueued_at). A connection that died with the
-    # server fails its statement as invalidated, once, and the pool replaces it.
+    # No ping per checkout, as the worker (worker.runtime): a round trip for every session.
+    # A connection that died with the server fails its statement as invalidated, once, and
+    # the pool replaces it.
     key_engine = make_autocommit_engine(
         settings, pool_size=KEY_POOL_SIZE, max_overflow=0, pool_pre_ping=False
     )
@@ -65,14 +67,18 @@ def _services(settings: Settings, publisher: Publisher | None) -> Services:
         celery_app = create_celery_app(settings)
         # A server publishes a job or a batch per request: one held connection, shared.
         publisher = SharedConnectionPublisher(celery_app)
+    key_sessions = factory if key_engine is None else make_sessionmaker(key_engine)
+    enqueuer = Enqueuer(publisher, sessions)
     return Services(
         settings=settings,
         engine=engine,
         session_factory=factory,
-        key_sessions=factory if key_engine is None else make_sessionmaker(key_engine),
+        key_sessions=key_sessions,
+        keys=KeyCache(key_sessions, settings.http_key_cache_s),
         sessions=sessions,
         publisher=publisher,
-        enqueuer=Enqueuer(publisher, sessions),
+        groups=JobGroups(sessions, sealer, enqueuer),
+        enqueuer=enqueuer,
         backlog=Backlog(settings, sessions),
         sealer=sealer,
         celery_app=celery_app,

@@ -33,6 +33,7 @@ class Backlog:
         self.sessions = sessions
         self._cache: dict[str, tuple[float, int]] = {}
         self._lock = threading.Lock()
+        self._counting: set[str] = set()
 
     @property
     def limit(self) -> int:
@@ -56,8 +57,20 @@ class Backlog:
         now = time.monotonic()
         with self._lock:
             cached = self._cache.get(tenant)
-        if cached is None or now - cached[0] > CACHE_S:
-            cached = (now, self._count(tenant))
+            # One thread recounts an expired count; the others go on with the old one
+            # meanwhile (at most a count's duration older) instead of all counting at once.
+            recount = (cached is None or now - cached[0] > CACHE_S) and (
+                cached is None or tenant not in self._counting
+            )
+            if recount:
+                self._counting.add(tenant)
+        if recount:
+            try:
+                cached = (now, self._count(tenant))
+            finally:
+                with self._lock:
+                    self._counting.discard(tenant)
+        assert cached is not None
         backlog = cached[1]
         if backlog + jobs > self.limit:
             wait_s = math.ceil((backlog + jobs - self.limit) / self.qps)

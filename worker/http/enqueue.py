@@ -38,6 +38,10 @@ class Enqueuer:
         refused it, the sweeper will publish it)."""
         return self._combiner.submit([(tenant, job_id)])
 
+    def enqueue_many(self, jobs: list[tuple[str, uuid.UUID]]) -> datetime | None:
+        """`enqueue` for committed jobs of any tenants, (tenant, job id) each: one publish."""
+        return self._combiner.submit(jobs)
+
     def _flush(self, items: list[tuple[str, uuid.UUID]]) -> datetime | None:
         ids = [job_id for _, job_id in items]
         try:

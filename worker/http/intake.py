@@ -15,6 +15,7 @@ from worker.errors import InputError
 from worker.http.schemas import ImageRef, JobRequest
 from worker.producer import JobSpec, Source, prepare
 from worker.tencent.preflight import Preflight
+from worker.tencent.types import OcrRequest
 
 MULTIPART_BOOL = {"true": True, "1": True, "false": False, "0": False, "": False}
 
@@ -66,13 +67,13 @@ def spec_from_form(
     return spec, fields.get("batch") or None
 
 
-def validate(spec: JobSpec, preflight: Preflight) -> None:
+def validate(spec: JobSpec, preflight: Preflight) -> OcrRequest:
     """The CLI's pre-flight checks (worker.producer.prepare, with the deployment's rules:
-    `make_preflight(settings)`): InputError names the rule. Pass the same `preflight` on to
-    the producer, which then does not decode the images again."""
+    `make_preflight(settings)`): InputError names the rule; the request checked. Pass the
+    same `preflight` on to the producer, which then does not decode the images again."""
     if spec.front is None and spec.back is None:
         raise InputError("no_image", "give a front and/or a back image (rule no_image)")
-    prepare(spec, preflight)
+    return prepare(spec, preflight)
 
 
 def _side(source: Source | None) -> Any:

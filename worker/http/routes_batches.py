@@ -27,17 +27,20 @@ from worker.producer import MAX_LABEL_CHARS, JobSpec, make_preflight, submit_man
 from worker.replay import replay
 from worker.tenants import Caller
 from worker.tencent.preflight import Preflight
+from worker.tencent.types import OcrRequest
 
 router = APIRouter(tags=["batches"])
 
 
-def _specs(request: BatchRequest, preflight: Preflight) -> list[JobSpec]:
-    """Every job checked; one or more bad ones refuse the batch, listing each bad index."""
+def _specs(request: BatchRequest, preflight: Preflight) -> tuple[list[JobSpec], list[OcrRequest]]:
+    """Every job checked (with what the check made of it); one or more bad ones refuse the
+    batch, listing each bad index."""
     if request.name is not None and len(request.name) > MAX_LABEL_CHARS:
         raise InputError(
             "batch_too_long", f"name is over {MAX_LABEL_CHARS} characters (rule batch_too_long)"
         )
     specs: list[JobSpec] = []
+    checked: list[OcrRequest] = []
     errors: list[dict[str, Any]] = []
     for index, job in enumerate(request.jobs):
         try:
@@ -47,7 +50,7 @@ def _specs(request: BatchRequest, preflight: Preflight) -> list[JobSpec]:
                     "a job of a batch takes the batch's name: leave out batch (rule batch_field)",
                 )
             spec = spec_from_json(job)
-            validate(spec, preflight)
+            checked.append(validate(spec, preflight))
             specs.append(spec)
         except InputError as exc:
             errors.append(
@@ -62,7 +65,7 @@ def _specs(request: BatchRequest, preflight: Preflight) -> list[JobSpec]:
             kind="batch-rejected",
             errors=errors,
         )
-    return specs
+    return specs, checked
 
 
 def _store(
@@ -70,6 +73,7 @@ def _store(
     who: Caller,
     name: str | None,
     specs: list[JobSpec],
+    checked: list[OcrRequest],
     created: dict[str, Any],
     claim: idempotency.Claim | None,
     preflight: Preflight,
@@ -102,6 +106,7 @@ def _store(
             batch_id=batch_id,
             job_ids=[uuid.UUID(job["job_id"]) for job in created["jobs"]],
             preflight=preflight,
+            checked=checked,
             sealer=svc.sealer,
         )
     except BaseException:
@@ -118,7 +123,7 @@ def _store(
 def _create(svc: Services, who: Caller, request: BatchRequest, key: str | None) -> JSONResponse:
     # One set of rules for the checks and the store: each distinct image is decoded once.
     preflight = make_preflight(svc.settings)
-    specs = _specs(request, preflight)
+    specs, checked = _specs(request, preflight)
     batch_id = uuid.uuid4()
     # Every id made up front: with a key, the whole answer is claimed before any work.
     created: dict[str, Any] = {
@@ -128,7 +133,7 @@ def _create(svc: Services, who: Caller, request: BatchRequest, key: str | None) 
     }
     if key is None:
         svc.backlog.admit(who.tenant, len(specs))
-        _store(svc, who, request.name, specs, created, None, preflight)
+        _store(svc, who, request.name, specs, checked, created, None, preflight)
     else:
         sessions = svc.sessions(who.tenant)
         content = {"name": request.name, "jobs": [spec_digest(s, None) for s in specs]}
@@ -147,7 +152,7 @@ def _create(svc: Services, who: Caller, request: BatchRequest, key: str | None) 
                 idempotency.abandon(sessions, outcome)
                 raise
             try:
-                _store(svc, who, request.name, specs, created, outcome, preflight)
+                _store(svc, who, request.name, specs, checked, created, outcome, preflight)
                 break
             except idempotency.ClaimLost:
                 continue  # taken over while this request was slow: answer the taker's batch

@@ -21,6 +21,7 @@ from starlette.datastructures import UploadFile
 from models import Job, JobStatus, Portrait
 from worker.errors import InputError
 from worker.http import idempotency
+from worker.http.grouped import PendingJob
 from worker.http.intake import (
     request_sha256,
     spec_digest,
@@ -32,13 +33,13 @@ from worker.http.problems import ProblemError, not_found
 from worker.http.responses import AUTH, NOT_FOUND, SUBMIT, body, problem
 from worker.http.schemas import JobOut, JobPage, JobRequest, ReplayOut, ReplayRequest
 from worker.http.services import CallerDep, Services, ServicesDep
-from worker.producer import JobSpec, make_preflight, submit
+from worker.producer import JobSpec, check_label, make_preflight
 from worker.replay import replay
 from worker.store import access
 from worker.store.lookup import LOOKUP_OFF, job_ids_by_id_number
-from worker.store.views import job_view, new_job_view
+from worker.store.views import job_view
 from worker.tenants import Caller
-from worker.tencent.preflight import Preflight
+from worker.tencent.types import OcrRequest
 
 router = APIRouter(tags=["jobs"])
 
@@ -129,53 +130,36 @@ def job_json(
 def _submit(
     svc: Services,
     who: Caller,
+    request: OcrRequest,
     spec: JobSpec,
     batch: str | None,
-    preflight: Preflight,
     claim: idempotency.Claim | None = None,
 ) -> tuple[uuid.UUID, dict[str, Any]]:
-    """Store the job (and the key's seal) in one transaction that also reads its view, then
-    publish it with the requests of the moment: the job's id and its view."""
+    """Store the job (and the key's seal) in a transaction shared with the requests of the
+    moment, then publish it with them (worker.http.grouped): the job's id and its view."""
     svc.backlog.admit(who.tenant, 1)
     job_id = uuid.uuid4() if claim is None else claim.job_id or uuid.uuid4()
-    views: list[dict[str, Any]] = []
-
-    def before_commit(session: Session) -> None:
-        if claim is not None:
-            idempotency.seal(session, claim)
-        session.flush()  # the INSERTs, and with them created_at's default, for the view
-        views.append(new_job_view(session.get_one(Job, job_id)))
-
-    submit(
-        svc.sessions(who.tenant),
-        svc.publisher,
-        svc.for_tenant(who.tenant),
-        spec.front,
-        spec.back,
-        portrait=spec.portrait,
-        tag=spec.tag,
-        batch=batch,
-        job_id=job_id,
-        before_commit=before_commit,
-        preflight=preflight,
-        publish=False,
-        sealer=svc.sealer,
+    view = svc.groups.store(
+        PendingJob(
+            tenant=who.tenant,
+            job_id=job_id,
+            request=request,
+            tag=spec.tag,
+            batch=batch,
+            claim=claim,
+        )
     )
-    [view] = views
-    enqueued_at = svc.enqueuer.enqueue(who.tenant, job_id)
-    if enqueued_at is not None:
-        view["enqueued_at"] = enqueued_at.isoformat()
     return job_id, view
 
 
 def _create(
     svc: Services, who: Caller, spec: JobSpec, batch: str | None, key: str | None
 ) -> JSONResponse:
+    check_label(batch, "batch")
     # One set of rules for the check and the store: the image is decoded once.
-    preflight = make_preflight(svc.settings)
-    validate(spec, preflight)
+    request = validate(spec, make_preflight(svc.settings))
     if key is None:
-        job_id, view = _submit(svc, who, spec, batch, preflight)
+        job_id, view = _submit(svc, who, request, spec, batch)
     else:
         sessions = svc.sessions(who.tenant)
         digest = request_sha256("job", spec_digest(spec, batch))
@@ -187,7 +171,7 @@ def _create(
                 return JSONResponse(job_json(svc, who, outcome.job_id), headers=REPLAYED)
             try:
                 # The job row and the key's seal commit together (idempotency's module doc).
-                job_id, view = _submit(svc, who, spec, batch, preflight, outcome)
+                job_id, view = _submit(svc, who, request, spec, batch, outcome)
                 break
             except idempotency.ClaimLost:
                 continue  # taken over while this request was slow: answer the taker's job

@@ -19,11 +19,13 @@ from starlette.concurrency import run_in_threadpool
 from worker.broker.publish import Publisher
 from worker.http.backpressure import Backlog
 from worker.http.enqueue import Enqueuer
+from worker.http.grouped import JobGroups
+from worker.http.keys import KeyCache
 from worker.http.problems import unauthorized
 from worker.privacy.seal import Sealer
 from worker.settings import Settings
 from worker.store.engine import TenantSessions
-from worker.tenants import Caller, authenticate
+from worker.tenants import Caller
 
 
 @dataclass
@@ -34,10 +36,13 @@ class Services:
     session_factory: sessionmaker[Session]
     # The same role, for the key lookup of every request (autocommit on PostgreSQL).
     key_sessions: sessionmaker[Session]
+    # Valid keys remembered for `http_key_cache_s` (the bound on a revocation's delay).
+    keys: KeyCache
     # Everything a request does for its caller: walled by row-level security.
     sessions: TenantSessions
     publisher: Publisher
-    # Single jobs: published together with the requests of the moment.
+    # Single jobs: stored, then published, together with the requests of the moment.
+    groups: JobGroups
     enqueuer: Enqueuer
     backlog: Backlog
     # Seals what the API stores and opens what it shows (worker.privacy.seal).
@@ -75,9 +80,10 @@ async def caller(
     """The tenant and key of the request: 401 unless a live API key is given."""
     if credentials is None or not credentials.credentials:
         raise unauthorized("give an API key: Authorization: Bearer <api_key>")
-    found = await run_in_threadpool(
-        authenticate, services(request).key_sessions, credentials.credentials
-    )
+    keys = services(request).keys
+    found = keys.remembered(credentials.credentials)
+    if found is None:
+        found = await run_in_threadpool(keys.lookup, credentials.credentials)
     if found is None:
         raise unauthorized("unknown or revoked API key")
     return found

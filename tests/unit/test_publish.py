@@ -1,0 +1,65 @@
+"""`send_messages` sends what `Celery.send_task` sends (the worker, Flower and the "sent"
+event see the same message), only built with less work."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from worker.app import create_app
+from worker.broker.publish import QUEUE, TASK_NAME, send_messages
+from worker.settings import Settings
+
+# Made anew per message: the task id (also root id) and what shows the argument.
+PER_MESSAGE = {"id", "root_id", "argsrepr", "correlation_id"}
+
+
+def _recorded(monkeypatch: Any, app: Any, send: Any) -> list[tuple[Any, ...]]:
+    calls: list[tuple[Any, ...]] = []
+
+    def record(producer: Any, name: str, message: Any, **options: Any) -> None:
+        calls.append((name, message, options))
+
+    monkeypatch.setattr(app.amqp, "send_task_message", record)
+    with app.connection_for_write() as connection:
+        producer = app.amqp.Producer(connection, auto_declare=False)
+        send(app, producer)
+    return calls
+
+
+def _comparable(call: tuple[Any, ...]) -> Any:
+    name, message, options = call
+    headers = {k: v for k, v in message.headers.items() if k not in PER_MESSAGE}
+    properties = {k: v for k, v in message.properties.items() if k not in PER_MESSAGE}
+    event = {
+        k: v for k, v in (message.sent_event or {}).items() if k not in {"uuid", "args", "root_id"}
+    }
+    return name, headers, properties, message.body, event, options
+
+
+def test_the_same_message_as_send_task(monkeypatch: Any) -> None:
+    job_id = uuid.uuid4()
+    # In memory: nothing is sent (send_task_message is recorded), no Redis needed.
+    app = create_app(Settings.model_construct(broker_url="memory://"))
+    try:
+        ours = _recorded(
+            monkeypatch,
+            app,
+            lambda app, producer: send_messages(app, producer, TASK_NAME, QUEUE, [job_id]),
+        )
+        celerys = _recorded(
+            monkeypatch,
+            app,
+            lambda app, producer: app.send_task(
+                TASK_NAME, args=[str(job_id)], queue=QUEUE, producer=producer
+            ),
+        )
+    finally:
+        app.close()
+    assert len(ours) == len(celerys) == 1
+    assert _comparable(ours[0]) == _comparable(celerys[0])
+    # The job id is the message's argument, the task id a new one each time.
+    [(_, message, _)] = ours
+    assert message.body[0] == [str(job_id)]
+    assert message.sent_event is not None and message.sent_event["args"] == repr([str(job_id)])
+    assert message.headers["id"] != celerys[0][1].headers["id"]
