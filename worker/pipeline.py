@@ -65,6 +65,7 @@ from worker.errors import (
 )
 from worker.membudget import ByteBudget, Held, held_bytes
 from worker.privacy.seal import Sealer
+from worker.quota.admission import Admission
 from worker.quota.circuit import AccountCircuit
 from worker.quota.limiter import RateLimiter
 from worker.settings import Settings
@@ -176,6 +177,9 @@ class PipelineDeps:
     # The process's bound on image bytes in flight (MACAO_OCR_MAX_INFLIGHT_BYTES); None:
     # unbounded (tests).
     memory: ByteBudget | None = None
+    # The process's bound on jobs in the quota wait (worker.quota.admission); None: no bound
+    # (no quota, or tests).
+    admission: Admission | None = None
 
 
 @dataclass(frozen=True)
@@ -900,6 +904,10 @@ def process_job(job_id: str | uuid.UUID, deps: PipelineDeps) -> Outcome:
     if jid is None:
         log.error("bad_job_id")  # not echoed: a malformed message is not ours to print
         return Outcome.not_claimed
+    admission = deps.admission
+    if admission is not None:
+        # Before the claim: a job that cannot be served soon stays in the broker's queue.
+        admission.enter()
     held = Held(deps.memory)
     try:
         inline_max = job_sql.NO_INLINE_LIMIT
@@ -924,6 +932,8 @@ def process_job(job_id: str | uuid.UUID, deps: PipelineDeps) -> Outcome:
         return _call_loop(deps, jid, prepared)
     finally:
         held.release()
+        if admission is not None:
+            admission.leave()
 
 
 def _call_loop(deps: PipelineDeps, job_id: uuid.UUID, started: _Started) -> Outcome:
@@ -969,6 +979,8 @@ def _call_loop(deps: PipelineDeps, job_id: uuid.UUID, started: _Started) -> Outc
             return Outcome.deferred
         call = outcome
         holds_probe = call.probe
+        if deps.admission is not None:
+            deps.admission.granted()
         metrics.limiter_wait(call.wait_s)
         log.info(
             "api_call",

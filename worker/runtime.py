@@ -30,6 +30,7 @@ from worker.membudget import ByteBudget, return_large_buffers_to_os
 from worker.netpolicy import UrlPolicy
 from worker.pipeline import PipelineDeps
 from worker.privacy.seal import Sealer
+from worker.quota.admission import Admission
 from worker.quota.circuit import AccountCircuit
 from worker.quota.limiter import RateLimiter, limiter_key
 from worker.settings import Settings
@@ -105,6 +106,15 @@ class LoopThread:
             self.loop.close()
 
 
+def admission_for(settings: Settings) -> Admission | None:
+    """The process's admission to the quota wait: half the in-process wait's worth of its
+    share of the quota, so an admitted job's turn is well within `max_quota_wait_s` (no
+    deferral); None without a quota."""
+    if settings.qps <= 0:
+        return None
+    return Admission(qps=settings.qps, window_s=settings.max_quota_wait_s / 2)
+
+
 @dataclass
 class _AsyncParts:
     http: aiohttp.ClientSession
@@ -156,6 +166,8 @@ class WorkerRuntime:
     sealer: Sealer
     # One per process: every task thread's images count against it.
     memory: ByteBudget | None = None
+    # One per process: the jobs its share of the quota can serve soon (None without a quota).
+    admission: Admission | None = None
     # One PipelineDeps per worker host name, built on first use: building it per task
     # seeded a fresh random.Random from os.urandom every time.
     _deps: dict[str, PipelineDeps] = field(default_factory=dict)
@@ -211,6 +223,7 @@ class WorkerRuntime:
             _parts=parts,
             policies=PolicyCache(engine_loader(engine.connect), settings.warning_policy_overrides),
             memory=ByteBudget(settings.max_inflight_bytes),
+            admission=admission_for(settings),
             sealer=sealer,
         )
 
@@ -232,6 +245,7 @@ class WorkerRuntime:
                 worker_host=host,
                 policies=self.policies,
                 memory=self.memory,
+                admission=self.admission,
                 validate=partial(
                     validate_request,
                     policy=UrlPolicy(allow_loopback=self.settings.url_allow_loopback),
