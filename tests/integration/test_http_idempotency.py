@@ -24,7 +24,14 @@ from worker.broker.publish import RecordingPublisher
 from worker.http import idempotency, routes_jobs
 from worker.http.app import create_app
 from worker.http.grouped import PendingJob
-from worker.http.intake import request_sha256, spec_digest, spec_from_json
+from worker.http.intake import (
+    RequestDigest,
+    request_digest,
+    request_sha256,
+    spec_digest,
+    spec_from_json,
+)
+from worker.http.problems import ProblemError
 from worker.http.schemas import JobRequest
 from worker.http.services import Services
 from worker.settings import Settings
@@ -217,7 +224,50 @@ def test_a_server_dying_after_its_commit_leaves_the_key_answered(
     assert count(client, Job) == 1
 
 
-def idempotency_digest(client: TestClient, h: dict[str, str]) -> str:
+def idempotency_digest(client: TestClient, h: dict[str, str]) -> RequestDigest:
     """The digest the API binds URL_JOB to (as `_create` computes it)."""
     spec = spec_from_json(JobRequest.model_validate(URL_JOB))
-    return request_sha256("job", spec_digest(spec, None))
+    return request_digest(services(client).sealer, "job", spec_digest(spec, None))
+
+
+def test_the_key_is_bound_to_a_keyed_digest_and_old_unkeyed_ones_still_answer(
+    client: TestClient,
+) -> None:
+    """No plain hash of a request (whose image digests would confirm a known card) is stored:
+    `<data key id>:<HMAC>`. A key stored by a release before (an unkeyed SHA-256) still
+    answers the same request and refuses another."""
+    h = headers(client, "acme", "keyed")
+    first = client.post("/v1/jobs", json=URL_JOB, headers=h)
+    assert first.status_code == 201
+    job_id = uuid.UUID(first.json()["job_id"])
+    spec = spec_from_json(JobRequest.model_validate(URL_JOB))
+    plain = request_sha256("job", spec_digest(spec, None))
+    with services(client).session_factory() as session, session.begin():
+        stored = session.get(IdempotencyKey, ("acme", "keyed"))
+        assert stored is not None
+        assert stored.request_sha256.startswith(services(client).sealer.ring.current_id + ":")
+        assert plain not in stored.request_sha256 and len(stored.request_sha256) <= 64
+        session.add(
+            IdempotencyKey(
+                tenant="acme",
+                key="legacy",
+                request_sha256=plain,
+                job_id=job_id,
+                created_at=utcnow(),
+                completed_at=utcnow(),
+            )
+        )
+    sessions = services(client).sessions("acme")
+    digest = idempotency_digest(client, h)
+    again = idempotency.begin(sessions, "acme", "legacy", digest, job_id=uuid.uuid4())
+    assert isinstance(again, idempotency.Done) and again.job_id == job_id
+    other = spec_from_json(JobRequest.model_validate({**URL_JOB, "tag": "other"}))
+    with pytest.raises(ProblemError) as refused:
+        idempotency.begin(
+            sessions,
+            "acme",
+            "legacy",
+            request_digest(services(client).sealer, "job", spec_digest(other, None)),
+            job_id=uuid.uuid4(),
+        )
+    assert refused.value.status == 409

@@ -195,3 +195,21 @@ def test_keys_generate_prints_one_entry_and_nothing_else() -> None:
     assert len(lines) == 1 and KeyRing.parse(lines[0]).current_id == "k2027"
     other = CliRunner().invoke(app, ["keys", "generate"])
     assert other.stdout != result.stdout
+
+
+def test_a_request_digest_is_keyed_fits_its_column_and_survives_a_rotation() -> None:
+    old_entry = generate_entry("old")
+    before = Sealer(KeyRing.parse(old_entry))
+    digest = before.request_digest(b'["job",{}]')
+    assert digest.startswith("old:") and len(digest) <= 64
+    assert before.request_digest_matches(digest, b'["job",{}]')
+    assert not before.request_digest_matches(digest, b'["job",{"tag":"x"}]')
+    # A new key first in the ring: new digests under it, old ones compared under theirs.
+    after = Sealer(KeyRing.parse(f"{generate_entry('n' * 32)},{old_entry}"))
+    assert after.request_digest(b'["job",{}]').startswith("n" * 32 + ":")
+    assert len(after.request_digest(b'["job",{}]')) <= 64
+    assert after.request_digest_matches(digest, b'["job",{}]')
+    # Once the old key has left the ring, its digests match nothing.
+    assert not Sealer(KeyRing.parse(generate_entry("n"))).request_digest_matches(
+        digest, b'["job",{}]'
+    )

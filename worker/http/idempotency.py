@@ -35,6 +35,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from models import IdempotencyKey
 from models.base import utcnow
+from worker.http.intake import RequestDigest
 from worker.http.problems import ProblemError
 
 MAX_KEY_CHARS = 255
@@ -105,7 +106,7 @@ def begin(
     session_factory: sessionmaker[Session],
     tenant: str,
     key: str,
-    digest: str,
+    digest: str | RequestDigest,
     *,
     job_id: uuid.UUID | None = None,
     batch_id: uuid.UUID | None = None,
@@ -115,6 +116,8 @@ def begin(
     a Claim means do it (then `seal` in its transaction, or `abandon`); Done means it was
     done already, answer it again. 409 for another request, or one still running."""
     check_key(key)
+    stored_form = digest if isinstance(digest, str) else digest.value
+    same = digest.__eq__ if isinstance(digest, str) else digest.matches
     _purge_expired(session_factory, tenant)
     deadline = time.monotonic() + WAIT_S
     claim = Claim(tenant=tenant, key=key, job_id=job_id, batch_id=batch_id)
@@ -125,7 +128,7 @@ def begin(
                 IdempotencyKey(
                     tenant=tenant,
                     key=key,
-                    request_sha256=digest,
+                    request_sha256=stored_form,
                     created_at=now,
                     job_id=job_id,
                     batch_id=batch_id,
@@ -143,7 +146,7 @@ def begin(
             if row.created_at < now - TTL:
                 _delete_if(session, row)
                 continue
-            if row.request_sha256 != digest:
+            if not same(row.request_sha256):
                 raise conflict()
             if row.completed_at is not None:
                 return Done(job_id=row.job_id, batch_id=row.batch_id, response=row.response)

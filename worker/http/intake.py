@@ -8,11 +8,14 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import hmac
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from worker.errors import InputError
 from worker.http.schemas import ImageRef, JobRequest
+from worker.privacy.seal import Sealer
 from worker.producer import JobSpec, Source, prepare
 from worker.tencent.preflight import Preflight
 from worker.tencent.types import OcrRequest
@@ -95,7 +98,33 @@ def spec_digest(spec: JobSpec, batch: str | None) -> dict[str, Any]:
     }
 
 
+def request_text(kind: str, content: Any) -> bytes:
+    """An endpoint name and a canonical JSON of its normalised request."""
+    return json.dumps([kind, content], sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
 def request_sha256(kind: str, content: Any) -> str:
-    """SHA-256 of an endpoint name and a canonical JSON of its normalised request."""
-    text = json.dumps([kind, content], sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    """The unkeyed SHA-256 that releases before keyed digests stored (matched for their 24 h)."""
+    return hashlib.sha256(request_text(kind, content)).hexdigest()
+
+
+@dataclass(frozen=True)
+class RequestDigest:
+    """What an Idempotency-Key is bound to: `value` is stored (`Sealer.request_digest`, keyed
+    under the current data key); `matches` compares a stored one under its own key."""
+
+    value: str
+    text: bytes
+    sealer: Sealer
+
+    def matches(self, stored: str) -> bool:
+        """Whether a stored digest was made of this same request."""
+        if ":" not in stored:  # an unkeyed SHA-256 from before keyed digests
+            return hmac.compare_digest(stored, hashlib.sha256(self.text).hexdigest())
+        return self.sealer.request_digest_matches(stored, self.text)
+
+
+def request_digest(sealer: Sealer, kind: str, content: Any) -> RequestDigest:
+    """The keyed digest of an endpoint's normalised request."""
+    text = request_text(kind, content)
+    return RequestDigest(sealer.request_digest(text), text, sealer)

@@ -17,7 +17,7 @@ from models import Batch, Job
 from models.base import utcnow
 from worker.errors import InputError
 from worker.http import idempotency
-from worker.http.intake import request_sha256, spec_digest, spec_from_json, validate
+from worker.http.intake import request_digest, spec_digest, spec_from_json, validate
 from worker.http.problems import ProblemError, not_found
 from worker.http.responses import AUTH, NOT_FOUND, SUBMIT, body
 from worker.http.routes_jobs import REPLAYED, IdempotencyKey
@@ -137,7 +137,7 @@ def _create(svc: Services, who: Caller, request: BatchRequest, key: str | None) 
     else:
         sessions = svc.sessions(who.tenant)
         content = {"name": request.name, "jobs": [spec_digest(s, None) for s in specs]}
-        digest = request_sha256("batch", content)
+        digest = request_digest(svc.sealer, "batch", content)
         while True:
             outcome = idempotency.begin(
                 sessions, who.tenant, key, digest, batch_id=batch_id, response=json.dumps(created)

@@ -23,7 +23,7 @@ from worker.errors import InputError
 from worker.http import idempotency
 from worker.http.grouped import PendingJob
 from worker.http.intake import (
-    request_sha256,
+    request_digest,
     spec_digest,
     spec_from_form,
     spec_from_json,
@@ -162,7 +162,7 @@ def _create(
         job_id, view = _submit(svc, who, request, spec, batch)
     else:
         sessions = svc.sessions(who.tenant)
-        digest = request_sha256("job", spec_digest(spec, batch))
+        digest = request_digest(svc.sealer, "job", spec_digest(spec, batch))
         while True:
             outcome = idempotency.begin(sessions, who.tenant, key, digest, job_id=uuid.uuid4())
             if isinstance(outcome, idempotency.Done):

@@ -77,7 +77,7 @@ class KeyRing:
         if len(set(ids)) != len(ids):
             raise ConfigError("the data key ring names one key id twice")
         self._keys = {k.key_id: AESGCM(k.key) for k in keys}
-        self._current_raw = keys[0].key
+        self._raw = {k.key_id: k.key for k in keys}
         self.current_id = ids[0]
         self.key_ids = tuple(ids)
 
@@ -90,11 +90,13 @@ class KeyRing:
     def __repr__(self) -> str:
         return f"KeyRing(current={self.current_id!r}, ids={self.key_ids!r})"
 
-    def derive(self, purpose: bytes) -> bytes:
-        """A 32-byte subkey of the current key for `purpose` (HKDF-SHA256): a keyed digest
-        that goes with the current key, never the data key itself."""
+    def derive(self, purpose: bytes, key_id: str | None = None) -> bytes:
+        """A 32-byte subkey of the current key (or of `key_id`'s) for `purpose`
+        (HKDF-SHA256): a keyed digest that goes with its key, never the data key itself.
+        KeyError for a key id not in the ring."""
+        raw = self._raw[key_id or self.current_id]
         return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=purpose).derive(
-            self._current_raw
+            raw
         )
 
     def encrypt(self, plaintext: bytes, aad: bytes) -> bytes:

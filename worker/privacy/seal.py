@@ -8,6 +8,7 @@ does not open. Dates and heights are sealed as their ISO text."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 from collections.abc import Mapping, Sequence
@@ -30,6 +31,11 @@ DATE_COLUMNS: Final = frozenset(
 DECIMAL_COLUMNS: Final = frozenset({"height_m"})
 # HKDF purpose of the image digest's key (`Sealer.image_digest`).
 IMAGE_DIGEST_PURPOSE: Final = b"macao-ocr image digest v1"
+# HKDF purpose of the key an HTTP request's digest is made under (`Sealer.request_digest`).
+REQUEST_DIGEST_PURPOSE: Final = b"macao-ocr request digest v1"
+# A request digest keeps this many bytes of its HMAC: 128 bits tell two requests apart, and
+# `<key id>:<base64url>` fits the column (64 characters) with a key id of up to 32.
+REQUEST_DIGEST_BYTES: Final = 16
 LOOKUP_COLUMN: Final = RESULT_LOOKUP_COLUMNS[0]  # id_number_hash
 
 
@@ -123,6 +129,26 @@ class Sealer:
     def open_answer(self, job_id: object, blob: bytes) -> str:
         return self.open("kept_answer", "response_json", job_id, blob).decode()
 
+    def request_digest(self, text: bytes, key_id: str | None = None) -> str:
+        """`<key id>:<HMAC>` of a request's canonical text, under a subkey of the current data
+        key (or of `key_id`): what an Idempotency-Key is bound to, stored without a plain
+        hash of the request (whose image digests would confirm a known card)."""
+        kid = key_id or self.ring.current_id
+        cache = f"request:{kid}"
+        key = self._digest_keys.get(cache)
+        if key is None:
+            key = self._digest_keys[cache] = self.ring.derive(REQUEST_DIGEST_PURPOSE, kid)
+        mac = hmac.new(key, text, hashlib.sha256).digest()[:REQUEST_DIGEST_BYTES]
+        return f"{kid}:{base64.urlsafe_b64encode(mac).decode().rstrip('=')}"
+
+    def request_digest_matches(self, stored: str, text: bytes) -> bool:
+        """Whether `stored` (a request digest under any key of the ring) is `text`'s. A
+        digest under a key no longer in the ring matches nothing."""
+        kid, sep, _ = stored.partition(":")
+        if not sep or kid not in self.ring.key_ids:
+            return False
+        return hmac.compare_digest(stored, self.request_digest(text, kid))
+
     def image_digest(self, data: bytes) -> str:
         """How the image table finds a tenant's identical image without a plain SHA-256 of a
         person's card (which would confirm a known image): HMAC-SHA256 under a subkey of the
@@ -131,7 +157,7 @@ class Sealer:
         kid = self.ring.current_id
         key = self._digest_keys.get(kid)
         if key is None:
-            key = self._digest_keys[kid] = self.ring.derive(IMAGE_DIGEST_PURPOSE)
+            key = self._digest_keys[kid] = self.ring.derive(IMAGE_DIGEST_PURPOSE, kid)
         return hmac.new(key, data, hashlib.sha256).hexdigest()
 
     # -- the result's personal fields
