@@ -327,3 +327,15 @@ def _connect_worker_signals(app: MacaoCelery) -> None:
     signals.worker_init.connect(on_worker_init, weak=False, dispatch_uid=f"{uid}.init")
     signals.worker_ready.connect(on_worker_ready, weak=False, dispatch_uid=f"{uid}.ready")
     signals.worker_shutdown.connect(on_worker_shutdown, weak=False, dispatch_uid=f"{uid}.shutdown")
+
+    def on_worker_shutting_down(**_: Any) -> None:
+        # At the start of the shutdown, before the pool waits for its threads: none may be
+        # left waiting for admission to the quota (sent by the worker's own process, with
+        # its host name as sender, so the app cannot be told from it: the runtime is ours).
+        from worker.runtime import stop_admitting
+
+        stop_admitting()
+
+    signals.worker_shutting_down.connect(
+        on_worker_shutting_down, weak=False, dispatch_uid=f"{uid}.shutting_down"
+    )

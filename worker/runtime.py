@@ -285,6 +285,15 @@ def get_runtime(settings: Settings) -> WorkerRuntime:
         return _runtime
 
 
+def stop_admitting() -> None:
+    """The worker is shutting down: jobs waiting for admission to the quota wait go in at
+    once (and are deferred, not held), so the pool's threads end without waiting for the
+    quota. Nothing to do before the runtime is built."""
+    current = _runtime
+    if current is not None and current.admission is not None:
+        current.admission.open_all()
+
+
 def shutdown_runtime() -> None:
     """Close this process's runtime if one was started (worker shutdown)."""
     global _runtime

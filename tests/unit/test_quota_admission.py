@@ -88,3 +88,17 @@ def test_grants_let_the_head_in_without_anyone_leaving() -> None:
 def test_bad_arguments_are_refused() -> None:
     with pytest.raises(ValueError, match="qps"):
         Admission(qps=0, window_s=5)
+
+
+def test_at_shutdown_every_waiter_goes_in_at_once() -> None:
+    admission = Admission(qps=1, window_s=1, floor_s=1)
+    admission.enter()
+    order: list[int] = []
+    waiters = [_enter_in_thread(admission, order, n) for n in range(3)]
+    _wait_for(lambda: admission.waiting == 3)
+    admission.open_all()
+    for waiter in waiters:
+        waiter.join(timeout=5)
+    assert sorted(order) == [0, 1, 2] and admission.waiting == 0
+    admission.enter()  # and later ones do not wait either
+    assert admission.inside == 5

@@ -53,6 +53,9 @@ class Admission:
         # Waiters in arrival order; only the head waits with a timeout (grants raise the
         # room without a wake-up), the others sleep until the one before them is in.
         self._queue: deque[threading.Event] = deque()
+        # Set when the worker shuts down: every job goes in at once (and, its turn far off,
+        # is deferred in SQL as without admission), so no task thread holds the shutdown up.
+        self._open = False
 
     @property
     def inside(self) -> int:
@@ -78,7 +81,7 @@ class Admission:
     def enter(self) -> None:
         """Wait (asleep) for room, in arrival order, then count this job inside."""
         with self._lock:
-            if not self._queue and self._inside < self._capacity_locked():
+            if self._open or (not self._queue and self._inside < self._capacity_locked()):
                 self._inside += 1
                 return
             me = threading.Event()
@@ -88,12 +91,23 @@ class Admission:
                 head = self._queue[0] is me
             me.wait(timeout=HEAD_RECHECK_S if head else None)
             with self._lock:
+                if self._open:
+                    self._queue.remove(me)
+                    self._inside += 1
+                    return
                 if self._queue[0] is me and self._inside < self._capacity_locked():
                     self._queue.popleft()
                     self._inside += 1
                     self._wake_head_locked()
                     return
                 me.clear()
+
+    def open_all(self) -> None:
+        """Let every waiting and later job in at once (the worker is shutting down)."""
+        with self._lock:
+            self._open = True
+            for waiter in self._queue:
+                waiter.set()
 
     def leave(self) -> None:
         """The job is over for this run (served, deferred or failed): room for the next."""
