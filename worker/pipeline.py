@@ -84,17 +84,18 @@ STATE_UNAVAILABLE_DEFER_S = 5.0
 PAUSE_DEFER_MAX_S = 300.0
 # Grace on top of the client's own total timeout before we give up on a call ourselves.
 CALL_GUARD_S = 10.0
-# The limiter hands out slots centred in their 1/qps interval (half a slot of margin each
-# way). Everything between our slot and the server's count is delay, never advance: the loop
-# waking up, signing, the network, the server reading the body. So we leave a quarter slot
-# early, trading margin we cannot use (early) for margin we need (late); a quarter slot
-# early is still inside the slot, whatever the adapted rate (slots only get wider).
+# The limiter hands out slots at least half a slot after their window's start, and the
+# last one at least quota_edge_margin_s (and half a slot) before its end. Everything
+# between our slot and the server's count is delay, never advance: the loop waking up,
+# signing, the network, the server reading the body. So we leave a quarter slot early,
+# trading margin we cannot use (early) for margin we need (late); a quarter slot early is
+# still inside the window, whatever the adapted rate (slots only get wider).
 SEND_LEAD_SLOT_FRACTION = 0.25
 # Transit still ahead of a call when the loop wakes (signing, network, the server reading
 # the body), in slots at the configured qps. A call woken later than its slot's slack (the
 # limiter says how far its 1-second window still runs) plus the lead, less this transit,
 # would land in the next window, which is full: take a fresh slot instead. Only the last
-# slot of a window has as little as half a slot of slack; the others have more. Generous on
+# slot of a window has as little as the edge margin of slack; the others have more. Generous on
 # purpose: a wasted slot costs one call, a throttle costs a step down of the shared rate.
 TRANSIT_GUARD_SLOT_FRACTION = 0.5
 # A job deferred to its quota turn comes back this long plus one sweep interval before it:

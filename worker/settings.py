@@ -83,6 +83,10 @@ class Settings(BaseSettings):
     # at most qps x horizon calls still go out at the old rate. Also how far ahead a limiter
     # state Redis lost may have booked: a fresh one starts after it (worker.quota.aimd).
     quota_horizon_s: PositiveFloat = 0.5
+    # Least time left in a 1-second window after its last slot: a call whose transit runs
+    # this much late still lands in its own window (worker.quota.aimd: Schedule). Changes
+    # nothing up to qps 10, where even spacing already leaves it.
+    quota_edge_margin_s: float = Field(default=0.05, ge=0, lt=0.5)
     rate_min_fraction: float = Field(default=0.2, gt=0, le=1)
 
     # -- retries

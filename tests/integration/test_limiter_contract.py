@@ -119,6 +119,36 @@ async def test_slots_are_spaced_and_centred_in_each_window(harness: Harness) -> 
     assert full and all(count == 5 for count in full)
 
 
+async def test_a_fast_quota_leaves_the_edge_margin_after_each_window_s_last_slot(
+    harness: Harness,
+) -> None:
+    """At 50/s even spacing would put the last slot 10 ms before the window's end; the
+    slots close up so that 50 ms are left, still exactly 50 to a window."""
+    limiter = harness.make(50)
+    times = await send_times(limiter, harness, 160)
+    counts = per_window(times)
+    full = [counts[k] for k in sorted(counts)[1:-1]]
+    assert full and all(count == 50 for count in full), counts
+    latest = max(t - math.floor(t) for t in times)
+    assert latest <= 1 - 0.05 + harness.tol_s, latest
+    if harness.name == "memory":
+        # Evenly closed up: 0.95 / 49.5 s apart, the first half of that after the edge.
+        spacing_s = 0.95 / 49.5
+        positions = [(t - math.floor(t)) / spacing_s - 0.5 for t in times]
+        assert max(abs(p - round(p)) for p in positions) < 1e-6
+        assert latest == pytest.approx(49.5 * spacing_s)
+
+
+async def test_no_edge_margin_spreads_the_slots_evenly(harness: Harness) -> None:
+    limiter = harness.make(50, tuning={"edge_margin_s": 0.0})
+    times = await send_times(limiter, harness, 160)
+    # The last slot of a window sits half an even slot (10 ms) before its end.
+    assert max(t - math.floor(t) for t in times) >= 0.99 - harness.tol_s
+    assert max(per_window(times).values()) <= 50
+    if harness.name == "memory":
+        assert max(off_center(t, 50) for t in times) <= harness.tol_s
+
+
 async def test_wait_is_measured_from_now_to_the_slot(harness: Harness) -> None:
     limiter = harness.make(4)
     start = harness.now()

@@ -3,7 +3,9 @@ expiring state. REAL Redis through `clean_redis`."""
 
 from __future__ import annotations
 
+import math
 import re
+import time
 from typing import Any
 
 import pytest
@@ -122,5 +124,22 @@ async def test_from_settings_uses_the_quota_knobs(clean_redis: str) -> None:
         assert await limiter.throttled(KEY) == pytest.approx(3)
         unlimited = RedisRateLimiter.from_settings(Settings(qps=0), client)
         assert (await unlimited.reserve(KEY, max_wait_s=0)).wait_s == 0
+    finally:
+        await client.aclose()
+
+
+async def test_from_settings_passes_the_edge_margin_to_the_schedule(clean_redis: str) -> None:
+    # One window of 20 slots: a 0.3 s margin puts the last one at 0.7 s at the latest
+    # (the default 0.05 s would allow 0.95 s).
+    settings = Settings(qps=20, quota_edge_margin_s=0.3, broker_url=clean_redis)
+    client = state_redis(settings.state_redis_url)
+    try:
+        limiter = RedisRateLimiter.from_settings(settings, client)
+        sends = []
+        for _ in range(45):
+            before = time.time()
+            reservation = await limiter.reserve(KEY, max_wait_s=60)
+            sends.append(before + reservation.wait_s)
+        assert max(t - math.floor(t) for t in sends) <= 0.7 + 0.03
     finally:
         await client.aclose()

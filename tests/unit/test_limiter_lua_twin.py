@@ -32,7 +32,10 @@ class MicroClock:
 
 
 @pytest.mark.parametrize("seed", range(4))
-@pytest.mark.parametrize("qps,burst", [(5.0, 1), (10.0, 1), (7.5, 2), (0.5, 1)])
+# 50 and 23.7 close their slots up to keep the edge margin; the others space them evenly.
+@pytest.mark.parametrize(
+    "qps,burst", [(5.0, 1), (10.0, 1), (7.5, 2), (0.5, 1), (50.0, 1), (23.7, 2)]
+)
 def test_script_and_twin_agree_step_by_step(
     seed: int, qps: float, burst: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -66,7 +69,12 @@ def test_script_and_twin_agree_step_by_step(
             state = aimd.stamp(state, ctl, now)
             new, ok, wait_s = aimd.reserve(state, ctl, now, max_wait_s, newcomer)
             granted, lua_wait, lua_slack, lua_win, lua_cap = script(
-                keys=[KEY], args=["reserve", *control_args, max_wait_s, 0, 0, int(newcomer)]
+                keys=[KEY],
+                args=[
+                    "reserve",
+                    *control_args,
+                    *(max_wait_s, 0, 0, int(newcomer), ctl.edge_margin_s),
+                ],
             )
             assert bool(granted) == ok, where
             assert float(lua_wait) == pytest.approx(wait_s, abs=1e-6), where

@@ -67,14 +67,18 @@ class RedisRateLimiter:
     def from_settings(
         cls, settings: Settings, redis_client: redis.asyncio.Redis
     ) -> RedisRateLimiter:
-        """The limiter configured by `qps`, `burst` and `rate_min_fraction`; a lost state's
-        bookings reach `quota_horizon_s` ahead (worker.quota.horizon books no further)."""
+        """The limiter configured by `qps`, `burst`, `rate_min_fraction` and
+        `quota_edge_margin_s`; a lost state's bookings reach `quota_horizon_s` ahead
+        (worker.quota.horizon books no further)."""
         return cls(
             redis_client,
             qps=settings.qps,
             burst=settings.burst,
             min_rate_fraction=settings.rate_min_fraction,
-            tuning={"lost_state_guard_s": settings.quota_horizon_s},
+            tuning={
+                "lost_state_guard_s": settings.quota_horizon_s,
+                "edge_margin_s": settings.quota_edge_margin_s,
+            },
         )
 
     def _args(self, op: str, ctl: aimd.RateControl, *extra: float) -> list[str | float]:
@@ -93,9 +97,9 @@ class RedisRateLimiter:
         if ctl is None:
             return Reservation(granted=True, wait_s=0.0)
         # ARGV[13], ARGV[14] are the throttle's evidence, unused by "reserve" (0); ARGV[15]
-        # says whether the caller is a newcomer to the line.
+        # says whether the caller is a newcomer to the line; ARGV[16] is the edge margin.
         granted, wait_s, slack_s, window, window_cap = await self._run(
-            key, self._args("reserve", ctl, max_wait_s, 0, 0, int(newcomer))
+            key, self._args("reserve", ctl, max_wait_s, 0, 0, int(newcomer), ctl.edge_margin_s)
         )
         if not int(granted):
             return Reservation(granted=False, wait_s=float(wait_s), slack_s=float(slack_s))

@@ -37,17 +37,22 @@ ARGV[15] newcomer                ("reserve") 1: the caller has no place in the l
                                  and line_end moves one slot (1 / effective rate) later. 0 (or
                                  absent): a holder of a place, or no line at all: the next
                                  free slot within max_wait_s, as before the line existed.
+ARGV[16] edge_margin_s           ("reserve") least time from a window's last slot to its end;
+                                 absent = 0 (slots evenly spread, as before it existed)
 
 Clock: Redis TIME, so every host agrees on window edges whatever its own clock says.
 
 Schedule (why): Tencent counts calls per fixed 1-second window at arrival. Window k gets
-`cap` whole slots at k + (i + 0.5) / cap: at the quota Q that is exactly Q calls per window
-and every arrival has ±0.5/Q s of margin against both window edges, so jitter below that
-margin can never push a call into the neighbouring window (GCRA spacing, phase-aligned to
-the middle of each 1/rate interval). A fractional rate carries its fraction to later
-windows. burst > 1 only re-uses slots the current window already let pass, so no window
-ever holds more than its cap (tighter than Q + burst - 1), and never within half a slot of
-the window's end, which keeps the margin.
+`cap` whole slots at k + (i + 0.5) * g: at the quota Q that is exactly Q calls per window.
+g = min(1 / cap, (1 - edge_margin_s) / (cap - 0.5)) (aimd.slot_spacing_s): the middle of
+each 1/cap interval, closed up where that would leave less than edge_margin_s after the
+last slot. A schedule repeating every second keeps exactly Q calls in every server window
+whatever the constant delay; only varying delay pushes a call over an edge, and only late,
+into the next window: hence the wider margin at the end (aimd.py's docstring has the
+figures). A fractional rate carries its fraction to later windows. burst > 1 only re-uses
+slots the current window already let pass, so no window ever holds more than its cap
+(tighter than Q + burst - 1), and never after the window's last slot, which keeps the
+margin.
 
 Adaptive rate (why): the quota is a whole number per window, so an adapted rate is used as
 floor(rate) slots, and a window exceeds the cap known to pass (good_cap) only as a probe
@@ -249,16 +254,22 @@ if op == 'reserve' then
   if s.win < k then
     open(rate, k)
   end
+  local edge_margin_s = tonumber(ARGV[16] or '0')
+  -- aimd.slot_spacing_s, the same expression (both twins must round alike).
+  local function spacing(cap)
+    return math.min(1.0 / cap, (1.0 - edge_margin_s) / (cap - 0.5))
+  end
   local index
   local guard = 0
   while true do
     index = s.used
     if s.win == k and s.cap > 0 then
+      local spacing_s = spacing(s.cap)
       local tolerance = 0
-      if now - k <= 1 - 0.5 / s.cap then
+      if now - k <= (s.cap - 0.5) * spacing_s then
         tolerance = burst - 1
       end
-      index = math.max(index, math.ceil((now - k) * s.cap - 0.5 - tolerance))
+      index = math.max(index, math.ceil((now - k) / spacing_s - 0.5 - tolerance))
     end
     if index < s.cap then
       break
@@ -269,7 +280,7 @@ if op == 'reserve' then
     end
     open(rate, s.win + 1)
   end
-  local send = math.max(s.win + (index + 0.5) / s.cap, now)
+  local send = math.max(s.win + (index + 0.5) * spacing(s.cap), now)
   local wait_s = send - now
   -- 0.001: aimd.LINE_TOLERANCE_S (a line ending this close to the slot ends at it).
   if newcomer and (wait_s > max_wait_s or s.line_end > send + 0.001) then
