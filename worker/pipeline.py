@@ -466,9 +466,10 @@ async def _gate(
                     delay = _pause_delay_s(deps, pause.since)
                     return _Gate(granted=False, delay_s=delay, reason="account_paused")
                 probe = True
-        # wait_s counts from the moment the limiter read its clock, which is close to when we
-        # sent the request; our resumption after the reply can lag far behind on a busy CPU.
-        # Counting from before the request keeps that lag from shifting the call.
+        # wait_s counts from when we asked, the round trip to the shared limiter included
+        # (worker.quota.horizon: the latest the slot can be, so the call never leaves before
+        # it); our resumption after the reply can lag on a busy CPU, and counting from before
+        # the request keeps that lag from shifting the call further.
         asked_at = time.monotonic()
         reservation = await deps.limiter.reserve(
             deps.limiter_key, max_wait_s=max_wait_s, newcomer=newcomer

@@ -152,3 +152,44 @@ async def test_a_newcomer_whose_turn_is_near_sleeps_for_it_then_takes_its_slot()
     gaps = [b - a for a, b in itertools.pairwise(slots)]
     assert gaps == pytest.approx([0.1] * len(gaps), abs=0.03)
     assert spy.asks <= 3 * 12
+
+
+class SlowAnswer:
+    """A shared limiter whose answer takes `round_trip_s`; it reads its clock a third of the
+    way through, as a remote one does somewhere in between."""
+
+    def __init__(self, clock: list[float], round_trip_s: float) -> None:
+        self.clock = clock
+        self.round_trip_s = round_trip_s
+        self.read_at: list[float] = []
+
+    async def reserve(self, key: str, *, max_wait_s: float, newcomer: bool = False) -> Reservation:
+        self.clock[0] += self.round_trip_s / 3
+        self.read_at.append(self.clock[0])
+        self.clock[0] += 2 * self.round_trip_s / 3
+        return Reservation(True, 0.1, slack_s=0.2, window=1, window_cap=50)
+
+    async def throttled(self, key: str, *, window: int | None = None, window_cap: int = 0) -> float:
+        return 50.0
+
+    async def effective_rate(self, key: str) -> float:
+        return 50.0
+
+
+@pytest.mark.parametrize("newcomer", [True, False])
+async def test_a_grant_counts_its_wait_from_the_answer_so_no_call_leaves_before_its_slot(
+    newcomer: bool,
+) -> None:
+    clock = [1000.0]
+    inner = SlowAnswer(clock, round_trip_s=0.03)
+    limiter = HorizonLimiter(inner, horizon_s=0.5, clock=lambda: clock[0])
+    start = clock[0]
+    answer = await limiter.reserve(KEY, max_wait_s=5, newcomer=newcomer)
+    assert answer.granted
+    slot = inner.read_at[0] + 0.1  # where the limiter put the slot, on its clock
+    # The caller sends at start + wait_s: never before the slot (at most the round trip
+    # after it), and its slack shrinks by that round trip so it still lands in its window.
+    assert start + answer.wait_s >= slot
+    assert start + answer.wait_s == pytest.approx(slot + 0.02)
+    assert answer.slack_s == pytest.approx(0.2 - 0.03)
+    assert start + answer.wait_s + answer.slack_s <= slot + 0.2
