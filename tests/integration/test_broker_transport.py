@@ -124,3 +124,35 @@ def test_an_idle_consumer_waits_longer_but_a_message_wakes_it_at_once() -> None:
         consumer.cancel()
         channel.close()
     app.close()
+
+
+def test_a_close_with_a_brpop_in_flight_does_not_wait_it_out() -> None:
+    """A warm shutdown closes the consumer's channel: it must not sit out the 5-s BRPOP."""
+    from kombu import Consumer
+    from kombu import Queue as KombuQueue
+
+    from worker.broker.transport import BRPOP_TIMEOUT_S
+
+    app = create_app(Settings(broker_url="redis://127.0.0.1:6379/9"))
+    queue = f"test-close-{uuid.uuid4().hex[:8]}"
+    with app.connection_for_write() as conn:
+        channel: Any = conn.channel()
+        consumer = Consumer(channel, [KombuQueue(queue, routing_key=queue)], no_ack=True)
+        consumer.consume()
+        # What the event loop's poller does for an idle consumer: pin a connection, BRPOP.
+        channel.client.connection = channel.client.connection_pool.get_connection()
+        channel._brpop_start()
+        assert channel._in_poll
+        time.sleep(0.2)  # blocked in Redis now
+        started = time.monotonic()
+        channel.close()
+        assert time.monotonic() - started < BRPOP_TIMEOUT_S / 5
+        # The BRPOP is over in Redis too: a message sent now stays in the queue.
+        other = conn.clone()
+        publisher: Any = other.channel()
+        publisher.basic_publish(publisher.prepare_message("m"), exchange="", routing_key=queue)
+        time.sleep(0.2)
+        assert publisher.client.llen(queue) == 1
+        publisher.client.delete(queue)
+        other.close()
+    app.close()

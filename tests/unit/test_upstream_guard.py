@@ -47,6 +47,18 @@ GUARDED: dict[str, tuple[Any, str, str]] = {
         "overridden",
         "101e9b9cdad44b88",
     ),
+    # Our close unblocks the connection `_brpop_start` leaves in `_in_poll`, whose reply
+    # kombu's close then reads with `_brpop_read`.
+    "kombu.transport.redis.Channel._brpop_start": (
+        kombu_redis.Channel._brpop_start,
+        "relied on",
+        "06723d707ddf2240",
+    ),
+    "kombu.transport.redis.Channel._brpop_read": (
+        kombu_redis.Channel._brpop_read,
+        "relied on",
+        "c42518699709f2df",
+    ),
     "kombu.transport.redis.Transport.register_with_event_loop": (
         kombu_redis.Transport.register_with_event_loop,
         "overridden",

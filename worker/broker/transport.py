@@ -20,7 +20,11 @@ wakes it at once whatever the timeout, so the timeout only sets how often an idl
 wakes to ask again (once a second was most of an idle consumer's wake-ups). It also adds to
 kombu's overdue check on that connection (reconnect after brpop_timeout +
 health_check_interval without a reply: 30 s instead of 26 s on a half-open socket); a broker
-that restarts or closes the connection is seen at once, as before.
+that restarts or closes the connection is seen at once, as before. A channel closing with a
+BRPOP in flight does not wait it out: kombu's close reads the BRPOP's reply (dropping the
+connection could lose a message popped for it), which would hold every warm shutdown up to
+BRPOP_TIMEOUT_S. The close first asks Redis to unblock that connection (CLIENT UNBLOCK, from
+another pooled connection), so the reply, empty or a message, comes at once.
 
 Selected by `broker_transport` for redis:// URLs (`worker.app`).
 """
@@ -28,6 +32,7 @@ Selected by `broker_transport` for redis:// URLs (`worker.app`).
 from __future__ import annotations
 
 import contextlib
+import socket
 import time
 from typing import Any
 
@@ -102,12 +107,30 @@ class Channel(_BaseChannel):  # type: ignore[misc]
     _sync_client: Any = None
 
     def close(self) -> None:
-        """Write the pending acks, then close as kombu does."""
+        """Write the pending acks, end a BRPOP in flight, then close as kombu does."""
         if not self.closed and self._qos is not None:
             # Unwritten, they come back after the visibility timeout (see the module doc).
             with contextlib.suppress(*self.connection.connection_errors):
                 self._qos.flush_acks()
+        if self._in_poll:
+            with contextlib.suppress(*self.connection.connection_errors, OSError):
+                self._unblock_poll(self._in_poll)
         super().close()
+
+    def _unblock_poll(self, connection: Any) -> None:
+        """Make the BRPOP blocked on `connection` reply now (nil, or the message it popped):
+        kombu's close reads that reply. Found by its address in CLIENT LIST; not found (a
+        proxy, a Unix socket), the close waits for the reply as kombu's does."""
+        sock = getattr(connection, "_sock", None)
+        if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return
+        host, port = sock.getsockname()[:2]
+        addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        client = self._create_client()  # pooled: never the blocked connection
+        for entry in client.client_list(_type="normal"):
+            if entry.get("addr") == addr:
+                client.client_unblock(int(entry["id"]))
+                return
 
     def _create_client(self, asynchronous: bool = False) -> Any:
         if asynchronous:
