@@ -57,7 +57,14 @@ def test_the_same_message_as_send_task(monkeypatch: Any) -> None:
     finally:
         app.close()
     assert len(ours) == len(celerys) == 1
+    # send_task declares the route's queue before the message (its `declare` left out, the
+    # route's queue); ours passes that same queue, bound to the producer's channel already.
+    [declared] = ours[0][2].pop("declare")
+    assert declared == celerys[0][2]["queue"] and declared.is_bound
+    assert "declare" not in celerys[0][2]
     assert _comparable(ours[0]) == _comparable(celerys[0])
+    for field in ("argsrepr", "kwargsrepr"):
+        assert ours[0][1].headers[field] == celerys[0][1].headers[field]
     # The job id is the message's argument, the task id a new one each time.
     [(_, message, _)] = ours
     assert message.body[0] == [str(job_id)]
