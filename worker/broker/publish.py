@@ -49,6 +49,12 @@ def send_messages(
     sends = dict(options)
     if isinstance(route, Queue) and not isinstance(route, Broadcast):
         sends["declare"] = [route.bind(producer.channel)]
+    if sent_event and len(ids) > 1:
+        # Likewise the "sent" events' exchange: Celery's own dispatcher but for its exchange,
+        # bound once (making one costs about what binding it for two events does).
+        events = app.events.Dispatcher(producer.connection, enabled=False)
+        events.exchange = events.exchange.bind(producer.channel)
+        sends["event_dispatcher"] = events
     # The argument's repr is its saferepr: one short string, under every size limit.
     kwargsrepr = saferepr({})
     with producer.connection._reraise_as_library_errors():
