@@ -332,6 +332,31 @@ def test_celery_publisher_sends_only_the_job_id(clean_redis: str) -> None:
     app.close()
 
 
+def test_a_held_connection_keeps_its_sender_and_makes_a_new_one_after_a_failure(
+    clean_redis: str,
+) -> None:
+    from worker.broker.shared import SharedConnectionPublisher
+
+    app = Celery("test-producer", broker=clean_redis)
+    app.conf.task_send_sent_event = True
+    publisher = SharedConnectionPublisher(app)
+    client = redis.Redis.from_url(clean_redis)
+    try:
+        publisher.publish([uuid.uuid4(), uuid.uuid4()])
+        sender = publisher._sender
+        publisher.publish([uuid.uuid4()])
+        assert publisher._sender is sender and client.llen(QUEUE) == 3
+        # The queue's binding is there as send_task leaves it (declared once, not per message).
+        assert client.smembers(f"_kombu.binding.{QUEUE}")
+        publisher._drop()  # what a failed send does
+        publisher.publish([uuid.uuid4(), uuid.uuid4()])
+        assert publisher._sender is not None and publisher._sender is not sender
+        assert client.llen(QUEUE) == 5
+    finally:
+        publisher.close()
+        app.close()
+
+
 def test_sqlite_embedded_default(tmp_path: Path) -> None:
     import migrations
     from worker.store.engine import make_engine, make_sessionmaker

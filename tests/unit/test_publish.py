@@ -62,6 +62,12 @@ def test_the_same_message_as_send_task(monkeypatch: Any) -> None:
     [declared] = ours[0][2].pop("declare")
     assert declared == celerys[0][2]["queue"] and declared.is_bound
     assert "declare" not in celerys[0][2]
+    # Likewise the events' dispatcher: Celery's default one, but for its bound exchange
+    # (the events it sends: test_the_same_sent_events_as_send_task).
+    events = ours[0][2].pop("event_dispatcher")
+    assert isinstance(events, type(app.events.Dispatcher(enabled=False)))
+    assert events.exchange.is_bound
+    assert "event_dispatcher" not in celerys[0][2]
     assert _comparable(ours[0]) == _comparable(celerys[0])
     for field in ("argsrepr", "kwargsrepr"):
         assert ours[0][1].headers[field] == celerys[0][1].headers[field]
