@@ -332,6 +332,31 @@ def test_celery_publisher_sends_only_the_job_id(clean_redis: str) -> None:
     app.close()
 
 
+def test_a_held_connection_keeps_its_sender_and_makes_a_new_one_after_a_failure(
+    clean_redis: str,
+) -> None:
+    from worker.broker.shared import SharedConnectionPublisher
+
+    app = Celery("test-producer", broker=clean_redis)
+    app.conf.task_send_sent_event = True
+    publisher = SharedConnectionPublisher(app)
+    client = redis.Redis.from_url(clean_redis)
+    try:
+        publisher.publish([uuid.uuid4(), uuid.uuid4()])
+        sender = publisher._sender
+        publisher.publish([uuid.uuid4()])
+        assert publisher._sender is sender and client.llen(QUEUE) == 3
+        # The queue's binding is there as send_task leaves it (declared once, not per message).
+        assert client.smembers(f"_kombu.binding.{QUEUE}")
+        publisher._drop()  # what a failed send does
+        publisher.publish([uuid.uuid4(), uuid.uuid4()])
+        assert publisher._sender is not None and publisher._sender is not sender
+        assert client.llen(QUEUE) == 5
+    finally:
+        publisher.close()
+        app.close()
+
+
 def test_sqlite_embedded_default(tmp_path: Path) -> None:
     import migrations
     from worker.store.engine import make_engine, make_sessionmaker
@@ -410,3 +435,39 @@ def test_a_chunk_is_one_insert_of_its_jobs_and_one_of_its_new_images(
         for job_id, spec in zip(ids, specs, strict=True):
             request = load_request(session, sealer_for_tests(), session.get_one(Job, job_id))
             assert request.front is not None and request.front.data == spec.front
+
+
+def test_a_manifest_repeating_a_file_reads_and_digests_it_once_a_chunk(
+    session_factory: sessionmaker[Session],
+    settings: Settings,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    (tmp_path / "a.png").write_bytes(image_bytes(color=(9, 9, 9)))
+    (tmp_path / "b.jpg").write_bytes(image_bytes("JPEG"))
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(
+        "front,tag\n" + "".join(f"{('a.png', 'b.jpg')[i % 2]},r{i}\n" for i in range(6))
+    )
+    sealer = sealer_for_tests()
+    digests: list[int] = []
+    real_digest = sealer.image_digest
+
+    def counting(data: bytes) -> str:
+        digests.append(len(data))
+        return real_digest(data)
+
+    monkeypatch.setattr(sealer, "image_digest", counting)
+    specs = read_manifest(manifest)
+    ids = submit_many(
+        session_factory, RecordingPublisher(), settings, specs, chunk_rows=3, sealer=sealer
+    )
+    # Two chunks of three rows naming both files: two digests a chunk, not three.
+    assert len(digests) == 4
+    with session_factory() as session:
+        assert count(session, Image) == 2
+        for job_id, spec in zip(ids, specs, strict=True):
+            request = load_request(session, sealer_for_tests(), session.get_one(Job, job_id))
+            assert request.front is not None
+            assert request.front.data == Path(str(spec.front)).read_bytes()
+            assert session.get_one(Job, job_id).tag == spec.tag

@@ -86,6 +86,35 @@ def test_a_100_mb_file_is_refused_without_being_read(
     assert MAX_FILE_BYTES < 100 * 1024 * 1024
 
 
+def _fstat_reporting(monkeypatch: pytest.MonkeyPatch, size: int) -> None:
+    """fstat tells `size` bytes: the file grew after it, as far as the read can tell."""
+    real = os.fstat
+
+    def smaller(fd: int) -> os.stat_result:
+        info = list(real(fd))
+        info[6] = size  # st_size
+        return os.stat_result(info)
+
+    monkeypatch.setattr(os, "fstat", smaller)
+
+
+def test_a_file_that_grew_after_fstat_is_read_whole_or_refused_over_the_cap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    grown = tmp_path / "grown.jpg"
+    grown.write_bytes(card())
+    _fstat_reporting(monkeypatch, 10)
+    assert read_image_file(grown, "front") == grown.read_bytes()
+    big = tmp_path / "big.jpg"
+    with big.open("wb") as handle:  # sparse
+        handle.write(b"\xff\xd8\xff")
+        handle.truncate(MAX_FILE_BYTES + 10)
+    with pytest.raises(InputError) as info:
+        read_image_file(big, "front")
+    assert info.value.rule == "image_too_large"
+    assert str(MAX_FILE_BYTES + 1) in info.value.message  # what was read: one byte over
+
+
 def test_manifest_row_cap_refuses_before_reading_everything(tmp_path: Path) -> None:
     manifest = tmp_path / "m.csv"
     with manifest.open("w") as handle:

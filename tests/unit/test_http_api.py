@@ -226,6 +226,19 @@ def test_a_batch_with_bad_jobs_lists_every_bad_index_and_stores_nothing(api: Api
         assert session.scalar(select(func.count()).select_from(Batch)) == 0
 
 
+def test_a_batch_repeating_a_bad_image_lists_each_of_its_jobs(api: Api) -> None:
+    card = make_specimen(seed=5).image
+    good = {"front": {"base64": base64.b64encode(card).decode()}}
+    cut = {"front": {"base64": base64.b64encode(card[: len(card) // 2]).decode()}}
+    jobs = [cut, good, cut, good, cut]
+    answer = api.client.post("/v1/batches", json={"jobs": jobs}, headers=api.key("a"))
+    assert answer.status_code == 422
+    errors = answer.json()["errors"]
+    assert [e["index"] for e in errors] == [0, 2, 4]
+    assert {e["rule"] for e in errors} == {"image_undecodable"}
+    assert api.jobs_stored() == 0
+
+
 def test_a_batch_is_created_counted_and_answered_again(api: Api) -> None:
     h = {**api.key("a"), "Idempotency-Key": "batch-1"}
     body = {"name": "march", "jobs": [URL_JOB] * 3}

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from celery import Celery
 
+from kombu import Queue
+from kombu.common import Broadcast
 from kombu.exceptions import OperationalError as _BrokerOperationalError
 
 # What a publish raises when the broker cannot be reached (kombu's, behind this door).
@@ -26,27 +28,58 @@ WEBHOOK_QUEUE = "macao-ocr-webhooks"
 PIPELINE_COMMANDS = 1_000
 
 
+class MessageSender:
+    """Sends one task message per id (its "sent" event with it) through `producer`, as
+    `app.send_task(task, args=[str(id)], queue=queue, producer=producer)` sends it, at a
+    third of its CPU: what send_task works out per message from the app's configuration (the
+    route, the origin, the sent-event flag) is worked out once, and no result handle is
+    made. The same messages and events (tests/unit/test_publish.py compares them). Made once
+    per producer (a held one keeps its sender); not thread-safe, as the producer is not."""
+
+    def __init__(self, app: Celery, producer: Any, task: str, queue: str) -> None:
+        from celery.utils.saferepr import saferepr
+
+        self.app = app
+        self.producer = producer
+        self.task = task
+        self.options = app.amqp.router.route({"queue": queue}, task, (), None, None)
+        self.origin = app.thread_oid
+        self.sent_event = app.conf.task_send_sent_event
+        # What send_task_message declares before each message (the route's queue) and each
+        # event (the events' exchange), bound to the producer's channel once: unbound, kombu
+        # copies them to bind them for every message before finding them declared already
+        # (a third of a publish's CPU). After a reconnect kombu revives them on the new
+        # channel, as it does a declared entity it is handed again.
+        route = self.options.get("queue")
+        self.sends = dict(self.options)
+        if isinstance(route, Queue) and not isinstance(route, Broadcast):
+            self.sends["declare"] = [route.bind(producer.channel)]
+        if self.sent_event:
+            events = app.events.Dispatcher(producer.connection, enabled=False)
+            events.exchange = events.exchange.bind(producer.channel)
+            self.sends["event_dispatcher"] = events
+        # The argument's repr is its saferepr: one short string, under every size limit.
+        self.kwargsrepr = saferepr({})
+
+    def send(self, ids: Sequence[uuid.UUID]) -> None:
+        amqp, task, producer, origin = self.app.amqp, self.task, self.producer, self.origin
+        with producer.connection._reraise_as_library_errors():
+            for one in ids:
+                args = [str(one)]
+                message = amqp.create_task_message(
+                    str(uuid.uuid4()), task, args, {}, None, None, None, None, None, 0, None,
+                    None, None, origin, None, None, self.sent_event, None, None, None, None,
+                    ignore_result=None, replaced_task_nesting=0, argsrepr=repr(args),
+                    kwargsrepr=self.kwargsrepr, **self.options,
+                )  # fmt: skip
+                amqp.send_task_message(producer, task, message, **self.sends)
+
+
 def send_messages(
     app: Celery, producer: Any, task: str, queue: str, ids: Sequence[uuid.UUID]
 ) -> None:
-    """One task message per id (its "sent" event with it) through `producer`, as
-    `app.send_task(task, args=[str(id)], queue=queue, producer=producer)` sends it, at half
-    its CPU: what send_task works out per message from the app's configuration (the route,
-    the origin, the sent-event flag) is worked out once a call, and no result handle is
-    made. The same message (tests/unit/test_publish.py compares them)."""
-    amqp = app.amqp
-    options = amqp.router.route({"queue": queue}, task, (), None, None)
-    origin = app.thread_oid
-    sent_event = app.conf.task_send_sent_event
-    with producer.connection._reraise_as_library_errors():
-        for one in ids:
-            args = [str(one)]
-            message = amqp.create_task_message(
-                str(uuid.uuid4()), task, args, {}, None, None, None, None, None, 0, None,
-                None, None, origin, None, None, sent_event, None, None, None, None,
-                ignore_result=None, replaced_task_nesting=0, **options,
-            )  # fmt: skip
-            amqp.send_task_message(producer, task, message, **options)
+    """`MessageSender(app, producer, task, queue).send(ids)`."""
+    MessageSender(app, producer, task, queue).send(ids)
 
 
 class Publisher(Protocol):

@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from worker.broker.publish import PIPELINE_COMMANDS, QUEUE, TASK_NAME, send_messages
+from worker.broker.publish import PIPELINE_COMMANDS, QUEUE, TASK_NAME, MessageSender
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -93,6 +93,7 @@ class SharedConnectionPublisher:
         self._combiner: Combiner[uuid.UUID, None] = Combiner(self._send)
         self._connection: Any = None
         self._producer: Any = None
+        self._sender: MessageSender | None = None
 
     def publish(self, ids: Sequence[uuid.UUID]) -> None:
         """Send one message per id, with whatever other threads are sending meanwhile."""
@@ -101,18 +102,20 @@ class SharedConnectionPublisher:
 
     def _send(self, ids: Sequence[uuid.UUID]) -> None:
         try:
-            if self._producer is None:
+            if self._producer is None or self._sender is None:
                 self._connection = self.app.connection_for_write()
                 self._producer = self.app.amqp.Producer(self._connection, auto_declare=False)
+                self._sender = MessageSender(self.app, self._producer, self.task, self.queue)
             batch = getattr(self._producer, "batch", None)
             with batch(max_size=PIPELINE_COMMANDS) if batch else contextlib.nullcontext():
-                send_messages(self.app, self._producer, self.task, self.queue, ids)
+                self._sender.send(ids)
         except BaseException:
             self._drop()
             raise
 
     def _drop(self) -> None:
         connection, self._connection, self._producer = self._connection, None, None
+        self._sender = None
         if connection is not None:
             with contextlib.suppress(Exception):
                 connection.close()

@@ -6,10 +6,8 @@ from collections.abc import Callable
 from typing import Annotated
 
 import typer
-from alembic import command
 from sqlalchemy.exc import SQLAlchemyError
 
-import migrations
 from worker.cli.common import EXIT_RUNTIME, fail
 from worker.settings import load_settings
 
@@ -20,9 +18,16 @@ def _database_url() -> str:
     return load_settings().database_url
 
 
-def _run(action: str, fn: Callable[..., object], *args: object) -> None:
+def _run(action: str, name: str, *args: object) -> None:
+    """Alembic's `command.<name>` on this package's migrations (Alembic and Mako imported
+    here, not at every CLI start: they are a tenth of a second of each command's start)."""
+    from alembic import command
+
+    import migrations
+
+    fn: Callable[..., object] = getattr(command, name)
     try:
-        fn(*args)
+        fn(migrations.config(_database_url()), *args)
     except SQLAlchemyError as exc:
         # The driver's own message (host, port, reason); the URL and its password stay out.
         reason = str(getattr(exc, "orig", None) or type(exc).__name__).strip().splitlines()
@@ -38,7 +43,7 @@ def upgrade(
     revision: Annotated[str, typer.Argument(help="Target revision.")] = "head",
 ) -> None:
     """Migrate the database (MACAO_OCR_DATABASE_URL) up to REVISION (default: head)."""
-    _run("upgrade", command.upgrade, migrations.config(_database_url()), revision)
+    _run("upgrade", "upgrade", revision)
     typer.echo(f"database upgraded to {revision}", err=True)
 
 
@@ -47,7 +52,7 @@ def downgrade(
     revision: Annotated[str, typer.Argument(help='Target revision ("base" drops every table).')],
 ) -> None:
     """Migrate the database down to REVISION."""
-    _run("downgrade", command.downgrade, migrations.config(_database_url()), revision)
+    _run("downgrade", "downgrade", revision)
     typer.echo(f"database downgraded to {revision}", err=True)
 
 
@@ -56,7 +61,7 @@ def current(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Print the database's current revision (nothing printed: not migrated yet)."""
-    _run("current", command.current, migrations.config(_database_url()), verbose)
+    _run("current", "current", verbose)
 
 
 def register(app: typer.Typer) -> None:

@@ -16,14 +16,14 @@ from typing import Any
 from worker.errors import InputError
 from worker.http.schemas import ImageRef, JobRequest
 from worker.privacy.seal import Sealer
-from worker.producer import JobSpec, Source, prepare
+from worker.producer import JobSpec, Preparer, Source, prepare
 from worker.tencent.preflight import Preflight
 from worker.tencent.types import OcrRequest
 
 MULTIPART_BOOL = {"true": True, "1": True, "false": False, "0": False, "": False}
 
 
-def _source(ref: ImageRef | None, side: str) -> Source | None:
+def _source(ref: ImageRef | None, side: str, decoded: dict[str, bytes] | None) -> Source | None:
     if ref is None:
         return None
     if (ref.url is None) == (ref.base64 is None):
@@ -34,19 +34,27 @@ def _source(ref: ImageRef | None, side: str) -> Source | None:
         if "://" not in ref.url:
             raise InputError("bad_url", f"{side} image URL must be http(s) (rule bad_url)")
         return ref.url
+    text = ref.base64 or ""
+    if decoded is not None and text in decoded:
+        return decoded[text]
     try:
-        return base64.b64decode(ref.base64 or "", validate=True)
+        data = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise InputError(
             "bad_base64", f"{side} image is not valid base64 (rule bad_base64)"
         ) from None
+    if decoded is not None:
+        decoded[text] = data
+    return data
 
 
-def spec_from_json(body: JobRequest) -> JobSpec:
-    """The job a JSON body asks for (InputError if an image reference is malformed)."""
+def spec_from_json(body: JobRequest, decoded: dict[str, bytes] | None = None) -> JobSpec:
+    """The job a JSON body asks for (InputError if an image reference is malformed).
+    `decoded`: base64 texts decoded already (a batch's jobs that repeat an image share one
+    bytes object, decoded once), added to."""
     return JobSpec(
-        front=_source(body.front, "front"),
-        back=_source(body.back, "back"),
+        front=_source(body.front, "front", decoded),
+        back=_source(body.back, "back", decoded),
         portrait=body.portrait,
         tag=body.tag,
     )
@@ -70,28 +78,40 @@ def spec_from_form(
     return spec, fields.get("batch") or None
 
 
-def validate(spec: JobSpec, preflight: Preflight) -> OcrRequest:
+def validate(spec: JobSpec, preflight: Preflight | Preparer) -> OcrRequest:
     """The CLI's pre-flight checks (worker.producer.prepare, with the deployment's rules:
     `make_preflight(settings)`): InputError names the rule; the request checked. Pass the
-    same `preflight` on to the producer, which then does not decode the images again."""
+    same `preflight` on to the producer, which then does not decode the images again.
+    A `Preparer` (many jobs): jobs of the same images are checked once."""
     if spec.front is None and spec.back is None:
         raise InputError("no_image", "give a front and/or a back image (rule no_image)")
+    if isinstance(preflight, Preparer):
+        return preflight.prepare(spec)
     return prepare(spec, preflight)
 
 
-def _side(source: Source | None) -> Any:
+def _side(source: Source | None, hashed: dict[int, str] | None) -> Any:
     if source is None:
         return None
     if isinstance(source, bytes):
-        return {"sha256": hashlib.sha256(source).hexdigest()}
+        if hashed is None:
+            return {"sha256": hashlib.sha256(source).hexdigest()}
+        found = hashed.get(id(source))
+        if found is None:
+            found = hashed[id(source)] = hashlib.sha256(source).hexdigest()
+        return {"sha256": found}
     return {"url": str(source)}
 
 
-def spec_digest(spec: JobSpec, batch: str | None) -> dict[str, Any]:
-    """What identifies a job request: the same image sent as base64 or as a file is one."""
+def spec_digest(
+    spec: JobSpec, batch: str | None, hashed: dict[int, str] | None = None
+) -> dict[str, Any]:
+    """What identifies a job request: the same image sent as base64 or as a file is one.
+    `hashed`: digests by id() of image bytes that the caller holds while it lives (a batch's
+    jobs sharing one bytes object hash it once), added to."""
     return {
-        "front": _side(spec.front),
-        "back": _side(spec.back),
+        "front": _side(spec.front, hashed),
+        "back": _side(spec.back, hashed),
         "portrait": spec.portrait,
         "tag": spec.tag,
         "batch": batch,

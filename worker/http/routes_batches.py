@@ -23,7 +23,7 @@ from worker.http.responses import AUTH, NOT_FOUND, SUBMIT, body
 from worker.http.routes_jobs import REPLAYED, IdempotencyKey
 from worker.http.schemas import BatchCreated, BatchOut, BatchRequest, ReplayOut
 from worker.http.services import CallerDep, Services, ServicesDep
-from worker.producer import MAX_LABEL_CHARS, JobSpec, make_preflight, submit_many
+from worker.producer import MAX_LABEL_CHARS, JobSpec, Preparer, make_preflight, submit_many
 from worker.replay import replay
 from worker.tenants import Caller
 from worker.tencent.preflight import Preflight
@@ -42,6 +42,10 @@ def _specs(request: BatchRequest, preflight: Preflight) -> tuple[list[JobSpec], 
     specs: list[JobSpec] = []
     checked: list[OcrRequest] = []
     errors: list[dict[str, Any]] = []
+    # Work per distinct image, not per job: each base64 text decoded once, and jobs of the
+    # same images (and portrait flag) checked once. The request holds every image anyway.
+    decoded: dict[str, bytes] = {}
+    preparer = Preparer(preflight)
     for index, job in enumerate(request.jobs):
         try:
             if job.batch is not None:
@@ -49,8 +53,8 @@ def _specs(request: BatchRequest, preflight: Preflight) -> tuple[list[JobSpec], 
                     "batch_field",
                     "a job of a batch takes the batch's name: leave out batch (rule batch_field)",
                 )
-            spec = spec_from_json(job)
-            checked.append(validate(spec, preflight))
+            spec = spec_from_json(job, decoded)
+            checked.append(validate(spec, preparer))
             specs.append(spec)
         except InputError as exc:
             errors.append(
@@ -136,7 +140,8 @@ def _create(svc: Services, who: Caller, request: BatchRequest, key: str | None) 
         _store(svc, who, request.name, specs, checked, created, None, preflight)
     else:
         sessions = svc.sessions(who.tenant)
-        content = {"name": request.name, "jobs": [spec_digest(s, None) for s in specs]}
+        hashed: dict[int, str] = {}  # by id() of bytes the specs hold
+        content = {"name": request.name, "jobs": [spec_digest(s, None, hashed) for s in specs]}
         digest = request_digest(svc.sealer, "batch", content)
         while True:
             outcome = idempotency.begin(
