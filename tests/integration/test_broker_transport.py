@@ -156,3 +156,31 @@ def test_a_close_with_a_brpop_in_flight_does_not_wait_it_out() -> None:
         publisher.client.delete(queue)
         other.close()
     app.close()
+
+
+def test_a_refused_unblock_closes_as_kombu_does() -> None:
+    """CLIENT refused (an ACL, say): the close waits for the BRPOP's reply, never fails."""
+    import redis
+    from kombu import Consumer
+    from kombu import Queue as KombuQueue
+
+    app = create_app(Settings(broker_url="redis://127.0.0.1:6379/9"))
+    queue = f"test-refused-{uuid.uuid4().hex[:8]}"
+
+    class NoClientCommands:
+        def client_list(self, **_: Any) -> Any:
+            raise redis.ResponseError("NOPERM this user has no permissions to run 'client'")
+
+    with app.connection_for_write() as conn:
+        channel: Any = conn.channel()
+        Consumer(channel, [KombuQueue(queue, routing_key=queue)], no_ack=True).consume()
+        channel.brpop_timeout = 1  # what the close then waits out
+        channel.client.connection = channel.client.connection_pool.get_connection()
+        channel._brpop_start()
+        channel._create_client = lambda asynchronous=False: NoClientCommands()
+        time.sleep(0.1)
+        started = time.monotonic()
+        channel.close()
+        assert channel.closed
+        assert 0.5 < time.monotonic() - started < 3
+    app.close()

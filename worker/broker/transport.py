@@ -113,7 +113,9 @@ class Channel(_BaseChannel):  # type: ignore[misc]
             with contextlib.suppress(*self.connection.connection_errors):
                 self._qos.flush_acks()
         if self._in_poll:
-            with contextlib.suppress(*self.connection.connection_errors, OSError):
+            # Refused (an ACL without CLIENT, say) or unreachable: kombu's close as before.
+            errors = (*self.connection.connection_errors, self.ResponseError, OSError)
+            with contextlib.suppress(*errors):
                 self._unblock_poll(self._in_poll)
         super().close()
 
