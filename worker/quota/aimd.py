@@ -13,12 +13,11 @@ any constant delay between our clock and the server's count still puts exactly Q
 each of the server's windows; only a delay that *varies* can push a call over an edge, and
 only the late way (a call never arrives before it leaves): the last call of a window
 arriving after the edge is counted in the next one, which already has its Q. So the end of
-the window gets the wider margin. Measured at Q=50 with uniform spacing (10 ms after the
-last slot), a loaded local fleet had 6 of 20,000 calls throttled, each the last slot of
-its window and sent on time: the likeliest reading is the window before's last call
-counted late in it. 50 ms leaves that much transit jitter while the slots close up only
-4% (19.2 ms apart instead of 20). Up to Q=10 uniform spacing already leaves 50 ms, so
-nothing changes there. A fractional
+the window gets the wider margin: 50 ms of transit jitter at the end (uniform spacing at
+Q=50 left 10 ms) while the slots close up only 4% (19.2 ms apart instead of 20). Up to
+Q=10 uniform spacing already leaves 50 ms, so nothing changes there. (The throttles seen
+at Q=50 with uniform spacing turned out to be calls sent *early*, which the worker now
+prevents: worker.quota.horizon; bench/README.md has both measurements.) A fractional
 configured rate carries its fraction to later windows.
 
 Adaptive rate. Tencent's quota is a whole number of calls per window, so an adapted rate

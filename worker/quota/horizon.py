@@ -57,7 +57,7 @@ def _from_answer(answer: Reservation, start: float, asked: float, answered: floa
     after it. Counting from the answer never sends a call before its slot: a window's first
     slot sits half a slot after the window's start, and a call leaving early is counted in
     the window before, which is full (measured at 50/s on a loaded machine: 3 throttled calls
-    in 20,000, each sent 5-10 ms before its window when counted from the question). Late is
+    in 20,000, each sent 0-6 ms before its window when counted from the question). Late is
     the safe side: the last slot leaves the window's edge margin, and the caller takes a
     fresh slot rather than leave past the slack."""
     round_trip_s = answered - asked
