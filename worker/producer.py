@@ -221,15 +221,9 @@ def prepare(
 ) -> OcrRequest:
     """Read and check one job's inputs against every pre-flight rule; raises InputError
     naming the rule. `preflight`: the rules' configuration (defaults without one)."""
-    check_label(spec.tag, "tag")
-    request = OcrRequest(
-        front=_resolve(spec.front, "front", base_dir),
-        back=_resolve(spec.back, "back", base_dir),
-        portrait=spec.portrait,
-    )
     # model_construct: the documented defaults, without reading the environment.
-    (preflight or make_preflight(Settings.model_construct())).check(request)
-    return request
+    rules = preflight or make_preflight(Settings.model_construct())
+    return Preparer(rules, base_dir).prepare(spec)
 
 
 SideKey = int | str | None  # id() of an image's bytes, its URL, or no image
@@ -276,8 +270,7 @@ class Preparer:
         return found
 
     def prepare(self, spec: JobSpec) -> OcrRequest:
-        """As `prepare(spec, preflight, base_dir=...)`: the same request, or the same
-        InputError."""
+        """Read and check one job's inputs (`prepare`), or raise its InputError again."""
         check_label(spec.tag, "tag")
         front = self._resolve(spec.front, "front")
         back = self._resolve(spec.back, "back")

@@ -16,8 +16,7 @@ from typing import Any
 from worker.errors import InputError
 from worker.http.schemas import ImageRef, JobRequest
 from worker.privacy.seal import Sealer
-from worker.producer import JobSpec, Preparer, Source, prepare
-from worker.tencent.preflight import Preflight
+from worker.producer import JobSpec, Preparer, Source
 from worker.tencent.types import OcrRequest
 
 MULTIPART_BOOL = {"true": True, "1": True, "false": False, "0": False, "": False}
@@ -78,16 +77,13 @@ def spec_from_form(
     return spec, fields.get("batch") or None
 
 
-def validate(spec: JobSpec, preflight: Preflight | Preparer) -> OcrRequest:
+def validate(spec: JobSpec, preparer: Preparer) -> OcrRequest:
     """The CLI's pre-flight checks (worker.producer.prepare, with the deployment's rules:
-    `make_preflight(settings)`): InputError names the rule; the request checked. Pass the
-    same `preflight` on to the producer, which then does not decode the images again.
-    A `Preparer` (many jobs): jobs of the same images are checked once."""
+    `Preparer(make_preflight(settings))`): InputError names the rule; the request checked.
+    One preparer for a batch's jobs checks jobs of the same images once."""
     if spec.front is None and spec.back is None:
         raise InputError("no_image", "give a front and/or a back image (rule no_image)")
-    if isinstance(preflight, Preparer):
-        return preflight.prepare(spec)
-    return prepare(spec, preflight)
+    return preparer.prepare(spec)
 
 
 def _side(source: Source | None, hashed: dict[int, str] | None) -> Any:

@@ -33,7 +33,7 @@ from worker.http.problems import ProblemError, not_found
 from worker.http.responses import AUTH, NOT_FOUND, SUBMIT, body, problem
 from worker.http.schemas import JobOut, JobPage, JobRequest, ReplayOut, ReplayRequest
 from worker.http.services import CallerDep, Services, ServicesDep
-from worker.producer import JobSpec, check_label, make_preflight
+from worker.producer import JobSpec, Preparer, check_label, make_preflight
 from worker.replay import replay
 from worker.store import access
 from worker.store.lookup import LOOKUP_OFF, job_ids_by_id_number
@@ -157,7 +157,7 @@ def _create(
 ) -> JSONResponse:
     check_label(batch, "batch")
     # One set of rules for the check and the store: the image is decoded once.
-    request = validate(spec, make_preflight(svc.settings))
+    request = validate(spec, Preparer(make_preflight(svc.settings)))
     if key is None:
         job_id, view = _submit(svc, who, request, spec, batch)
     else:
